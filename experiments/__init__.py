@@ -1,0 +1,1 @@
+"""Experiment modules: `python -m experiments.NAME --workdir DIR [--config.KEY=VALUE ...]`."""

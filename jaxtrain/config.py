@@ -1,0 +1,253 @@
+"""The base config: every default, validation with one-line errors, hashing.
+
+Experiments start from `get_config()` and override what they need in their own
+`get_config()`; the command line overrides any key with `--config.KEY=VALUE`.
+`validate` runs before anything is compiled or written, and raises `ConfigError`
+whose message names the key and the problem in one line.
+
+Example:
+  >>> config = get_config()
+  >>> config.train.steps = 200
+  >>> validate(config, num_devices=1)
+"""
+
+import difflib
+import hashlib
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import ml_collections
+
+OPTIMIZERS = ("adam", "adamw", "rmsprop", "adagrad", "sgd", "lion", "adafactor")
+SCHEDULES = ("constant", "cosine", "linear", "rsqrt", "wsd")
+POLICIES = ("f32", "bf16-mixed", "bf16", "fp16-mixed")
+SUPPORTED_POLICIES = ("f32",)
+MODES = ("min", "max")
+DECAY_OPTIMIZERS = ("adamw", "lion", "adafactor")
+
+
+class ConfigError(ValueError):
+  """A config value is invalid; the message names the key in one line."""
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """Returns the base config with every default of the framework."""
+  c = ml_collections.ConfigDict()
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 1000  # optimizer steps in the whole run
+  c.train.batch_size = 128  # global batch, split over the data-parallel devices
+  c.train.steps_per_loop = 10  # steps per compiled dispatch (lax.scan length)
+  c.train.seed = 0  # parameters, dropout and the data order derive from it
+  c.train.log_every = 100  # steps between train lines in metrics.jsonl
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.every_steps = 500  # 0: evaluate only at the end
+  c.eval.batch_size = 512  # global; the last partial batch is padded and masked
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.name = "adam"  # one of OPTIMIZERS
+  c.optim.lr = 1e-3  # peak learning rate
+  c.optim.schedule = "constant"  # one of SCHEDULES
+  c.optim.warmup_steps = 0  # linear warm-up from 0 to optim.lr
+  c.optim.decay_fraction = 0.2  # wsd: the share of steps spent decaying
+  c.optim.weight_decay = 0.0  # decoupled; only for DECAY_OPTIMIZERS
+  c.optim.clip_norm = 0.0  # global-norm clipping; 0 turns it off
+  c.optim.accum_steps = 1  # micro-batches accumulated per update
+
+  c.precision = ml_collections.ConfigDict()
+  c.precision.policy = "f32"  # one of POLICIES
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1  # -1 takes the devices the other axes leave
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = ""  # set by the experiment; recorded in run.json
+  c.data.dir = ""  # where to look for dataset files first
+  c.data.workers = 0  # Grain worker processes; 0 reads in the training process
+
+  c.ckpt = ml_collections.ConfigDict()
+  c.ckpt.every_steps = 1000
+  c.ckpt.keep = 3
+  c.ckpt["async"] = True
+
+  c.early_stop = ml_collections.ConfigDict()
+  c.early_stop.metric = ""  # for example "eval/loss"; empty turns it off
+  c.early_stop.mode = "min"  # one of MODES
+  c.early_stop.patience = 5  # evaluations without improvement
+  c.early_stop.min_delta = 0.0
+
+  c.model = ml_collections.ConfigDict()  # per experiment
+  return c
+
+
+def flatten(config: ml_collections.ConfigDict, prefix: str = "") -> Iterator[tuple[str, Any]]:
+  """Yields `(dotted_key, value)` for every leaf of a config."""
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      yield from flatten(value, f"{prefix}{key}.")
+    else:
+      yield f"{prefix}{key}", value
+
+
+def unknown_key_message(key: str, known: list[str]) -> str:
+  """Returns the one-line error for an unknown key, with the closest known key."""
+  close = difflib.get_close_matches(key, known, n=1)
+  hint = f" (did you mean {close[0]}?)" if close else ""
+  return f"unknown config key {key}{hint}"
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
+  """Checks every framework key of `config`.
+
+  Args:
+    config: the resolved config of a run.
+    num_devices: the number of devices the mesh will span.
+
+  Raises:
+    ConfigError: naming the first bad key and the problem.
+  """
+  _check_keys_and_types(config)
+  t, o = config.train, config.optim
+  for key in (
+    "train.steps",
+    "train.batch_size",
+    "train.steps_per_loop",
+    "train.log_every",
+    "eval.batch_size",
+    "optim.accum_steps",
+    "ckpt.every_steps",
+    "ckpt.keep",
+  ):
+    _require(_get(config, key) > 0, key, config, "must be positive")
+  for key in (
+    "eval.every_steps",
+    "optim.warmup_steps",
+    "optim.weight_decay",
+    "optim.clip_norm",
+    "early_stop.patience",
+    "early_stop.min_delta",
+    "data.workers",
+  ):
+    _require(_get(config, key) >= 0, key, config, "must not be negative")
+  _require(o.lr > 0, "optim.lr", config, "must be positive")
+  _require(0 <= o.decay_fraction <= 1, "optim.decay_fraction", config, "must be in [0, 1]")
+  _check_choice(config, "optim.name", OPTIMIZERS)
+  _check_choice(config, "optim.schedule", SCHEDULES)
+  _check_choice(config, "precision.policy", POLICIES)
+  _check_choice(config, "early_stop.mode", MODES)
+  _require(
+    config.precision.policy in SUPPORTED_POLICIES,
+    "precision.policy",
+    config,
+    f"is not available yet (available: {', '.join(SUPPORTED_POLICIES)})",
+  )
+  _require(
+    not config.early_stop.metric,
+    "early_stop.metric",
+    config,
+    "early stopping is not available yet; leave it empty",
+  )
+  _require(
+    o.weight_decay == 0 or o.name in DECAY_OPTIMIZERS,
+    "optim.weight_decay",
+    config,
+    f"needs optim.name in ({', '.join(DECAY_OPTIMIZERS)})",
+  )
+  for key in ("train.log_every", "eval.every_steps", "train.steps"):
+    _require(
+      _get(config, key) % t.steps_per_loop == 0,
+      key,
+      config,
+      f"must be a multiple of train.steps_per_loop={t.steps_per_loop}",
+    )
+  _require(
+    t.steps % o.accum_steps == 0,
+    "train.steps",
+    config,
+    f"must be a multiple of optim.accum_steps={o.accum_steps}",
+  )
+  data, fsdp, _ = mesh_shape(config.mesh, num_devices)
+  for key in ("train.batch_size", "eval.batch_size"):
+    _require(
+      _get(config, key) % (data * fsdp) == 0,
+      key,
+      config,
+      f"is not divisible by the {data * fsdp} data-parallel devices "
+      f"(mesh.data x mesh.fsdp = {data} x {fsdp})",
+    )
+
+
+def mesh_shape(mesh: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int, int]:
+  """Resolves `mesh.data`, `mesh.fsdp`, `mesh.tensor` (-1 takes the rest).
+
+  Args:
+    mesh: the `mesh` section of a config.
+    num_devices: the number of devices to cover.
+
+  Returns:
+    The `(data, fsdp, tensor)` sizes, whose product is `num_devices`.
+
+  Raises:
+    ConfigError: when the sizes do not match the devices.
+  """
+  names = ("mesh.data", "mesh.fsdp", "mesh.tensor")
+  sizes = [mesh.data, mesh.fsdp, mesh.tensor]
+  for name, size in zip(names, sizes, strict=True):
+    if size == 0 or size < -1:
+      raise ConfigError(f"{name}={size} must be positive or -1")
+  free = [i for i, s in enumerate(sizes) if s == -1]
+  if len(free) > 1:
+    raise ConfigError(f"only one of {', '.join(names)} may be -1")
+  fixed = 1
+  for s in sizes:
+    fixed *= s if s > 0 else 1
+  desc = " x ".join(f"{n}={s}" for n, s in zip(names, sizes, strict=True))
+  if num_devices % fixed or (not free and fixed != num_devices):
+    raise ConfigError(f"mesh {desc} does not match the {num_devices} devices")
+  if free:
+    sizes[free[0]] = num_devices // fixed
+  return tuple(sizes)
+
+
+def to_json(config: ml_collections.ConfigDict) -> str:
+  """Returns the config as canonical JSON (sorted keys)."""
+  return json.dumps(config.to_dict(), sort_keys=True, indent=2, default=str)
+
+
+def config_hash(config: ml_collections.ConfigDict) -> str:
+  """Returns a short sha256 of the canonical JSON of `config`."""
+  return hashlib.sha256(to_json(config).encode()).hexdigest()[:16]
+
+
+def _get(config: ml_collections.ConfigDict, key: str) -> Any:
+  node = config
+  for part in key.split("."):
+    node = node[part]
+  return node
+
+
+def _require(ok: bool, key: str, config: ml_collections.ConfigDict, problem: str) -> None:
+  if not ok:
+    raise ConfigError(f"{key}={_get(config, key)!r} {problem}")
+
+
+def _check_choice(config: ml_collections.ConfigDict, key: str, choices: tuple[str, ...]) -> None:
+  _require(_get(config, key) in choices, key, config, f"must be one of {', '.join(choices)}")
+
+
+def _check_keys_and_types(config: ml_collections.ConfigDict) -> None:
+  base = dict(flatten(get_config()))
+  for key, value in flatten(config):
+    if key.startswith("model."):
+      continue
+    if key not in base:
+      raise ConfigError(unknown_key_message(key, list(base)))
+    want = type(base[key])
+    ok = isinstance(value, want) and not (want is int and isinstance(value, bool))
+    if want is float:
+      ok = isinstance(value, int | float) and not isinstance(value, bool)
+    if not ok:
+      raise ConfigError(f"{key}={value!r} must be of type {want.__name__}")

@@ -1,0 +1,257 @@
+"""Random-access data sources and the datasets that need no download at run time.
+
+A source is anything Grain can read by index: `len(source)` and
+`source[i] -> dict of numpy arrays`. `ArraySource` adds a vectorised
+`read(indices)` that the pipelines use to read a whole batch at once.
+
+Example:
+  >>> ds = digits()
+  >>> len(ds.train), ds.train[0]["image"].shape
+  (1437, (8, 8))
+"""
+
+import gzip
+import hashlib
+import os
+import pathlib
+import shutil
+import urllib.request
+from collections.abc import Sequence
+from typing import Any, NamedTuple, Protocol
+
+import numpy as np
+
+
+class DataError(ValueError):
+  """The data is missing or malformed; the message names the source and field."""
+
+
+class Source(Protocol):
+  """A Grain random-access source of dict records."""
+
+  def __len__(self) -> int: ...
+
+  def __getitem__(self, index: int) -> dict[str, Any]: ...
+
+
+class ArraySource:
+  """A random-access source over equal-length in-memory arrays.
+
+  Example:
+    >>> src = ArraySource("toy", image=np.zeros((10, 4)), label=np.arange(10))
+    >>> src.read(np.array([3, 1]))["label"]
+    array([3, 1])
+  """
+
+  def __init__(self, name: str, **arrays: np.ndarray):
+    if not arrays:
+      raise DataError(f"source {name}: no arrays")
+    lengths = {k: len(v) for k, v in arrays.items()}
+    if len(set(lengths.values())) != 1:
+      raise DataError(f"source {name}: fields have different lengths {lengths}")
+    if not next(iter(lengths.values())):
+      raise DataError(f"source {name}: is empty")
+    self.name = name
+    self.arrays = {k: np.asarray(v) for k, v in arrays.items()}
+    self._fingerprint = None
+
+  def __len__(self) -> int:
+    return len(next(iter(self.arrays.values())))
+
+  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+    return {k: v[index] for k, v in self.arrays.items()}
+
+  def read(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+    """Returns the records at `indices`, stacked."""
+    return {k: v[indices] for k, v in self.arrays.items()}
+
+  def fingerprint(self) -> str:
+    """Returns a sha256 of the arrays' names, dtypes, shapes and bytes."""
+    if self._fingerprint is None:
+      h = hashlib.sha256()
+      for k in sorted(self.arrays):
+        v = np.ascontiguousarray(self.arrays[k])
+        h.update(f"{k}:{v.dtype}:{v.shape}".encode())
+        h.update(memoryview(v).cast("B"))
+      self._fingerprint = h.hexdigest()
+    return self._fingerprint
+
+
+class Dataset(NamedTuple):
+  """A train and an eval source of one dataset."""
+
+  name: str
+  train: Source
+  eval: Source
+
+
+def check_labels(source: ArraySource, num_classes: int, field: str = "label") -> None:
+  """Raises `DataError` naming the first record whose label is out of range."""
+  labels = source.arrays[field]
+  bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+  if bad.size:
+    i = int(bad[0])
+    raise DataError(
+      f"source {source.name}: record {i} field {field}={labels[i]} is outside [0, {num_classes})"
+    )
+
+
+def digits(eval_fraction: float = 0.2, seed: int = 0) -> Dataset:
+  """scikit-learn's bundled 8x8 digits (1,797 images, 10 classes), split once.
+
+  Args:
+    eval_fraction: the share of images held out for evaluation.
+    seed: the seed of the fixed split.
+
+  Returns:
+    Images as float32 `[8, 8]` in [0, 1] and int32 labels.
+  """
+  from sklearn.datasets import load_digits  # noqa: PLC0415 (slow import, only here)
+
+  raw = load_digits()
+  images = (raw.images / 16.0).astype(np.float32)
+  labels = raw.target.astype(np.int32)
+  order = np.random.default_rng(seed).permutation(len(labels))
+  cut = len(labels) - round(len(labels) * eval_fraction)
+  train = ArraySource("digits/train", image=images[order[:cut]], label=labels[order[:cut]])
+  test = ArraySource("digits/test", image=images[order[cut:]], label=labels[order[cut:]])
+  return Dataset("digits", train, test)
+
+
+FASHION_MNIST_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
+DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
+# sha256 of the decompressed IDX bytes: the same for the upstream files and for
+# Debian's, which are compressed again and so differ as .gz files.
+FASHION_MNIST_SHA256 = {
+  "train-images-idx3-ubyte": "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
+  "train-labels-idx1-ubyte": "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
+  "t10k-images-idx3-ubyte": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
+  "t10k-labels-idx1-ubyte": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
+}
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+  """Reads an IDX file (the MNIST family's format), gzipped or not.
+
+  Args:
+    path: the file.
+
+  Returns:
+    The array, with the dtype and shape its header declares.
+
+  Raises:
+    DataError: when the header or the size is wrong.
+  """
+  return _parse_idx(_read_bytes(path), path)
+
+
+def _parse_idx(raw: bytes, path: str | os.PathLike) -> np.ndarray:
+  dtypes = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+  if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] not in dtypes:
+    raise DataError(f"{path}: not an IDX file (bad magic number)")
+  ndim = raw[3]
+  shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+  dtype = np.dtype(dtypes[raw[2]])
+  offset = 4 + 4 * ndim
+  if len(raw) - offset != int(np.prod(shape)) * dtype.itemsize:
+    raise DataError(f"{path}: holds {len(raw) - offset} data bytes, header says shape {shape}")
+  return np.frombuffer(raw, dtype, offset=offset).reshape(shape).astype(dtype.newbyteorder("="))
+
+
+def fashion_mnist(
+  data_dir: str = "", cache_dir: str | None = None, url: str = FASHION_MNIST_URL
+) -> Dataset:
+  """Fashion-MNIST (60,000 train and 10,000 test 28x28 images, 10 classes).
+
+  The four IDX files are looked up in `data_dir`, then in the Debian package's
+  folder (`apt-get install dataset-fashion-mnist`), then in `cache_dir`, and
+  are otherwise downloaded from `url` into `cache_dir`. Every file's content is
+  checked against its sha256.
+
+  Args:
+    data_dir: a folder to look in first (`data.dir`); empty to skip.
+    cache_dir: the download cache; `$JAXTRAIN_CACHE/fashion-mnist` or
+      `~/.cache/jaxtrain/fashion-mnist` by default.
+    url: the base address of the files.
+
+  Returns:
+    Images as float32 `[28, 28]` in [0, 1] and int32 labels.
+  """
+  cache = pathlib.Path(cache_dir or _default_cache() / "fashion-mnist")
+  folder = _find_fashion_mnist([data_dir, DEBIAN_DIR, cache]) or _download(url, cache)
+  arrays = {name: _checked_idx(folder, name) for name in FASHION_MNIST_SHA256}
+
+  def split(prefix: str, name: str) -> ArraySource:
+    images = arrays[f"{prefix}-images-idx3-ubyte"].astype(np.float32) / 255.0
+    labels = arrays[f"{prefix}-labels-idx1-ubyte"].astype(np.int32)
+    source = ArraySource(f"fashion_mnist/{name}", image=images, label=labels)
+    check_labels(source, 10)
+    return source
+
+  return Dataset("fashion_mnist", split("train", "train"), split("t10k", "test"))
+
+
+def _read_bytes(path: str | os.PathLike) -> bytes:
+  path = pathlib.Path(path)
+  try:
+    if path.suffix == ".gz":
+      with gzip.open(path, "rb") as f:
+        return f.read()
+    return path.read_bytes()
+  except (OSError, EOFError) as e:
+    raise DataError(f"{path}: cannot read ({e})") from e
+
+
+def _default_cache() -> pathlib.Path:
+  root = os.environ.get("JAXTRAIN_CACHE")
+  return pathlib.Path(root) if root else pathlib.Path.home() / ".cache" / "jaxtrain"
+
+
+def _idx_path(folder: pathlib.Path, name: str) -> pathlib.Path | None:
+  for candidate in (folder / f"{name}.gz", folder / name):
+    if candidate.is_file():
+      return candidate
+  return None
+
+
+def _find_fashion_mnist(folders: Sequence[str | os.PathLike]) -> pathlib.Path | None:
+  for folder in folders:
+    if folder and all(_idx_path(pathlib.Path(folder), n) for n in FASHION_MNIST_SHA256):
+      return pathlib.Path(folder)
+  return None
+
+
+def _checked_idx(folder: pathlib.Path, name: str) -> np.ndarray:
+  path = _idx_path(folder, name)
+  raw = _read_bytes(path)
+  if hashlib.sha256(raw).hexdigest() != FASHION_MNIST_SHA256[name]:
+    raise DataError(f"{path}: content does not match the Fashion-MNIST sha256 checksum")
+  return _parse_idx(raw, path)
+
+
+def _download(url: str, cache: pathlib.Path) -> pathlib.Path:
+  """Downloads the four files into `cache`, each checked before it is kept."""
+  try:
+    cache.mkdir(parents=True, exist_ok=True)
+    for name, sha256 in FASHION_MNIST_SHA256.items():
+      if not _idx_path(cache, name):
+        _fetch(f"{url.rstrip('/')}/{name}.gz", cache / f"{name}.gz", sha256)
+  except OSError as e:
+    raise DataError(
+      f"Fashion-MNIST not found (looked in data.dir, {DEBIAN_DIR}, {cache}) and the download "
+      f"from {url} failed ({e}); run `apt-get install dataset-fashion-mnist` or put the four "
+      "IDX files in a folder and pass --config.data.dir=FOLDER"
+    ) from e
+  return cache
+
+
+def _fetch(address: str, dest: pathlib.Path, sha256: str) -> None:
+  part = dest.with_name(dest.name + ".part.gz")
+  try:
+    with urllib.request.urlopen(address, timeout=30) as response, open(part, "wb") as f:
+      shutil.copyfileobj(response, f)
+    if hashlib.sha256(_read_bytes(part)).hexdigest() != sha256:
+      raise DataError(f"download {address}: content does not match its sha256 checksum")
+    part.rename(dest)
+  finally:
+    part.unlink(missing_ok=True)

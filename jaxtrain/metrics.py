@@ -1,0 +1,108 @@
+"""Metric lines (`metrics.jsonl`), throughput meters and the progress bar.
+
+Only process 0 writes; the other processes get writers that do nothing, so the
+loop never branches on the process index.
+
+Example:
+  >>> writer = JsonlWriter(workdir / "metrics.jsonl")
+  >>> writer.write(100, "train", {"loss": 0.31, "lr": 1e-3})
+"""
+
+import json
+import math
+import pathlib
+import sys
+import time
+from typing import Any
+
+import numpy as np
+import tqdm
+
+
+class JsonlWriter:
+  """Appends one JSON object a line: `{"step": N, "split": ..., **values}`."""
+
+  def __init__(self, path: pathlib.Path | None):
+    self._file = open(path, "a", buffering=1) if path else None  # noqa: SIM115 (held open)
+
+  def write(self, step: int, split: str, values: dict[str, float]) -> None:
+    """Writes one line; non-finite numbers become null."""
+    if self._file:
+      clean = {k: _jsonable(v) for k, v in values.items()}
+      self._file.write(json.dumps({"step": step, "split": split, **clean}) + "\n")
+
+  def close(self) -> None:
+    """Closes the file."""
+    if self._file:
+      self._file.close()
+
+
+def _jsonable(value: Any) -> Any:
+  value = value.item() if isinstance(value, np.generic | np.ndarray) else value
+  if isinstance(value, float) and not math.isfinite(value):
+    return None
+  return value
+
+
+class Meter:
+  """Averages per-step train metrics and times the steps between two log lines."""
+
+  def __init__(self, batch_size: int):
+    self.batch_size = batch_size
+    self.reset(time.perf_counter())
+
+  def reset(self, now: float) -> None:
+    """Starts a new interval at `now`."""
+    self._start, self._sums, self._steps, self._wait = now, {}, 0, 0.0
+
+  def add(self, metrics: dict[str, np.ndarray], data_wait: float) -> None:
+    """Adds a chunk's `[K]` metric arrays and the time spent waiting for its data."""
+    for k, v in metrics.items():
+      self._sums[k] = self._sums.get(k, 0.0) + float(np.sum(v))
+    self._steps += len(next(iter(metrics.values())))
+    self._wait += data_wait
+
+  def exclude(self, seconds: float) -> None:
+    """Leaves `seconds` (an evaluation, say) out of the interval's time."""
+    self._start += seconds
+
+  def summary(self, now: float, last: dict[str, np.ndarray]) -> dict[str, float]:
+    """Returns the interval's means, throughput and `data_wait_frac`, then resets.
+
+    Args:
+      now: the time the interval ends.
+      last: the last chunk's metrics; `lr` is reported at the interval's end.
+    """
+    elapsed = max(now - self._start, 1e-9)
+    out = {k: v / self._steps for k, v in self._sums.items()}
+    out["lr"] = float(last["lr"][-1])
+    out["steps_per_sec"] = self._steps / elapsed
+    out["samples_per_sec"] = out["steps_per_sec"] * self.batch_size
+    out["data_wait_frac"] = min(self._wait / elapsed, 1.0)
+    self.reset(now)
+    return out
+
+
+class Progress:
+  """A tqdm bar over the run's steps with steps/s, loss and the ETA."""
+
+  def __init__(self, total: int, initial: int, enabled: bool):
+    self._bar = tqdm.tqdm(
+      total=total,
+      initial=initial,
+      unit="step",
+      dynamic_ncols=True,
+      disable=not enabled,
+      file=sys.stderr,
+      mininterval=0.5,
+    )
+
+  def update(self, steps: int, **postfix: float) -> None:
+    """Advances by `steps` and shows `postfix` values."""
+    self._bar.update(steps)
+    if postfix:
+      self._bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=False)
+
+  def close(self) -> None:
+    """Closes the bar."""
+    self._bar.close()

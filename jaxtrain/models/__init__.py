@@ -1,0 +1,5 @@
+"""Reference Flax NNX models."""
+
+from jaxtrain.models.vision import CNN, MLP
+
+__all__ = ["CNN", "MLP"]

@@ -1,0 +1,94 @@
+"""From the `optim` config section to a plain Optax transform and schedule.
+
+Every piece returns an ordinary `optax.GradientTransformation` or schedule, so
+a notebook can use them directly or compose its own chain and pass that to
+`jaxtrain.train` instead.
+
+Example:
+  >>> sched = schedule("cosine", lr=1e-3, total_steps=1000, warmup_steps=100)
+  >>> tx = optimizer("adamw", sched, weight_decay=1e-4, clip_norm=1.0)
+"""
+
+import jax.numpy as jnp
+import optax
+
+OPTIMIZERS = {
+  "adam": optax.adam,
+  "adamw": optax.adamw,
+  "rmsprop": optax.rmsprop,
+  "adagrad": optax.adagrad,
+  "sgd": optax.sgd,
+  "lion": optax.lion,
+  "adafactor": optax.adafactor,
+}
+
+
+def schedule(
+  name: str, *, lr: float, total_steps: int, warmup_steps: int = 0, decay_fraction: float = 0.2
+) -> optax.Schedule:
+  """Returns a learning-rate schedule that warms up linearly from 0 to `lr`.
+
+  Args:
+    name: `constant`, `cosine` (decays to 0 at `total_steps`), `linear` (to 0 at
+      `total_steps`), `rsqrt` (`lr * sqrt(max(warmup, 1) / step)` after the warm-up) or
+      `wsd` (warm-up, stable, then a linear decay to 0 over the last
+      `decay_fraction` of the steps).
+    lr: the peak learning rate.
+    total_steps: the optimizer steps of the run.
+    warmup_steps: steps of linear warm-up.
+    decay_fraction: for `wsd`, the share of steps spent decaying.
+
+  Returns:
+    The schedule, a function of the step count.
+  """
+  after = max(total_steps - warmup_steps, 1)
+  if name == "constant":
+    main = optax.constant_schedule(lr)
+  elif name == "cosine":
+    main = optax.cosine_decay_schedule(lr, after)
+  elif name == "linear":
+    main = optax.linear_schedule(lr, 0.0, after)
+  elif name == "rsqrt":
+    w = max(warmup_steps, 1)
+    main = lambda count: lr * jnp.sqrt(w / (jnp.maximum(count, 0) + w))  # noqa: E731
+  elif name == "wsd":
+    decay = max(round(total_steps * decay_fraction), 1)
+    main = optax.join_schedules(
+      [optax.constant_schedule(lr), optax.linear_schedule(lr, 0.0, decay)], [max(after - decay, 0)]
+    )
+  else:
+    raise ValueError(f"unknown schedule {name!r}")
+  if not warmup_steps:
+    return main
+  return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup_steps), main], [warmup_steps])
+
+
+def optimizer(
+  name: str,
+  learning_rate: optax.ScalarOrSchedule,
+  *,
+  weight_decay: float = 0.0,
+  clip_norm: float = 0.0,
+  accum_steps: int = 1,
+) -> optax.GradientTransformation:
+  """Returns the named Optax optimizer with optional clipping and accumulation.
+
+  Args:
+    name: a key of `OPTIMIZERS`.
+    learning_rate: a number or a schedule of the update count.
+    weight_decay: decoupled weight decay, for adamw, lion and adafactor.
+    clip_norm: clip gradients to this global norm first; 0 turns it off.
+    accum_steps: average the gradients of this many calls into one update.
+
+  Returns:
+    The transform.
+  """
+  kwargs = {}
+  if weight_decay:
+    kwargs["weight_decay_rate" if name == "adafactor" else "weight_decay"] = weight_decay
+  tx = OPTIMIZERS[name](learning_rate, **kwargs)
+  if clip_norm:
+    tx = optax.chain(optax.clip_by_global_norm(clip_norm), tx)
+  if accum_steps > 1:
+    tx = optax.MultiSteps(tx, every_k_schedule=accum_steps)
+  return tx

@@ -1,0 +1,166 @@
+"""Meshes, sharding rules and batch placement.
+
+Sharding is data: a mesh over the devices with the axes `("data", "fsdp",
+"tensor")`, and a table of rules. Each rule pairs a regular expression, searched
+in a state leaf's path such as `params/layers/0/kernel`, with a function from
+the leaf's shape to a `PartitionSpec`. The first rule that matches places the
+leaf. Batches are split over the data-parallel axes `("data", "fsdp")`.
+
+Example:
+  >>> mesh = make_mesh((2, 4, 1))
+  >>> rules = ((r"embed", replicate()), (r".*", fsdp()))
+  >>> shardings = tree_shardings(jax.eval_shape(init), mesh, rules)
+"""
+
+import os
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+Rule = Callable[[tuple[int, ...], Mesh], P]
+Rules = Sequence[tuple[str, Rule]]
+
+
+def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """Builds a `("data", "fsdp", "tensor")` mesh with Auto axes.
+
+  Args:
+    shape: the three axis sizes, as `jaxtrain.config.mesh_shape` resolves them.
+    devices: the devices to span; all devices by default.
+
+  Returns:
+    The mesh. Auto axes let XLA propagate shardings through the model, which an
+    FSDP model needs (Explicit axes raise on sharded contractions).
+  """
+  return jax.make_mesh(tuple(shape), AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
+
+
+def replicate() -> Rule:
+  """Returns a rule that keeps a full copy of the leaf on every device."""
+  return lambda shape, mesh: P()
+
+
+def fsdp(axis: str = "fsdp", min_size: int = 1024) -> Rule:
+  """Returns a rule that shards a leaf's largest divisible dimension over `axis`.
+
+  Args:
+    axis: the mesh axis to shard over.
+    min_size: leaves with fewer elements stay replicated; sharding them saves
+      little memory and costs a collective.
+
+  Returns:
+    The rule. A leaf with no dimension divisible by the axis size is replicated.
+  """
+
+  def rule(shape: tuple[int, ...], mesh: Mesh) -> P:
+    n = mesh.shape[axis]
+    if n == 1 or int(np.prod(shape, dtype=np.int64)) < min_size:
+      return P()
+    dims = [d for d in range(len(shape)) if shape[d] % n == 0]
+    if not dims:
+      return P()
+    dim = max(dims, key=lambda d: shape[d])
+    return P(*(axis if d == dim else None for d in range(len(shape))))
+
+  return rule
+
+
+DEFAULT_RULES: Rules = ((r".*", fsdp()),)
+
+
+def path_str(path: tuple[Any, ...]) -> str:
+  """Returns a pytree key path as `a/b/0/c`."""
+  parts = []
+  for key in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(key, attr):
+        parts.append(str(getattr(key, attr)))
+        break
+    else:
+      parts.append(str(key))
+  return "/".join(parts)
+
+
+def leaf_spec(path: str, shape: tuple[int, ...], mesh: Mesh, rules: Rules) -> P:
+  """Returns the spec of the first rule whose pattern is found in `path`."""
+  for pattern, rule in rules:
+    if re.search(pattern, path):
+      return rule(tuple(shape), mesh)
+  return P()
+
+
+def tree_shardings(tree: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any:
+  """Returns a `NamedSharding` for every leaf of a (possibly abstract) pytree."""
+  return jax.tree_util.tree_map_with_path(
+    lambda path, x: NamedSharding(mesh, leaf_spec(path_str(path), x.shape, mesh, rules)), tree
+  )
+
+
+def batch_sharding(mesh: Mesh, leading_dims: int = 0) -> NamedSharding:
+  """Returns the sharding of a batch whose batch dimension follows `leading_dims`."""
+  return NamedSharding(mesh, P(*(None,) * leading_dims, BATCH_AXES))
+
+
+def process_rows(mesh: Mesh, batch_size: int) -> tuple[int, int]:
+  """Returns the rows `[lo, hi)` of a global batch that this process's devices hold."""
+  index_map = batch_sharding(mesh).addressable_devices_indices_map((batch_size,))
+  slices = [index[0] for index in index_map.values()]
+  lo = min(s.start or 0 for s in slices)
+  hi = max(batch_size if s.stop is None else s.stop for s in slices)
+  return lo, hi
+
+
+def put_batch(local: Any, mesh: Mesh, batch_size: int, leading_dims: int = 0) -> Any:
+  """Assembles global arrays from this process's rows of a batch.
+
+  Args:
+    local: a pytree of numpy arrays holding rows `process_rows(mesh,
+      batch_size)` of the global batch, along dimension `leading_dims`.
+    mesh: the mesh to place the batch on.
+    batch_size: the global batch size.
+    leading_dims: dimensions before the batch dimension, such as the `K` of a
+      `[K, B, ...]` chunk.
+
+  Returns:
+    The global batch, sharded over the data-parallel axes.
+  """
+  sharding = batch_sharding(mesh, leading_dims)
+  lo, _ = process_rows(mesh, batch_size)
+
+  def put(x: np.ndarray) -> jax.Array:
+    shape = (*x.shape[:leading_dims], batch_size, *x.shape[leading_dims + 1 :])
+
+    def shard(index: tuple[slice, ...]) -> np.ndarray:
+      rows = index[leading_dims]
+      start = (rows.start or 0) - lo
+      stop = (batch_size if rows.stop is None else rows.stop) - lo
+      return x[(*index[:leading_dims], slice(start, stop), *index[leading_dims + 1 :])]
+
+    return jax.make_array_from_callback(shape, sharding, shard)
+
+  return jax.tree.map(put, local)
+
+
+def initialize_distributed() -> None:
+  """Joins a multi-process job when `JAX_COORDINATOR_ADDRESS` is set.
+
+  Every process of the job runs the same command with `JAX_COORDINATOR_ADDRESS`
+  (`host:port` of process 0), `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID` set.
+  Without the first variable this does nothing, and the run is single-process.
+  """
+  address = os.environ.get("JAX_COORDINATOR_ADDRESS")
+  if not address:
+    return
+  jax.distributed.initialize(
+    coordinator_address=address,
+    num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+    process_id=int(os.environ["JAX_PROCESS_ID"]),
+  )

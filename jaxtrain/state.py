@@ -1,0 +1,114 @@
+"""The training state: a small pytree, built abstractly, then born sharded.
+
+`TrainState` holds everything a step changes: the step counter, the model's
+parameters, the optimizer state, the base random key and the model's other
+variables (batch statistics, for example). Parameters are plain nested dicts of
+arrays, so Optax, Orbax and the sharding rules all see ordinary pytrees; the
+model's structure lives apart in an `nnx.GraphDef`.
+
+Example:
+  >>> model_fn = functools.partial(models.MLP, 64, (128,), 10)
+  >>> graphdef, state = create_state(model_fn, optax.adam(1e-3), seed=0, mesh=mesh)
+  >>> model = merge_model(graphdef, state)
+"""
+
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from jaxtrain import sharding
+
+ModelFn = Callable[[nnx.Rngs], nnx.Module]
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a training step reads and writes.
+
+  Attributes:
+    step: int32 scalar, the number of optimizer steps taken.
+    params: nested dict of the model's `nnx.Param` arrays.
+    opt_state: the Optax state for `params`.
+    rng: uint32[2] base key; step `n` draws from `fold_in(rng, n)`.
+    model_state: nested dict of the model's other variables.
+  """
+
+  step: jax.Array
+  params: Any
+  opt_state: optax.OptState
+  rng: jax.Array
+  model_state: Any
+
+
+def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, Any, Any]:
+  """Splits a model into its graph definition, parameters and other variables."""
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  return graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
+
+
+def init_fn(
+  model_fn: ModelFn, tx: optax.GradientTransformation, seed: int
+) -> Callable[[], TrainState]:
+  """Returns a function of no arguments that builds the initial state."""
+
+  def init() -> TrainState:
+    key = jax.random.PRNGKey(seed)
+    model = model_fn(rngs=nnx.Rngs(jax.random.fold_in(key, 0)))
+    _, params, rest = split_model(model)
+    return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      opt_state=tx.init(params),
+      rng=jax.random.fold_in(key, 1),
+      model_state=rest,
+    )
+
+  return init
+
+
+def graphdef_of(model_fn: ModelFn) -> nnx.GraphDef:
+  """Returns the model's structure without allocating its parameters."""
+  abstract = nnx.eval_shape(lambda: model_fn(rngs=nnx.Rngs(0)))
+  return split_model(abstract)[0]
+
+
+def create_state(
+  model_fn: ModelFn,
+  tx: optax.GradientTransformation,
+  *,
+  seed: int,
+  mesh: Mesh,
+  rules: sharding.Rules = sharding.DEFAULT_RULES,
+) -> tuple[nnx.GraphDef, TrainState]:
+  """Builds the initial state directly in its sharded layout.
+
+  Shapes come first (`jax.eval_shape`), shardings are derived from them by
+  `rules`, and the state is then created by a jitted init whose outputs already
+  carry those shardings, so no full copy ever lives on one device.
+
+  Args:
+    model_fn: builds the Flax NNX model from an `nnx.Rngs`.
+    tx: the optimizer.
+    seed: the run's seed.
+    mesh: the device mesh.
+    rules: the sharding rules table, applied to every leaf of the state.
+
+  Returns:
+    The model's graph definition and the sharded state.
+  """
+  init = init_fn(model_fn, tx, seed)
+  with jax.set_mesh(mesh):
+    shardings = sharding.tree_shardings(jax.eval_shape(init), mesh, rules)
+    state = jax.jit(init, out_shardings=shardings)()
+    return graphdef_of(model_fn), state
+
+
+def merge_model(graphdef: nnx.GraphDef, state: TrainState) -> nnx.Module:
+  """Rebuilds the NNX model from its graph definition and a state."""
+  return nnx.merge(graphdef, state.params, state.model_state)

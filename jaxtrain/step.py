@@ -1,0 +1,154 @@
+"""Pure train and eval steps, and the scanned chunk of K steps.
+
+A loss function has the signature `loss_fn(model, batch, rngs)` and returns a
+dict of per-example arrays `[B]` that includes `"loss"`; `rngs` is an
+`nnx.Rngs` seeded with `fold_in(state.rng, state.step)` in training and `None`
+in evaluation. Per-example values let the eval step mask padded examples and
+reduce every metric exactly.
+
+Example:
+  >>> step = functools.partial(train_step, graphdef=graphdef, tx=tx,
+  ...                          loss_fn=losses.classification, schedule=schedule)
+  >>> chunk = make_train_chunk(step, shardings, mesh)
+  >>> state, metrics = chunk(state, batches_KxB)   # metrics["loss"] is [K]
+"""
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from jaxtrain import sharding
+from jaxtrain.state import TrainState, split_model
+
+Batch = dict[str, jax.Array]
+LossFn = Callable[[nnx.Module, Batch, nnx.Rngs | None], dict[str, jax.Array]]
+StepFn = Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]
+
+
+def train_step(
+  state: TrainState,
+  batch: Batch,
+  *,
+  graphdef: nnx.GraphDef,
+  tx: optax.GradientTransformation,
+  loss_fn: LossFn,
+  schedule: optax.Schedule,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer step.
+
+  Args:
+    state: the current state.
+    batch: a global batch of `[B, ...]` arrays.
+    graphdef: the model's graph definition.
+    tx: the optimizer.
+    loss_fn: per-example loss and metrics, see the module docstring.
+    schedule: the learning-rate schedule, reported as `lr`.
+
+  Returns:
+    The new state, and scalar metrics: the batch means of the loss function's
+    values, `lr` and `grad_norm`.
+  """
+  key = jax.random.fold_in(state.rng, state.step)
+
+  def objective(params: Any) -> tuple[jax.Array, tuple[dict[str, jax.Array], Any]]:
+    model = nnx.merge(graphdef, params, state.model_state)
+    model.train()
+    per_example = loss_fn(model, batch, nnx.Rngs(key))  # built inside the grad trace
+    return per_example["loss"].mean(), (per_example, split_model(model)[2])
+
+  grad_fn = jax.value_and_grad(objective, has_aux=True)
+  (_, (per_example, model_state)), grads = grad_fn(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  metrics = {k: v.mean() for k, v in per_example.items()}
+  metrics["lr"] = jnp.asarray(schedule(state.step), jnp.float32)
+  metrics["grad_norm"] = optax.tree.norm(grads)
+  new_state = state.replace(
+    step=state.step + 1,
+    params=optax.apply_updates(state.params, updates),
+    opt_state=opt_state,
+    model_state=model_state,
+  )
+  return new_state, metrics
+
+
+def eval_step(
+  state: TrainState, batch: Batch, *, graphdef: nnx.GraphDef, loss_fn: LossFn
+) -> dict[str, jax.Array]:
+  """Sums of the per-example metrics over the real examples of `batch`.
+
+  Args:
+    state: the state to evaluate.
+    batch: a global batch with a `mask` array `[B]`: 1 for real examples, 0 for
+      the padding of the last partial batch.
+    graphdef: the model's graph definition.
+    loss_fn: per-example loss and metrics.
+
+  Returns:
+    A dict of masked sums, plus `count`, the number of real examples.
+  """
+  model = nnx.merge(graphdef, state.params, state.model_state)
+  model.eval()
+  mask = batch["mask"].astype(jnp.float32)
+  sums = {k: jnp.sum(v.astype(jnp.float32) * mask) for k, v in loss_fn(model, batch, None).items()}
+  sums["count"] = jnp.sum(mask)
+  return sums
+
+
+def make_train_chunk(step_fn: StepFn, state_shardings: TrainState, mesh: Mesh) -> Callable:
+  """Compiles `K` steps per dispatch: `chunk(state, batches_KxB) -> (state, metrics_K)`.
+
+  The chunk runs `step_fn` under `lax.scan` over the leading axis of a
+  `[K, B, ...]` batch, donates the incoming state, and returns each metric as a
+  `[K]` array. Its shardings are fixed, so it compiles once per chunk shape.
+
+  Args:
+    step_fn: a pure `(state, batch) -> (state, metrics)` step.
+    state_shardings: the shardings of the state.
+    mesh: the mesh the batch is split over.
+
+  Returns:
+    The jitted chunk function.
+  """
+
+  def chunk(state: TrainState, batches: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
+    return jax.lax.scan(step_fn, state, batches)
+
+  replicated = NamedSharding(mesh, P())
+  return jax.jit(
+    chunk,
+    in_shardings=(state_shardings, sharding.batch_sharding(mesh, 1)),
+    out_shardings=(state_shardings, replicated),
+    donate_argnums=0,
+  )
+
+
+def make_eval_accumulate(
+  eval_fn: Callable[[TrainState, Batch], dict[str, jax.Array]],
+  state_shardings: TrainState,
+  mesh: Mesh,
+) -> Callable:
+  """Compiles `accumulate(sums, state, batch) -> sums`, adding one batch's sums."""
+
+  def accumulate(
+    sums: dict[str, jax.Array], state: TrainState, batch: Batch
+  ) -> dict[str, jax.Array]:
+    return jax.tree.map(jnp.add, sums, eval_fn(state, batch))
+
+  replicated = NamedSharding(mesh, P())
+  return jax.jit(
+    accumulate,
+    in_shardings=(replicated, state_shardings, sharding.batch_sharding(mesh)),
+    out_shardings=replicated,
+    donate_argnums=0,
+  )
+
+
+def compilations(jitted: Callable) -> int:
+  """Returns how many executables a jitted function holds (1 after warm-up)."""
+  return jitted._cache_size()

@@ -1,0 +1,64 @@
+"""Small builders shared by the tests."""
+
+import functools
+
+import numpy as np
+
+from jaxtrain import config as config_lib
+from jaxtrain import models, optim, sharding
+from jaxtrain.data import pipeline
+
+
+def tiny_config(**overrides):
+  """A small digits config; `overrides` maps dotted keys to values."""
+  config = config_lib.get_config()
+  config.data.name = "digits"
+  config.train.steps = 40
+  config.train.batch_size = 32
+  config.train.steps_per_loop = 5
+  config.train.log_every = 10
+  config.eval.every_steps = 20
+  config.eval.batch_size = 64
+  for key, value in overrides.items():
+    *parents, leaf = key.split(".")
+    node = config
+    for part in parents:
+      node = node[part]
+    node[leaf] = value
+  return config
+
+
+def mlp(hidden=(32,)):
+  return functools.partial(models.MLP, 64, hidden, 10)
+
+
+def adam():
+  return optim.optimizer("adam", 1e-2)
+
+
+def global_batches(source, batch_size, num, seed=0):
+  """The first `num` global training batches, as numpy `[num, B, ...]`."""
+  it = iter(
+    pipeline.train_chunks(
+      source, batch_size=batch_size, seed=seed, steps_per_loop=num, rows=(0, batch_size)
+    )
+  )
+  return next(it)
+
+
+def take(batches, index):
+  """Indexes the leading axis of every array of a batch dict."""
+  return {k: v[index] for k, v in batches.items()}
+
+
+def max_abs_diff(a, b):
+  import jax  # noqa: PLC0415
+
+  diffs = jax.tree.map(lambda x, y: float(np.max(np.abs(np.asarray(x) - np.asarray(y)))), a, b)
+  return max(jax.tree.leaves(diffs))
+
+
+def mesh(shape, n=None):
+  import jax  # noqa: PLC0415
+
+  return sharding.make_mesh(shape, jax.devices()[:n] if n else None)

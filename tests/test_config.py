@@ -1,0 +1,107 @@
+"""Config validation: each bad value is named in one line, and the CLI exits 2."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from jaxtrain import config as config_lib
+from tests import helpers
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_base_config_is_valid():
+  config_lib.validate(config_lib.get_config(), num_devices=8)
+  config_lib.validate(helpers.tiny_config(), num_devices=8)
+
+
+@pytest.mark.parametrize(
+  "key,value,message",
+  [
+    ("train.steps", 0, "train.steps=0 must be positive"),
+    ("train.batch_size", -8, "train.batch_size=-8 must be positive"),
+    ("train.steps_per_loop", 0, "train.steps_per_loop=0 must be positive"),
+    ("train.batch_size", 12, "train.batch_size=12 is not divisible by the 8 data-parallel"),
+    ("eval.batch_size", 20, "eval.batch_size=20 is not divisible"),
+    ("train.steps", 42, "train.steps=42 must be a multiple of train.steps_per_loop=5"),
+    ("eval.every_steps", 7, "eval.every_steps=7 must be a multiple"),
+    ("optim.name", "adamx", "optim.name='adamx' must be one of"),
+    ("optim.schedule", "step", "optim.schedule='step' must be one of"),
+    ("optim.lr", -1.0, "optim.lr=-1.0 must be positive"),
+    ("optim.weight_decay", 0.1, "optim.weight_decay=0.1 needs optim.name in"),
+    ("mesh.data", 3, "mesh mesh.data=3 x mesh.fsdp=1 x mesh.tensor=1 does not match the 8"),
+    ("mesh.fsdp", -1, "only one of mesh.data, mesh.fsdp, mesh.tensor may be -1"),
+    ("mesh.tensor", 0, "mesh.tensor=0 must be positive or -1"),
+    ("precision.policy", "bf16-mixed", "precision.policy='bf16-mixed' is not available yet"),
+    ("train.steps", "100", "train.steps='100' must be of type int"),
+    ("optim.name", 3, "optim.name=3 must be of type str"),
+  ],
+)
+def test_validate_names_the_key(key, value, message):
+  config = helpers.tiny_config()
+  with config.ignore_type():
+    helpers_set(config, key, value)
+  with pytest.raises(config_lib.ConfigError) as e:
+    config_lib.validate(config, num_devices=8)
+  assert message in str(e.value)
+  assert "\n" not in str(e.value)
+
+
+def helpers_set(config, key, value):
+  *parents, leaf = key.split(".")
+  node = config
+  for part in parents:
+    node = node[part]
+  node[leaf] = value
+
+
+def test_unknown_key_is_named():
+  config = helpers.tiny_config()
+  config.train.stepz = 3
+  with pytest.raises(config_lib.ConfigError, match=r"unknown config key train\.stepz"):
+    config_lib.validate(config, num_devices=8)
+
+
+def test_mesh_shape_resolves_minus_one():
+  config = config_lib.get_config()
+  assert config_lib.mesh_shape(config.mesh, 8) == (8, 1, 1)
+  config.mesh.data, config.mesh.fsdp = 2, -1
+  assert config_lib.mesh_shape(config.mesh, 8) == (2, 4, 1)
+  config.mesh.fsdp, config.mesh.tensor = 2, 2
+  assert config_lib.mesh_shape(config.mesh, 8) == (2, 2, 2)
+
+
+def _cli(tmp_path, *overrides):
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  return subprocess.run(
+    [sys.executable, "-m", "experiments.digits", f"--workdir={tmp_path / 'w'}", *overrides],
+    capture_output=True,
+    text=True,
+    timeout=120,
+    cwd=ROOT,
+    env=env,
+    check=False,
+  )
+
+
+@pytest.mark.parametrize(
+  "override,key",
+  [
+    ("--config.train.stepz=5", "train.stepz"),
+    ("--config.train.steps=abc", "train.steps"),
+    ("--config.train.steps=0", "train.steps"),
+    ("--config.train.batch_size=-4", "train.batch_size"),
+    ("--config.train.batch_size=60", "train.batch_size"),
+    ("--config.mesh.data=3", "mesh"),
+    ("--config.ckpt.async=maybe", "ckpt.async"),
+  ],
+)
+def test_cli_bad_value_exits_2_with_one_line(tmp_path, override, key):
+  result = _cli(tmp_path, override)
+  assert result.returncode == 2, result.stderr[-2000:]
+  errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+  assert len(errors) == 1 and key in errors[0], result.stderr[-2000:]
+  assert "Traceback" not in result.stderr
+  assert not (tmp_path / "w" / "run.json").exists()

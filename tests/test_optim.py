@@ -1,0 +1,57 @@
+"""Schedules and the named optimizers (the basics; the chains have their own tests)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxtrain import config as config_lib
+from jaxtrain import optim
+
+
+@pytest.mark.parametrize(
+  "name,expected",
+  [
+    ("constant", {0: 0.0, 5: 0.5, 10: 1.0, 60: 1.0, 110: 1.0}),
+    ("cosine", {0: 0.0, 10: 1.0, 60: 0.5, 110: 0.0}),
+    ("linear", {0: 0.0, 10: 1.0, 60: 0.5, 110: 0.0}),
+    ("rsqrt", {0: 0.0, 10: 1.0, 40: 0.5, 1000: 0.1}),
+    ("wsd", {0: 0.0, 10: 1.0, 88: 1.0, 99: 0.5, 110: 0.0}),
+  ],
+)
+def test_schedule_values_at_boundaries(name, expected):
+  sched = optim.schedule(name, lr=1.0, total_steps=110, warmup_steps=10, decay_fraction=0.2)
+  for step, value in expected.items():
+    assert float(sched(step)) == pytest.approx(value, abs=1e-6), step
+
+
+@pytest.mark.parametrize("name", sorted(optim.OPTIMIZERS))
+def test_each_optimizer_minimises_a_quadratic(name):
+  assert set(optim.OPTIMIZERS) == set(config_lib.OPTIMIZERS)
+  target = jnp.array([[1.0, -2.0], [3.0, 0.5]])
+  tx = optim.optimizer(name, 0.1 if name != "adagrad" else 0.5, clip_norm=10.0)
+  params = jnp.zeros((2, 2))
+  state = tx.init(params)
+  loss = lambda p: jnp.sum((p - target) ** 2)  # noqa: E731
+
+  @jax.jit
+  def step(params, state):
+    updates, state = tx.update(jax.grad(loss)(params), state, params)
+    return params + updates, state
+
+  for _ in range(300):
+    params, state = step(params, state)
+  assert float(loss(params)) < 0.05 * float(loss(jnp.zeros((2, 2))))
+
+
+def test_accumulation_updates_every_k_calls():
+  tx = optim.optimizer("sgd", 1.0, accum_steps=3)
+  params = jnp.ones(2)
+  state = tx.init(params)
+  changes = []
+  for g in [1.0, 2.0, 3.0]:
+    updates, state = tx.update(jnp.full(2, g), state, params)
+    changes.append(np.asarray(updates))
+  np.testing.assert_allclose(changes[0], 0.0)
+  np.testing.assert_allclose(changes[1], 0.0)
+  np.testing.assert_allclose(changes[2], -2.0)  # the mean of the three gradients

@@ -1,0 +1,128 @@
+"""The compiled step: scan equivalence, sharded equivalence, compile-once."""
+
+import functools
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxtrain import losses, optim, sharding
+from jaxtrain import state as state_lib
+from jaxtrain import step as step_lib
+from tests import helpers
+
+K = 5
+B = 32
+
+
+def _setup(mesh, tx=None):
+  tx = tx or helpers.adam()
+  graphdef, state = state_lib.create_state(helpers.mlp(), tx, seed=0, mesh=mesh)
+  step_fn = functools.partial(
+    step_lib.train_step,
+    graphdef=graphdef,
+    tx=tx,
+    loss_fn=losses.classification,
+    schedule=optax_constant(1e-2),
+  )
+  shardings = jax.tree.map(lambda x: x.sharding, state)
+  return state, step_fn, shardings
+
+
+def optax_constant(lr):
+  return optim.schedule("constant", lr=lr, total_steps=100)
+
+
+def test_scanned_chunk_equals_single_steps(digits):
+  mesh = helpers.mesh((1, 1, 1), n=1)
+  batches = helpers.global_batches(digits.train, B, K)
+  state, step_fn, shardings = _setup(mesh)
+  chunk_fn = step_lib.make_train_chunk(step_fn, shardings, mesh)
+  scanned, scanned_metrics = chunk_fn(state, sharding.put_batch(batches, mesh, B, 1))
+
+  state, step_fn, _ = _setup(mesh)
+  single = jax.jit(step_fn)
+  losses_ = []
+  for k in range(K):
+    state, m = single(state, jax.tree.map(lambda x, k=k: x[k], batches))
+    losses_.append(float(m["loss"]))
+
+  assert int(scanned.step) == int(state.step) == K
+  assert helpers.max_abs_diff(scanned.params, state.params) < 1e-6
+  assert helpers.max_abs_diff(scanned.opt_state, state.opt_state) < 1e-6
+  np.testing.assert_allclose(scanned_metrics["loss"], losses_, atol=1e-6)
+  assert losses_[-1] < losses_[0]  # the steps really train
+
+
+def _run(mesh, batches, steps):
+  state, step_fn, shardings = _setup(mesh)
+  chunk_fn = step_lib.make_train_chunk(step_fn, shardings, mesh)
+  state, m = chunk_fn(state, sharding.put_batch(helpers.take(batches, slice(0, steps)), mesh, B, 1))
+  return state, np.asarray(m["loss"])
+
+
+@pytest.mark.parametrize(
+  "shape", [(8, 1, 1), (1, 8, 1), (2, 4, 1)], ids=["dp8", "fsdp8", "dp2xfsdp4"]
+)
+def test_sharded_run_matches_one_device(digits, shape):
+  batches = helpers.global_batches(digits.train, B, 5)
+  ref_state, ref_loss = _run(helpers.mesh((1, 1, 1), n=1), batches, 5)
+  state, loss = _run(helpers.mesh(shape), batches, 5)
+
+  np.testing.assert_allclose(loss, ref_loss, atol=1e-5)
+  assert helpers.max_abs_diff(state.params, ref_state.params) < 1e-5
+  kernel = state.params["hidden"][0]["kernel"]
+  fsdp = shape[1]
+  if fsdp > 1:  # the 64x32 kernel is sharded by its largest divisible dimension
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", None)
+    assert kernel.addressable_shards[0].data.shape == (64 // fsdp, 32)
+    mu = state.opt_state[0].mu["hidden"][0]["kernel"]
+    assert mu.sharding.spec == kernel.sharding.spec
+  else:
+    assert kernel.sharding.is_fully_replicated
+
+
+def test_chunk_compiles_once_and_reports_a_recompile(digits):
+  mesh = helpers.mesh((8, 1, 1))
+  batches = helpers.global_batches(digits.train, B, 3 * K)
+  state, step_fn, shardings = _setup(mesh)
+  chunk_fn = step_lib.make_train_chunk(step_fn, shardings, mesh)
+  put = lambda start, stop: sharding.put_batch(  # noqa: E731
+    helpers.take(batches, slice(start, stop)), mesh, B, 1
+  )
+  for i in range(3):
+    state, _ = chunk_fn(state, put(i * K, (i + 1) * K))
+  assert step_lib.compilations(chunk_fn) == 1
+  state, _ = chunk_fn(state, put(0, 2))  # a chunk of K=2 is another shape
+  assert step_lib.compilations(chunk_fn) == 2
+
+
+def test_step_rng_is_fold_in_of_step():
+  """Two steps of the same state and batch differ only through fold_in(rng, step)."""
+  seen = []
+
+  def loss_fn(model, batch, rngs):
+    noise = jax.random.uniform(rngs(), (batch["image"].shape[0],))
+    seen.append(noise)
+    out = losses.classification(model, batch, rngs)
+    out["noise"] = noise
+    return out
+
+  mesh = helpers.mesh((1, 1, 1), n=1)
+  tx = helpers.adam()
+  graphdef, state = state_lib.create_state(helpers.mlp(), tx, seed=0, mesh=mesh)
+  step_fn = jax.jit(
+    functools.partial(
+      step_lib.train_step, graphdef=graphdef, tx=tx, loss_fn=loss_fn, schedule=optax_constant(1e-2)
+    )
+  )
+  batch = {"image": np.zeros((4, 8, 8), np.float32), "label": np.zeros(4, np.int32)}
+  s1, m1 = step_fn(state, batch)
+  _, m2 = step_fn(s1, batch)
+  _, m1_again = step_fn(state, batch)
+  assert float(m1["noise"]) == float(m1_again["noise"])  # same step, same draw
+  assert float(m1["noise"]) != float(m2["noise"])
+  stream = nnx.Rngs(jax.random.fold_in(state.rng, 1))
+  expected = jax.random.uniform(stream(), (4,))
+  assert abs(float(m2["noise"]) - float(expected.mean())) < 1e-6
