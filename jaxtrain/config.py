@@ -40,6 +40,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.train.steps_per_loop = 10  # steps per compiled dispatch (lax.scan length)
   c.train.seed = 0  # parameters, dropout and the data order derive from it
   c.train.log_every = 100  # steps between train lines in metrics.jsonl
+  c.train.unroll = 0  # steps unrolled in the scanned chunk; 0: step.auto_unroll decides
 
   c.eval = ml_collections.ConfigDict()
   c.eval.every_steps = 500  # 0: evaluate only at the end
@@ -124,6 +125,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     _require(_get(config, key) > 0, key, config, "must be positive")
   for key in (
     "eval.every_steps",
+    "train.unroll",
     "optim.warmup_steps",
     "optim.weight_decay",
     "optim.clip_norm",

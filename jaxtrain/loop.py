@@ -163,6 +163,10 @@ def _build(
     loss_fn=loss_fn,
     schedule=lambda n: schedule(n // o.accum_steps),
   )
+  unroll = t.unroll or step_lib.auto_unroll(
+    step_fn, state, _abstract_batch(data.train, t.batch_size), t.steps_per_loop
+  )
+  logging.info("train_chunk: %d steps per dispatch, unroll %d", t.steps_per_loop, unroll)
   chunks = pipeline.train_chunks(
     data.train,
     batch_size=t.batch_size,
@@ -174,7 +178,7 @@ def _build(
   return _Parts(
     graphdef,
     state,
-    step_lib.make_train_chunk(step_fn, shardings, mesh),
+    step_lib.make_train_chunk(step_fn, shardings, mesh, unroll),
     Evaluator(
       graphdef,
       loss_fn,
@@ -187,6 +191,14 @@ def _build(
       iter(chunks), lambda c: sharding.put_batch(c, mesh, t.batch_size, leading_dims=1)
     ),
   )
+
+
+def _abstract_batch(source: Any, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+  """The shapes of one global batch, from the source's first record."""
+  return {
+    k: jax.ShapeDtypeStruct((batch_size, *np.shape(v)), np.asarray(v).dtype)
+    for k, v in source[0].items()
+  }
 
 
 def _check_compiled_once(train_chunk: Any, step: int, run: record.RunRecord) -> None:

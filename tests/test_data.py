@@ -47,28 +47,35 @@ def test_eval_batches_pad_and_mask():
   assert batches[2]["mask"].tolist() == [1, 1, 0, 0]
 
 
+def _batches(source, b, seed, rows, count):
+  chunks = pipeline.TrainChunks(source, batch_size=b, seed=seed, rows=rows, steps_per_loop=count)
+  return chunks(0)["id"]
+
+
 def test_global_batches_split_over_processes_and_cover_epochs():
   n, b = 64, 16
   source = data.ArraySource("ids", id=np.arange(n))
-  whole = pipeline.TrainBatch(source, b, seed=3, rows=(0, b))
-  halves = [pipeline.TrainBatch(source, b, seed=3, rows=r) for r in [(0, 8), (8, 16)]]
-  for g in range(10):
-    joined = np.concatenate([h(g)["id"] for h in halves])
-    np.testing.assert_array_equal(joined, whole(g)["id"])
-  epoch0 = np.concatenate([whole(g)["id"] for g in range(4)])
-  epoch1 = np.concatenate([whole(g)["id"] for g in range(4, 8)])
+  whole = _batches(source, b, 3, (0, b), 10)
+  halves = [_batches(source, b, 3, r, 10) for r in [(0, 8), (8, 16)]]
+  np.testing.assert_array_equal(np.concatenate(halves, axis=1), whole)
+  epoch0, epoch1 = whole[:4].ravel(), whole[4:8].ravel()
   assert sorted(epoch0) == sorted(epoch1) == list(range(n))
   assert epoch0.tolist() != epoch1.tolist()  # each epoch is shuffled anew
-  other_seed = pipeline.TrainBatch(source, b, seed=4, rows=(0, b))
-  assert other_seed(0)["id"].tolist() != whole(0)["id"].tolist()
+  assert _batches(source, b, 4, (0, b), 1).tolist() != whole[:1].tolist()
+
+
+def test_chunks_are_consecutive_batches():
+  source = data.ArraySource("ids", id=np.arange(50))
+  by_three = pipeline.TrainChunks(source, batch_size=4, seed=0, rows=(0, 4), steps_per_loop=3)
+  by_one = pipeline.TrainChunks(source, batch_size=4, seed=0, rows=(0, 4), steps_per_loop=1)
+  joined = np.concatenate([by_three(c)["id"] for c in range(4)])
+  np.testing.assert_array_equal(joined, np.concatenate([by_one(c)["id"] for c in range(12)]))
 
 
 def test_batches_straddle_epochs_without_loss():
-  n, b = 10, 4
-  source = data.ArraySource("ids", id=np.arange(n))
-  batch = pipeline.TrainBatch(source, b, seed=0, rows=(0, b))
-  stream = np.concatenate([batch(g)["id"] for g in range(5)])  # 20 = two epochs
-  assert sorted(stream[:10]) == sorted(stream[10:]) == list(range(n))
+  source = data.ArraySource("ids", id=np.arange(10))
+  stream = _batches(source, 4, 0, (0, 4), 5).ravel()  # 20 = two epochs
+  assert sorted(stream[:10]) == sorted(stream[10:]) == list(range(10))
 
 
 def test_train_chunks_shape_and_workers_agree():

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxtrain import losses, optim, sharding
+from jaxtrain import losses, models, optim, sharding
 from jaxtrain import state as state_lib
 from jaxtrain import step as step_lib
 from tests import helpers
@@ -34,11 +34,12 @@ def optax_constant(lr):
   return optim.schedule("constant", lr=lr, total_steps=100)
 
 
-def test_scanned_chunk_equals_single_steps(digits):
+@pytest.mark.parametrize("unroll", [1, 2, K])
+def test_scanned_chunk_equals_single_steps(digits, unroll):
   mesh = helpers.mesh((1, 1, 1), n=1)
   batches = helpers.global_batches(digits.train, B, K)
   state, step_fn, shardings = _setup(mesh)
-  chunk_fn = step_lib.make_train_chunk(step_fn, shardings, mesh)
+  chunk_fn = step_lib.make_train_chunk(step_fn, shardings, mesh, unroll)
   scanned, scanned_metrics = chunk_fn(state, sharding.put_batch(batches, mesh, B, 1))
 
   state, step_fn, _ = _setup(mesh)
@@ -126,3 +127,25 @@ def test_step_rng_is_fold_in_of_step():
   stream = nnx.Rngs(jax.random.fold_in(state.rng, 1))
   expected = jax.random.uniform(stream(), (4,))
   assert abs(float(m2["noise"]) - float(expected.mean())) < 1e-6
+
+
+def test_auto_unroll_unrolls_convolutions_on_cpu():
+  mesh = helpers.mesh((1, 1, 1), n=1)
+  batch = {
+    "image": jax.ShapeDtypeStruct((B, 8, 8), np.float32),
+    "label": jax.ShapeDtypeStruct((B,), np.int32),
+  }
+  tx = helpers.adam()
+  for model_fn, expected in [
+    (helpers.mlp(), 1),
+    (functools.partial(models.CNN, 8, 10, channels=(4,), dense=8), K),
+  ]:
+    graphdef, state = state_lib.create_state(model_fn, tx, seed=0, mesh=mesh)
+    step_fn = functools.partial(
+      step_lib.train_step,
+      graphdef=graphdef,
+      tx=tx,
+      loss_fn=losses.classification,
+      schedule=optax_constant(1e-2),
+    )
+    assert step_lib.auto_unroll(step_fn, state, batch, K) == expected

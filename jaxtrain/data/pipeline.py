@@ -36,14 +36,19 @@ def read(source: Source, indices: np.ndarray) -> dict[str, np.ndarray]:
   return {k: np.stack([r[k] for r in records]) for k in records[0]}
 
 
-class TrainBatch:
-  """Maps a global batch number to this process's rows of that batch.
+class TrainChunks:
+  """Maps a chunk number to this process's rows of `K` consecutive global batches.
 
+  Chunk `c` holds global batches `c*K ... c*K + K-1`, read with one vectorised
+  `read` and shaped `[K, rows, ...]`, so the host copies each example once.
   Picklable, so Grain worker processes can run it.
   """
 
-  def __init__(self, source: Source, batch_size: int, seed: int, rows: tuple[int, int]):
-    self.source, self.batch_size, self.seed, self.rows = source, batch_size, seed, rows
+  def __init__(
+    self, source: Source, *, batch_size: int, seed: int, rows: tuple[int, int], steps_per_loop: int
+  ):
+    self.source, self.batch_size, self.seed = source, batch_size, seed
+    self.rows, self.steps_per_loop = rows, steps_per_loop
     self._orders: dict[int, np.ndarray] = {}
 
   def order(self, epoch: int) -> np.ndarray:
@@ -54,21 +59,23 @@ class TrainBatch:
       self._orders = {epoch: order}
     return order
 
-  def indices(self, g: int) -> np.ndarray:
-    """Returns the source indices of this process's rows of global batch `g`."""
+  def indices(self, first: int, count: int) -> np.ndarray:
+    """Returns `[count, rows]` source indices of global batches `first, ..., first+count-1`."""
     lo, hi = self.rows
-    epoch, offset = np.divmod(
-      np.arange(g * self.batch_size + lo, g * self.batch_size + hi), len(self.source)
-    )
-    out = np.empty(hi - lo, np.int64)
+    starts = (first + np.arange(count))[:, None] * self.batch_size
+    epoch, offset = np.divmod(starts + np.arange(lo, hi), len(self.source))
+    out = np.empty(epoch.shape, np.int64)
     for e in np.unique(epoch):
       where = epoch == e
       out[where] = self.order(int(e))[offset[where]]
     return out
 
-  def __call__(self, g: int) -> dict[str, np.ndarray]:
-    """Returns this process's rows of global batch `g`."""
-    return read(self.source, self.indices(g))
+  def __call__(self, c: int) -> dict[str, np.ndarray]:
+    """Returns chunk `c` as `[K, rows, ...]` arrays."""
+    idx = self.indices(c * self.steps_per_loop, self.steps_per_loop)
+    return {
+      k: v.reshape(*idx.shape, *v.shape[1:]) for k, v in read(self.source, idx.ravel()).items()
+    }
 
 
 class EvalBatch:
@@ -109,9 +116,12 @@ def train_chunks(
   Returns:
     A checkpointable Grain dataset; `iter()` it.
   """
-  ds = grain.MapDataset.range(2**62).map(TrainBatch(source, batch_size, seed, rows))
-  ds = ds.batch(steps_per_loop, drop_remainder=True)
-  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=2))
+  chunks = TrainChunks(
+    source, batch_size=batch_size, seed=seed, rows=rows, steps_per_loop=steps_per_loop
+  )
+  ds = grain.MapDataset.range(2**62).map(chunks)
+  # Read in the caller's thread (the Prefetcher's): one data thread competes less with XLA.
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
   if workers:
     if not flags.FLAGS.is_parsed():  # Grain workers read absl flags (notebooks, tests)
       flags.FLAGS.mark_as_parsed()
