@@ -1,9 +1,10 @@
 """Training throughput: jaxtrain against a minimal hand-written jax.jit + optax loop.
 
 Both train the same Fashion-MNIST MLP (784-512-512-10, ReLU, Adam 1e-3, batch
-128) on one device, in one process, alternating runs to share the machine's
-noise. The hand-written loop shuffles numpy arrays each epoch, passes each
-batch to a jitted, donating step and reads the loss every 100 steps. jaxtrain
+128) on one device (the script refuses to run with more), in one process,
+alternating runs to share the machine's noise. The hand-written loop shuffles
+numpy arrays each epoch, passes each batch to a jitted, donating step and reads
+the loss every 100 steps. jaxtrain
 runs `train.steps_per_loop` steps per dispatch from its Grain pipeline. Both
 are timed over 100-step intervals after a warm-up (compilation excluded); the
 script prints each run's median interval and, over all intervals, the median
@@ -103,6 +104,10 @@ def with_jaxtrain(dataset: data.Dataset, steps: int, k: int) -> list[float]:
 def main(argv: list[str]) -> None:
   """Alternates both loops and prints samples/s and the ratio."""
   del argv
+  if jax.device_count() != 1:
+    raise app.UsageError(
+      "compares one-device loops: expose one device, e.g. CUDA_VISIBLE_DEVICES=0"
+    )
   if _STEPS.value % _INTERVAL or _INTERVAL % _K.value:
     raise app.UsageError(f"--steps must be a multiple of {_INTERVAL}, which K must divide")
   dataset = data.fashion_mnist()

@@ -16,6 +16,7 @@ import re
 import sys
 from collections.abc import Callable, Sequence
 
+import jax
 import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
@@ -63,6 +64,8 @@ def run(main: Callable[[list[str]], None]) -> None:
   def guarded(argv: list[str]) -> None:
     try:
       sharding.initialize_distributed()
+      if "config" in flags.FLAGS:  # fail before the experiment loads any data
+        config_lib.validate(flags.FLAGS.config, jax.device_count())
       main(argv)
     except USAGE_ERRORS as e:
       fail(str(e))

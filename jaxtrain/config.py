@@ -24,7 +24,7 @@ SCHEDULES = ("constant", "cosine", "linear", "rsqrt", "wsd")
 POLICIES = ("f32", "bf16-mixed", "bf16", "fp16-mixed")
 SUPPORTED_POLICIES = ("f32",)
 MODES = ("min", "max")
-DECAY_OPTIMIZERS = ("adamw", "lion", "adafactor")
+DECAY_OPTIMIZERS = ("adamw", "lion", "adafactor")  # optim.WEIGHT_DECAY_ARGS
 
 
 class ConfigError(ValueError):
@@ -126,6 +126,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   for key in (
     "eval.every_steps",
     "train.unroll",
+    "train.seed",
     "optim.warmup_steps",
     "optim.weight_decay",
     "optim.clip_norm",

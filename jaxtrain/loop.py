@@ -84,17 +84,12 @@ def train(
   workdir = _prepare_workdir(workdir)
   mesh = sharding.make_mesh(config_lib.mesh_shape(config.mesh, jax.device_count()))
   logging.info("devices: %s, mesh: %s", jax.devices(), dict(mesh.shape))
-  graphdef, state, train_chunk, evaluate, prefetch = _build(
-    config, model, data, loss_fn, mesh=mesh, rules=rules
-  )
   t, k = config.train, config.train.steps_per_loop
   is_main = jax.process_index() == 0
   if is_main:
     (workdir / "config.json").write_text(config_lib.to_json(config) + "\n")
     (workdir / "metrics.jsonl").unlink(missing_ok=True)  # a fresh run starts a fresh log
   run = record.RunRecord(workdir, is_main, _run_fields(config, mesh, data, workdir))
-  writer = metrics.JsonlWriter(workdir / "metrics.jsonl" if is_main else None)
-  progress = metrics.Progress(t.steps, 0, is_main)
   meter = metrics.Meter(t.batch_size)
 
   def finish(end_step: int, chunk_metrics: Any, wait: float) -> None:
@@ -104,14 +99,22 @@ def train(
     if end_step % t.log_every == 0:
       writer.write(end_step, "train", meter.summary(time.perf_counter(), host))
 
-  step, pending, eval_metrics = 0, None, {}
+  step, pending, eval_metrics, prefetch, writer, progress = 0, None, {}, None, None, None
   try:
+    writer = metrics.JsonlWriter(workdir / "metrics.jsonl" if is_main else None)
+    progress = metrics.Progress(t.steps, is_main)
+    graphdef, state, train_chunk, evaluate, prefetch = _build(
+      config, model, data, loss_fn, mesh=mesh, rules=rules
+    )
+    meter.reset(time.perf_counter())
     while step < t.steps:
       chunk, wait = prefetch.next()
+      start = time.perf_counter()
       with jax.transfer_guard("disallow"):  # nothing moves implicitly in the hot loop
         state, chunk_metrics = train_chunk(state, chunk)
       step += k
-      _check_compiled_once(train_chunk, step, run)
+      if _compiled(train_chunk, step, run):  # compiling is not training time
+        meter.exclude(time.perf_counter() - start)
       if pending:
         finish(*pending)
       pending = (step, chunk_metrics, wait)
@@ -127,9 +130,9 @@ def train(
     run.update(status="failed", reason=f"{type(e).__name__}: {e}", final_step=step)
     raise
   finally:
-    prefetch.close()
-    writer.close()
-    progress.close()
+    for part in (prefetch, writer, progress):
+      if part:
+        part.close()
   return TrainResult(state, graphdef, eval_metrics)
 
 
@@ -201,11 +204,15 @@ def _abstract_batch(source: Any, batch_size: int) -> dict[str, jax.ShapeDtypeStr
   }
 
 
-def _check_compiled_once(train_chunk: Any, step: int, run: record.RunRecord) -> None:
-  """Reports a recompilation of the chunk, which means a shape or sharding changed."""
+def _compiled(train_chunk: Any, step: int, run: record.RunRecord) -> bool:
+  """Returns whether the last call compiled; reports any compilation after the first.
+
+  A second executable means a shape, dtype or sharding of the state or batch
+  changed between chunks, which costs a compilation and is a bug.
+  """
   count, before = step_lib.compilations(train_chunk), run.fields["train_chunk_compilations"]
   if count == before:
-    return
+    return False
   if before:
     logging.warning(
       "train_chunk compiled again at step %d (%d executables): a shape, dtype "
@@ -214,6 +221,7 @@ def _check_compiled_once(train_chunk: Any, step: int, run: record.RunRecord) -> 
       count,
     )
   run.update(train_chunk_compilations=count)
+  return True
 
 
 class Evaluator:
@@ -234,13 +242,16 @@ class Evaluator:
     mesh: Mesh,
   ):
     eval_fn = functools.partial(step_lib.eval_step, graphdef=graphdef, loss_fn=loss_fn)
-    self._eval_fn = eval_fn
     self._accumulate = step_lib.make_eval_accumulate(eval_fn, shardings, mesh)
+    # Zero sums made on the devices (XLA drops the unused eval computation).
+    self._zeros = jax.jit(
+      lambda state, batch: jax.tree.map(jnp.zeros_like, eval_fn(state, batch)),
+      out_shardings=NamedSharding(mesh, P()),
+    )
     self._batches = pipeline.eval_batches(
       source, batch_size=batch_size, rows=sharding.process_rows(mesh, batch_size)
     )
     self._put = lambda b: sharding.put_batch(b, mesh, batch_size)
-    self._replicated = NamedSharding(mesh, P())
 
   def __call__(self, state: state_lib.TrainState) -> dict[str, float]:
     """Returns the mean of every metric over the eval source."""
@@ -251,13 +262,10 @@ class Evaluator:
   def sums(self, state: state_lib.TrainState) -> dict[str, np.ndarray]:
     """Returns the masked sums of every metric and `count`, on the host."""
     sums = None
-    for local in self._batches.to_iter_dataset():
-      batch = self._put(local)
+    for j in range(len(self._batches)):  # read in order, in this thread
+      batch = self._put(self._batches[j])
       if sums is None:
-        shapes = jax.eval_shape(self._eval_fn, state, batch)
-        sums = jax.device_put(
-          jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes), self._replicated
-        )
+        sums = self._zeros(state, batch)
       sums = self._accumulate(sums, state, batch)
     return jax.device_get(sums)
 

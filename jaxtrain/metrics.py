@@ -78,7 +78,7 @@ class Meter:
     out["lr"] = float(last["lr"][-1])
     out["steps_per_sec"] = self._steps / elapsed
     out["samples_per_sec"] = out["steps_per_sec"] * self.batch_size
-    out["data_wait_frac"] = min(self._wait / elapsed, 1.0)
+    out["data_wait_frac"] = self._wait / elapsed
     self.reset(now)
     return out
 
@@ -86,22 +86,22 @@ class Meter:
 class Progress:
   """A tqdm bar over the run's steps with steps/s, loss and the ETA."""
 
-  def __init__(self, total: int, initial: int, enabled: bool):
+  def __init__(self, total: int, enabled: bool):
     self._bar = tqdm.tqdm(
       total=total,
-      initial=initial,
       unit="step",
       dynamic_ncols=True,
       disable=not enabled,
       file=sys.stderr,
       mininterval=0.5,
     )
+    self._postfix: dict[str, str] = {}
 
   def update(self, steps: int, **postfix: float) -> None:
-    """Advances by `steps` and shows `postfix` values."""
+    """Advances by `steps`; `postfix` values are shown until replaced."""
+    self._postfix.update({k: f"{v:.4g}" for k, v in postfix.items()})
+    self._bar.set_postfix(self._postfix, refresh=False)
     self._bar.update(steps)
-    if postfix:
-      self._bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=False)
 
   def close(self) -> None:
     """Closes the bar."""

@@ -22,6 +22,12 @@ OPTIMIZERS = {
   "adafactor": optax.adafactor,
 }
 
+WEIGHT_DECAY_ARGS = {
+  "adamw": "weight_decay",
+  "lion": "weight_decay",
+  "adafactor": "weight_decay_rate",
+}
+
 
 def schedule(
   name: str, *, lr: float, total_steps: int, warmup_steps: int = 0, decay_fraction: float = 0.2
@@ -83,9 +89,9 @@ def optimizer(
   Returns:
     The transform.
   """
-  kwargs = {}
-  if weight_decay:
-    kwargs["weight_decay_rate" if name == "adafactor" else "weight_decay"] = weight_decay
+  # Always passed where accepted: adamw and lion decay by default (1e-4, 1e-3).
+  decay_arg = WEIGHT_DECAY_ARGS.get(name)
+  kwargs = {decay_arg: weight_decay} if decay_arg else {}
   tx = OPTIMIZERS[name](learning_rate, **kwargs)
   if clip_norm:
     tx = optax.chain(optax.clip_by_global_norm(clip_norm), tx)

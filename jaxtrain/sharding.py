@@ -22,6 +22,8 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxtrain.config import ConfigError
+
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
@@ -155,10 +157,16 @@ def initialize_distributed() -> None:
   Every process of the job runs the same command with `JAX_COORDINATOR_ADDRESS`
   (`host:port` of process 0), `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID` set.
   Without the first variable this does nothing, and the run is single-process.
+
+  Raises:
+    ConfigError: when the address is set without the other two.
   """
   address = os.environ.get("JAX_COORDINATOR_ADDRESS")
   if not address:
     return
+  missing = [v for v in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID") if not os.environ.get(v)]
+  if missing:
+    raise ConfigError(f"JAX_COORDINATOR_ADDRESS is set without {' and '.join(missing)}")
   jax.distributed.initialize(
     coordinator_address=address,
     num_processes=int(os.environ["JAX_NUM_PROCESSES"]),

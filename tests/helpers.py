@@ -20,12 +20,17 @@ def tiny_config(**overrides):
   config.eval.every_steps = 20
   config.eval.batch_size = 64
   for key, value in overrides.items():
-    *parents, leaf = key.split(".")
-    node = config
-    for part in parents:
-      node = node[part]
-    node[leaf] = value
+    set_key(config, key, value)
   return config
+
+
+def set_key(config, key, value):
+  """Sets a dotted `key` of a config."""
+  *parents, leaf = key.split(".")
+  node = config
+  for part in parents:
+    node = node[part]
+  node[leaf] = value
 
 
 def mlp(hidden=(32,)):

@@ -34,6 +34,8 @@ def test_base_config_is_valid():
     ("mesh.data", 3, "mesh mesh.data=3 x mesh.fsdp=1 x mesh.tensor=1 does not match the 8"),
     ("mesh.fsdp", -1, "only one of mesh.data, mesh.fsdp, mesh.tensor may be -1"),
     ("mesh.tensor", 0, "mesh.tensor=0 must be positive or -1"),
+    ("train.seed", -1, "train.seed=-1 must not be negative"),
+    ("train.unroll", -2, "train.unroll=-2 must not be negative"),
     ("precision.policy", "bf16-mixed", "precision.policy='bf16-mixed' is not available yet"),
     ("train.steps", "100", "train.steps='100' must be of type int"),
     ("optim.name", 3, "optim.name=3 must be of type str"),
@@ -42,19 +44,11 @@ def test_base_config_is_valid():
 def test_validate_names_the_key(key, value, message):
   config = helpers.tiny_config()
   with config.ignore_type():
-    helpers_set(config, key, value)
+    helpers.set_key(config, key, value)
   with pytest.raises(config_lib.ConfigError) as e:
     config_lib.validate(config, num_devices=8)
   assert message in str(e.value)
   assert "\n" not in str(e.value)
-
-
-def helpers_set(config, key, value):
-  *parents, leaf = key.split(".")
-  node = config
-  for part in parents:
-    node = node[part]
-  node[leaf] = value
 
 
 def test_unknown_key_is_named():

@@ -88,7 +88,9 @@ def test_train_chunks_shape_and_workers_agree():
   for _ in range(4):
     a, b = next(in_process), next(with_workers)
     assert a["x"].shape == (3, 8, 2)
-    np.testing.assert_array_equal(a["id"], b["id"])
+    np.testing.assert_array_equal(a["x"], a["id"][..., None] * [1, 2])  # fields stay paired
+    for key in ("id", "x"):
+      np.testing.assert_array_equal(a[key], b[key])
 
 
 def test_put_batch_single_process_rows():
@@ -186,11 +188,30 @@ def test_fashion_mnist_download_is_checked_and_cached(tmp_path, file_server, mon
     f.write(raw[:-1] + bytes([(raw[-1] + 1) % 10]))
   with pytest.raises(data.DataError, match="sha256"):
     data.fashion_mnist(cache_dir=str(bad_cache), url=url)
-  assert not (bad_cache / "t10k-labels-idx1-ubyte.gz").exists()
-  assert not list(bad_cache.glob("*.part*"))
+  kept = {p.name for p in bad_cache.iterdir()}  # the three good files, nothing partial
+  assert kept == {p.name for p in DEBIAN.iterdir()} - {"t10k-labels-idx1-ubyte.gz"}
 
 
 def test_fashion_mnist_absent_and_offline(tmp_path, monkeypatch):
   monkeypatch.setattr(data.sources, "DEBIAN_DIR", str(tmp_path / "absent"))
   with pytest.raises(data.DataError, match="apt-get install dataset-fashion-mnist"):
     data.fashion_mnist(cache_dir=str(tmp_path / "cache"), url="http://127.0.0.1:9/")
+
+
+def test_prefetcher_passes_on_errors_and_stops():
+  def chunks():
+    yield 1
+    yield 2
+    raise ValueError("record 7 is broken")
+
+  prefetch = pipeline.Prefetcher(chunks(), lambda c: c * 10)
+  assert prefetch.next()[0] == 10
+  assert prefetch.next()[0] == 20
+  with pytest.raises(ValueError, match="record 7"):
+    prefetch.next()
+  prefetch.close()
+
+  endless = pipeline.Prefetcher(iter(range(10**9)), lambda c: c, size=1)
+  assert endless.next()[0] == 0
+  endless.close()  # the thread is blocked on the full queue and must still stop
+  assert not endless._thread.is_alive()

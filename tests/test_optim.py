@@ -55,3 +55,22 @@ def test_accumulation_updates_every_k_calls():
   np.testing.assert_allclose(changes[0], 0.0)
   np.testing.assert_allclose(changes[1], 0.0)
   np.testing.assert_allclose(changes[2], -2.0)  # the mean of the three gradients
+
+
+@pytest.mark.parametrize("name", sorted(optim.OPTIMIZERS))
+def test_no_weight_decay_unless_asked(name):
+  """Zero gradients and weight_decay=0 leave parameters where they are."""
+  params = {"w": jnp.ones((4, 4)), "b": jnp.ones(4)}
+  tx = optim.optimizer(name, 0.1, weight_decay=0.0)
+  state = tx.init(params)
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  for _ in range(3):
+    updates, state = tx.update(zeros, state, params)
+    assert max(float(jnp.abs(u).max()) for u in jax.tree.leaves(updates)) == 0.0
+
+
+def test_weight_decay_is_applied_when_asked():
+  params = {"w": jnp.ones((4, 4))}
+  tx = optim.optimizer("adamw", 0.1, weight_decay=0.5)
+  updates, _ = tx.update({"w": jnp.zeros((4, 4))}, tx.init(params), params)
+  np.testing.assert_allclose(updates["w"], -0.1 * 0.5, rtol=1e-6)

@@ -6,6 +6,7 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from jaxtrain import losses, models, optim, sharding
 from jaxtrain import state as state_lib
@@ -16,9 +17,9 @@ K = 5
 B = 32
 
 
-def _setup(mesh, tx=None):
-  tx = tx or helpers.adam()
-  graphdef, state = state_lib.create_state(helpers.mlp(), tx, seed=0, mesh=mesh)
+def _setup(mesh, rules=sharding.DEFAULT_RULES):
+  tx = helpers.adam()
+  graphdef, state = state_lib.create_state(helpers.mlp(), tx, seed=0, mesh=mesh, rules=rules)
   step_fn = functools.partial(
     step_lib.train_step,
     graphdef=graphdef,
@@ -56,8 +57,8 @@ def test_scanned_chunk_equals_single_steps(digits, unroll):
   assert losses_[-1] < losses_[0]  # the steps really train
 
 
-def _run(mesh, batches, steps):
-  state, step_fn, shardings = _setup(mesh)
+def _run(mesh, batches, steps, rules=sharding.DEFAULT_RULES):
+  state, step_fn, shardings = _setup(mesh, rules)
   chunk_fn = step_lib.make_train_chunk(step_fn, shardings, mesh)
   state, m = chunk_fn(state, sharding.put_batch(helpers.take(batches, slice(0, steps)), mesh, B, 1))
   return state, np.asarray(m["loss"])
@@ -84,6 +85,24 @@ def test_sharded_run_matches_one_device(digits, shape):
     assert kernel.sharding.is_fully_replicated
 
 
+def _tensor_last_dim(shape, mesh):
+  n = mesh.shape["tensor"]
+  return P(*(None,) * (len(shape) - 1), "tensor") if shape[-1] % n == 0 else P()
+
+
+def test_tensor_axis_rule_matches_one_device(digits):
+  """A rules table that shards kernels' output dimension over the tensor axis."""
+  batches = helpers.global_batches(digits.train, B, 5)
+  rules = ((r"kernel", _tensor_last_dim), (r".*", sharding.replicate()))
+  ref_state, ref_loss = _run(helpers.mesh((1, 1, 1), n=1), batches, 5)
+  state, loss = _run(helpers.mesh((2, 2, 2)), batches, 5, rules)
+
+  np.testing.assert_allclose(loss, ref_loss, atol=1e-5)
+  assert helpers.max_abs_diff(state.params, ref_state.params) < 1e-5
+  assert state.params["head"]["kernel"].sharding.spec == P(None, "tensor")
+  assert state.params["head"]["bias"].sharding.is_fully_replicated
+
+
 def test_chunk_compiles_once_and_reports_a_recompile(digits):
   mesh = helpers.mesh((8, 1, 1))
   batches = helpers.global_batches(digits.train, B, 3 * K)
@@ -101,11 +120,9 @@ def test_chunk_compiles_once_and_reports_a_recompile(digits):
 
 def test_step_rng_is_fold_in_of_step():
   """Two steps of the same state and batch differ only through fold_in(rng, step)."""
-  seen = []
 
   def loss_fn(model, batch, rngs):
     noise = jax.random.uniform(rngs(), (batch["image"].shape[0],))
-    seen.append(noise)
     out = losses.classification(model, batch, rngs)
     out["noise"] = noise
     return out

@@ -54,7 +54,7 @@ class TrainChunks:
   def order(self, epoch: int) -> np.ndarray:
     """Returns the permutation of the source for `epoch`."""
     order = self._orders.get(epoch)
-    if order is None:  # keep one epoch; Grain's reader threads may call concurrently
+    if order is None:  # keep only the current epoch's order
       order = np.random.default_rng([self.seed, epoch]).permutation(len(self.source))
       self._orders = {epoch: order}
     return order
@@ -165,8 +165,11 @@ class Prefetcher:
         if not self._offer((put(chunk), None)):
           return
       self._offer((None, StopIteration()))
-    except Exception as e:
+    except Exception as e:  # re-raised in the loop's thread by next()
       self._offer((None, e))
+    finally:
+      if hasattr(chunks, "close"):  # Grain iterators with workers stop them here
+        chunks.close()
 
   def _offer(self, item: tuple[Any, BaseException | None]) -> bool:
     while not self._stop.is_set():

@@ -15,6 +15,7 @@ import hashlib
 import os
 import pathlib
 import shutil
+import tempfile
 import urllib.request
 from collections.abc import Sequence
 from typing import Any, NamedTuple, Protocol
@@ -246,12 +247,18 @@ def _download(url: str, cache: pathlib.Path) -> pathlib.Path:
 
 
 def _fetch(address: str, dest: pathlib.Path, sha256: str) -> None:
-  part = dest.with_name(dest.name + ".part.gz")
+  """Downloads `address` to `dest` through a private temporary file.
+
+  Processes sharing the cache each write their own file; the checked file is
+  renamed into place atomically, so a reader never sees a partial `dest`.
+  """
+  fd, name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part.gz")
+  part = pathlib.Path(name)
   try:
-    with urllib.request.urlopen(address, timeout=30) as response, open(part, "wb") as f:
+    with os.fdopen(fd, "wb") as f, urllib.request.urlopen(address, timeout=30) as response:
       shutil.copyfileobj(response, f)
     if hashlib.sha256(_read_bytes(part)).hexdigest() != sha256:
       raise DataError(f"download {address}: content does not match its sha256 checksum")
-    part.rename(dest)
+    os.replace(part, dest)
   finally:
     part.unlink(missing_ok=True)
