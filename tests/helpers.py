@@ -2,10 +2,13 @@
 
 import functools
 
+import jax
 import numpy as np
 
 from jaxtrain import config as config_lib
-from jaxtrain import models, optim, sharding
+from jaxtrain import losses, models, optim, sharding
+from jaxtrain import state as state_lib
+from jaxtrain import step as step_lib
 from jaxtrain.data import pipeline
 
 
@@ -41,6 +44,20 @@ def adam():
   return optim.optimizer("adam", 1e-2)
 
 
+def setup(mesh, model_fn=None, loss_fn=None, rules=sharding.DEFAULT_RULES):
+  """A fresh state on `mesh`, its train step (Adam 1e-2) and its shardings."""
+  tx = adam()
+  graphdef, state = state_lib.create_state(model_fn or mlp(), tx, seed=0, mesh=mesh, rules=rules)
+  step_fn = functools.partial(
+    step_lib.train_step,
+    graphdef=graphdef,
+    tx=tx,
+    loss_fn=loss_fn or losses.classification,
+    schedule=optim.schedule("constant", lr=1e-2, total_steps=100),
+  )
+  return state, step_fn, jax.tree.map(lambda x: x.sharding, state)
+
+
 def global_batches(source, batch_size, num, seed=0):
   """The first `num` global training batches, as numpy `[num, B, ...]`."""
   it = iter(
@@ -57,13 +74,9 @@ def take(batches, index):
 
 
 def max_abs_diff(a, b):
-  import jax  # noqa: PLC0415
-
   diffs = jax.tree.map(lambda x, y: float(np.max(np.abs(np.asarray(x) - np.asarray(y)))), a, b)
   return max(jax.tree.leaves(diffs))
 
 
 def mesh(shape, n=None):
-  import jax  # noqa: PLC0415
-
   return sharding.make_mesh(shape, jax.devices()[:n] if n else None)

@@ -8,8 +8,7 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from jaxtrain import losses, models, optim, sharding
-from jaxtrain import state as state_lib
+from jaxtrain import losses, models, sharding
 from jaxtrain import step as step_lib
 from tests import helpers
 
@@ -17,33 +16,15 @@ K = 5
 B = 32
 
 
-def _setup(mesh, rules=sharding.DEFAULT_RULES):
-  tx = helpers.adam()
-  graphdef, state = state_lib.create_state(helpers.mlp(), tx, seed=0, mesh=mesh, rules=rules)
-  step_fn = functools.partial(
-    step_lib.train_step,
-    graphdef=graphdef,
-    tx=tx,
-    loss_fn=losses.classification,
-    schedule=optax_constant(1e-2),
-  )
-  shardings = jax.tree.map(lambda x: x.sharding, state)
-  return state, step_fn, shardings
-
-
-def optax_constant(lr):
-  return optim.schedule("constant", lr=lr, total_steps=100)
-
-
 @pytest.mark.parametrize("unroll", [1, 2, K])
 def test_scanned_chunk_equals_single_steps(digits, unroll):
   mesh = helpers.mesh((1, 1, 1), n=1)
   batches = helpers.global_batches(digits.train, B, K)
-  state, step_fn, shardings = _setup(mesh)
+  state, step_fn, shardings = helpers.setup(mesh)
   chunk_fn = step_lib.make_train_chunk(step_fn, shardings, mesh, unroll)
   scanned, scanned_metrics = chunk_fn(state, sharding.put_batch(batches, mesh, B, 1))
 
-  state, step_fn, _ = _setup(mesh)
+  state, step_fn, _ = helpers.setup(mesh)
   single = jax.jit(step_fn)
   losses_ = []
   for k in range(K):
@@ -58,7 +39,7 @@ def test_scanned_chunk_equals_single_steps(digits, unroll):
 
 
 def _run(mesh, batches, steps, rules=sharding.DEFAULT_RULES):
-  state, step_fn, shardings = _setup(mesh, rules)
+  state, step_fn, shardings = helpers.setup(mesh, rules=rules)
   chunk_fn = step_lib.make_train_chunk(step_fn, shardings, mesh)
   state, m = chunk_fn(state, sharding.put_batch(helpers.take(batches, slice(0, steps)), mesh, B, 1))
   return state, np.asarray(m["loss"])
@@ -106,7 +87,7 @@ def test_tensor_axis_rule_matches_one_device(digits):
 def test_chunk_compiles_once_and_reports_a_recompile(digits):
   mesh = helpers.mesh((8, 1, 1))
   batches = helpers.global_batches(digits.train, B, 3 * K)
-  state, step_fn, shardings = _setup(mesh)
+  state, step_fn, shardings = helpers.setup(mesh)
   chunk_fn = step_lib.make_train_chunk(step_fn, shardings, mesh)
   put = lambda start, stop: sharding.put_batch(  # noqa: E731
     helpers.take(batches, slice(start, stop)), mesh, B, 1
@@ -127,14 +108,8 @@ def test_step_rng_is_fold_in_of_step():
     out["noise"] = noise
     return out
 
-  mesh = helpers.mesh((1, 1, 1), n=1)
-  tx = helpers.adam()
-  graphdef, state = state_lib.create_state(helpers.mlp(), tx, seed=0, mesh=mesh)
-  step_fn = jax.jit(
-    functools.partial(
-      step_lib.train_step, graphdef=graphdef, tx=tx, loss_fn=loss_fn, schedule=optax_constant(1e-2)
-    )
-  )
+  state, step_fn, _ = helpers.setup(helpers.mesh((1, 1, 1), n=1), loss_fn=loss_fn)
+  step_fn = jax.jit(step_fn)
   batch = {"image": np.zeros((4, 8, 8), np.float32), "label": np.zeros(4, np.int32)}
   s1, m1 = step_fn(state, batch)
   _, m2 = step_fn(s1, batch)
@@ -152,17 +127,9 @@ def test_auto_unroll_unrolls_convolutions_on_cpu():
     "image": jax.ShapeDtypeStruct((B, 8, 8), np.float32),
     "label": jax.ShapeDtypeStruct((B,), np.int32),
   }
-  tx = helpers.adam()
   for model_fn, expected in [
     (helpers.mlp(), 1),
     (functools.partial(models.CNN, 8, 10, channels=(4,), dense=8), K),
   ]:
-    graphdef, state = state_lib.create_state(model_fn, tx, seed=0, mesh=mesh)
-    step_fn = functools.partial(
-      step_lib.train_step,
-      graphdef=graphdef,
-      tx=tx,
-      loss_fn=losses.classification,
-      schedule=optax_constant(1e-2),
-    )
+    state, step_fn, _ = helpers.setup(mesh, model_fn=model_fn)
     assert step_lib.auto_unroll(step_fn, state, batch, K) == expected
