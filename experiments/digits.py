@@ -35,12 +35,12 @@ _CONFIG = cli.define_config(get_config())
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for the run's files.", required=True)
 
 
-def main(argv: list[str]) -> None:
+def main(argv: list[str]) -> jaxtrain.TrainResult:
   """Trains the digits MLP."""
   del argv
   config = _CONFIG.value
   model = functools.partial(models.MLP, 64, config.model.hidden, 10)
-  jaxtrain.train(config, model, data.digits(), losses.classification, workdir=_WORKDIR.value)
+  return jaxtrain.train(config, model, data.digits(), losses.classification, workdir=_WORKDIR.value)
 
 
 if __name__ == "__main__":

@@ -51,13 +51,13 @@ def make_model(model_config: ml_collections.ConfigDict) -> functools.partial:
   raise jaxtrain.ConfigError(f"model.name={model_config.name!r} must be one of mlp, cnn")
 
 
-def main(argv: list[str]) -> None:
+def main(argv: list[str]) -> jaxtrain.TrainResult:
   """Trains the chosen model on Fashion-MNIST."""
   del argv
   config = _CONFIG.value
   model = make_model(config.model)
   dataset = data.fashion_mnist(config.data.dir)
-  jaxtrain.train(config, model, dataset, losses.classification, workdir=_WORKDIR.value)
+  return jaxtrain.train(config, model, dataset, losses.classification, workdir=_WORKDIR.value)
 
 
 if __name__ == "__main__":

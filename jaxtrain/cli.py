@@ -3,7 +3,8 @@
 `define_config` declares `--config` with its overrides checked, and `run(main)`
 runs `main` under `absl.app.run`. A bad flag, config value or dataset ends the
 process with one line on stderr and exit status 2, before anything is compiled
-or written.
+or written. A run stopped by SIGTERM after its checkpoint exits with status 3;
+a checkpoint that cannot be written ends it with one line and status 1.
 
 Example (an experiment module):
   >>> _CONFIG = cli.define_config(get_config())
@@ -12,6 +13,8 @@ Example (an experiment module):
 """
 
 import keyword
+import logging
+import os
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -19,13 +22,18 @@ from collections.abc import Callable, Sequence
 import jax
 import ml_collections
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from jaxtrain import config as config_lib
 from jaxtrain import sharding
+from jaxtrain.checkpoint import CheckpointError
 from jaxtrain.data.sources import DataError
 
 USAGE_ERRORS = (config_lib.ConfigError, DataError)
+EXIT_FAILED = 1  # training failed, e.g. a checkpoint could not be written
+EXIT_USAGE = 2  # bad config, flag or data: nothing was compiled or written
+EXIT_PREEMPTED = 3  # SIGTERM: a checkpoint was saved; rerun the command to resume
 _OVERRIDE = re.compile(r"^--config\.([^=]+)=(.*)$", re.DOTALL)
 _keyword_overrides: list[tuple[str, str]] = []
 
@@ -62,21 +70,35 @@ def run(main: Callable[[list[str]], None]) -> None:
   """Runs `main` under absl with jaxtrain's flag parsing and exit statuses."""
 
   def guarded(argv: list[str]) -> None:
+    quiet_orbax_logs()
     try:
       sharding.initialize_distributed()
       if "config" in flags.FLAGS:  # fail before the experiment loads any data
         config_lib.validate(flags.FLAGS.config, jax.device_count())
-      main(argv)
+      result = main(argv)
     except USAGE_ERRORS as e:
       fail(str(e))
+    except (CheckpointError, OSError) as e:  # a full or read-only disk; saved steps are intact
+      fail(str(e), EXIT_FAILED)
+    if getattr(result, "status", None) == "preempted":
+      sys.exit(EXIT_PREEMPTED)
 
   app.run(guarded, flags_parser=parse_flags)
 
 
-def fail(message: str) -> None:
-  """Prints `error: message` as one line on stderr and exits with status 2."""
+def quiet_orbax_logs() -> None:
+  """Drops Orbax's informational log lines (about thirty for every checkpoint)."""
+  absl_logging.get_absl_handler().addFilter(_not_orbax_info)
+
+
+def _not_orbax_info(record: logging.LogRecord) -> bool:
+  return record.levelno >= logging.WARNING or f"{os.sep}orbax{os.sep}" not in record.pathname
+
+
+def fail(message: str, status: int = EXIT_USAGE) -> None:
+  """Prints `error: message` as one line on stderr and exits with `status`."""
   print(f"error: {' '.join(message.split())}", file=sys.stderr, flush=True)
-  sys.exit(2)
+  sys.exit(status)
 
 
 def parse_flags(argv: Sequence[str]) -> list[str]:

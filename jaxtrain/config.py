@@ -70,9 +70,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.data.workers = 0  # Grain worker processes; 0 reads in the training process
 
   c.ckpt = ml_collections.ConfigDict()
-  c.ckpt.every_steps = 1000
-  c.ckpt.keep = 3
-  c.ckpt["async"] = True
+  c.ckpt.every_steps = 1000  # 0: only at the end and on preemption
+  c.ckpt.keep = 3  # newest steps kept
+  c.ckpt["async"] = True  # write in the background
+  c.ckpt.best_metric = ""  # also keep the best step by it, e.g. "eval/accuracy"
+  c.ckpt.best_mode = "min"  # one of MODES
 
   c.early_stop = ml_collections.ConfigDict()
   c.early_stop.metric = ""  # for example "eval/loss"; empty turns it off
@@ -119,12 +121,12 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     "train.log_every",
     "eval.batch_size",
     "optim.accum_steps",
-    "ckpt.every_steps",
     "ckpt.keep",
   ):
-    _require(_get(config, key) > 0, key, config, "must be positive")
+    _require(get(config, key) > 0, key, config, "must be positive")
   for key in (
     "eval.every_steps",
+    "ckpt.every_steps",
     "train.unroll",
     "train.seed",
     "optim.warmup_steps",
@@ -134,13 +136,20 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     "early_stop.min_delta",
     "data.workers",
   ):
-    _require(_get(config, key) >= 0, key, config, "must not be negative")
+    _require(get(config, key) >= 0, key, config, "must not be negative")
   _require(o.lr > 0, "optim.lr", config, "must be positive")
   _require(0 <= o.decay_fraction <= 1, "optim.decay_fraction", config, "must be in [0, 1]")
   _check_choice(config, "optim.name", OPTIMIZERS)
   _check_choice(config, "optim.schedule", SCHEDULES)
   _check_choice(config, "precision.policy", POLICIES)
   _check_choice(config, "early_stop.mode", MODES)
+  _check_choice(config, "ckpt.best_mode", MODES)
+  _require(
+    not config.ckpt.best_metric or config.ckpt.best_metric.startswith("eval/"),
+    "ckpt.best_metric",
+    config,
+    "must name an eval metric, like eval/accuracy",
+  )
   _require(
     config.precision.policy in SUPPORTED_POLICIES,
     "precision.policy",
@@ -159,9 +168,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     config,
     f"needs optim.name in ({', '.join(DECAY_OPTIMIZERS)})",
   )
-  for key in ("train.log_every", "eval.every_steps", "train.steps"):
+  for key in ("train.log_every", "eval.every_steps", "ckpt.every_steps", "train.steps"):
     _require(
-      _get(config, key) % t.steps_per_loop == 0,
+      get(config, key) % t.steps_per_loop == 0,
       key,
       config,
       f"must be a multiple of train.steps_per_loop={t.steps_per_loop}",
@@ -175,7 +184,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   data, fsdp, _ = mesh_shape(config.mesh, num_devices)
   for key in ("train.batch_size", "eval.batch_size"):
     _require(
-      _get(config, key) % (data * fsdp) == 0,
+      get(config, key) % (data * fsdp) == 0,
       key,
       config,
       f"is not divisible by the {data * fsdp} data-parallel devices "
@@ -225,7 +234,8 @@ def config_hash(config: ml_collections.ConfigDict) -> str:
   return hashlib.sha256(to_json(config).encode()).hexdigest()[:16]
 
 
-def _get(config: ml_collections.ConfigDict, key: str) -> Any:
+def get(config: ml_collections.ConfigDict, key: str) -> Any:
+  """Returns the value of a dotted `key`."""
   node = config
   for part in key.split("."):
     node = node[part]
@@ -234,11 +244,11 @@ def _get(config: ml_collections.ConfigDict, key: str) -> Any:
 
 def _require(ok: bool, key: str, config: ml_collections.ConfigDict, problem: str) -> None:
   if not ok:
-    raise ConfigError(f"{key}={_get(config, key)!r} {problem}")
+    raise ConfigError(f"{key}={get(config, key)!r} {problem}")
 
 
 def _check_choice(config: ml_collections.ConfigDict, key: str, choices: tuple[str, ...]) -> None:
-  _require(_get(config, key) in choices, key, config, f"must be one of {', '.join(choices)}")
+  _require(get(config, key) in choices, key, config, f"must be one of {', '.join(choices)}")
 
 
 def _check_keys_and_types(config: ml_collections.ConfigDict) -> None:

@@ -1,9 +1,11 @@
-"""`train`: build the sharded state, then run the explicit host loop.
+"""`train`: restore or build the sharded state, then run the explicit host loop.
 
 The loop dispatches one compiled chunk of `train.steps_per_loop` steps at a
 time. While chunk `n` runs on the devices, a background thread puts chunk `n+1`
 on them, and the host fetches and logs the metrics of chunk `n-1`, so it waits
-on the devices only for evaluation results. Periodic work is an `if` below.
+on the devices only for evaluations and checkpoints. Periodic work is an `if`
+below. Rerunning the same command on the same workdir resumes from the newest
+readable checkpoint and continues exactly as an uninterrupted run would.
 """
 
 import functools
@@ -13,19 +15,22 @@ import time
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.sharding import Mesh
 
+from jaxtrain import checkpoint, metrics, optim, record, sharding
 from jaxtrain import config as config_lib
-from jaxtrain import metrics, optim, record, sharding
 from jaxtrain import state as state_lib
 from jaxtrain import step as step_lib
 from jaxtrain.data import pipeline
 from jaxtrain.data.sources import Dataset
+from jaxtrain.evaluate import Evaluator
+
+# Config keys that fix which batches a step sees; a resumed run must keep them.
+DATA_ORDER_KEYS = ("train.batch_size", "train.steps_per_loop", "train.seed", "data.workers")
 
 
 class TrainResult(NamedTuple):
@@ -33,27 +38,20 @@ class TrainResult(NamedTuple):
 
   Attributes:
     state: the final `TrainState`.
-    graphdef: the model's graph definition; `state_lib.merge_model(graphdef,
-      state)` rebuilds the trained model.
-    eval_metrics: the final evaluation's metrics, such as `loss` and `accuracy`.
+    graphdef: the model's graph definition; `merge_model(graphdef, state)`
+      rebuilds the trained model.
+    eval_metrics: the last evaluation's metrics, such as `loss` and `accuracy`.
+    status: `completed`, or `preempted` when a SIGTERM stopped the run after a
+      checkpoint (rerun the same command to resume).
   """
 
   state: state_lib.TrainState
   graphdef: nnx.GraphDef
   eval_metrics: dict[str, float]
+  status: str
 
 
-class _Parts(NamedTuple):
-  """What the loop runs: built from the config before the first step."""
-
-  graphdef: nnx.GraphDef
-  state: state_lib.TrainState
-  train_chunk: Any
-  evaluate: "Evaluator"
-  prefetch: pipeline.Prefetcher
-
-
-def train(
+def train(  # noqa: PLR0912, PLR0915 (the loop reads top to bottom by design)
   config: ml_collections.ConfigDict,
   model: state_lib.ModelFn,
   data: Dataset,
@@ -70,27 +68,36 @@ def train(
       `functools.partial(models.MLP, 64, (128,), 10)`.
     data: the train and eval sources.
     loss_fn: `loss_fn(model, batch, rngs) -> dict of [B] arrays` with `loss`.
-    workdir: receives `config.json`, `run.json` and `metrics.jsonl`.
+    workdir: receives `config.json`, `run.json`, `metrics.jsonl` and
+      `checkpoints/`; a workdir with checkpoints is resumed.
     rules: the sharding rules table for the state.
 
   Returns:
-    The final state, the model's graph definition and the final eval metrics.
+    The final state, the model's graph definition, the last eval metrics and
+    the status.
 
   Raises:
-    ConfigError: for an invalid config or an unusable workdir, before anything
-      is compiled or written.
+    ConfigError: for an invalid config, an unusable workdir, or a checkpoint
+      whose data order the config contradicts, before anything is written.
+    CheckpointError: when a checkpoint cannot be written; training stops.
   """
   config_lib.validate(config, jax.device_count())
-  workdir = _prepare_workdir(workdir)
+  workdir = record.prepare_workdir(workdir)
   mesh = sharding.make_mesh(config_lib.mesh_shape(config.mesh, jax.device_count()))
   logging.info("devices: %s, mesh: %s", jax.devices(), dict(mesh.shape))
-  t, k = config.train, config.train.steps_per_loop
+  t, k, c = config.train, config.train.steps_per_loop, config.ckpt
+  tx, schedule = _optimizer(config)
+  graphdef, abstract = state_lib.abstract_state(model, tx, seed=t.seed, mesh=mesh, rules=rules)
+  ckpt, restored = _restore(config, workdir, abstract)  # before anything is written
+  step = restored.step if restored else 0
   is_main = jax.process_index() == 0
-  if is_main:
-    (workdir / "config.json").write_text(config_lib.to_json(config) + "\n")
-    (workdir / "metrics.jsonl").unlink(missing_ok=True)  # a fresh run starts a fresh log
-  run = record.RunRecord(workdir, is_main, _run_fields(config, mesh, data, workdir))
+  run = _open_records(config, workdir, mesh, data, restored=restored, is_main=is_main)
   meter = metrics.Meter(t.batch_size)
+  eval_metrics = restored.meta["eval"] if restored else {}
+  if restored:
+    meter.load(restored.meta["meter"])
+  status, prefetch, writer, progress = "completed", None, None, None
+  preemption = checkpoint.PreemptionWatch()
 
   def finish(end_step: int, chunk_metrics: Any, wait: float) -> None:
     host = jax.device_get(chunk_metrics)  # one chunk late: already computed
@@ -99,16 +106,30 @@ def train(
     if end_step % t.log_every == 0:
       writer.write(end_step, "train", meter.summary(time.perf_counter(), host))
 
-  step, pending, eval_metrics, prefetch, writer, progress = 0, None, {}, None, None, None
   try:
     writer = metrics.JsonlWriter(workdir / "metrics.jsonl" if is_main else None)
-    progress = metrics.Progress(t.steps, is_main)
-    graphdef, state, train_chunk, evaluate, prefetch = _build(
-      config, model, data, loss_fn, mesh=mesh, rules=rules
+    progress = metrics.Progress(t.steps, step, is_main)
+    state = (
+      restored.state
+      if restored
+      else state_lib.init_state(model, tx, seed=t.seed, abstract=abstract)
     )
-    meter.reset(time.perf_counter())
+    train_chunk, evaluate, prefetch = _build(
+      config,
+      data,
+      loss_fn,
+      graphdef=graphdef,
+      state=state,
+      tx=tx,
+      schedule=schedule,
+      mesh=mesh,
+      restored=restored,
+    )
+    pending, stop, deferred = None, False, None
+    data_state = restored.data_state if restored else None
+    meter.start_clock(time.perf_counter())
     while step < t.steps:
-      chunk, wait = prefetch.next()
+      chunk, wait, data_state = prefetch.next()
       start = time.perf_counter()
       with jax.transfer_guard("disallow"):  # nothing moves implicitly in the hot loop
         state, chunk_metrics = train_chunk(state, chunk)
@@ -117,35 +138,57 @@ def train(
         meter.exclude(time.perf_counter() - start)
       if pending:
         finish(*pending)
+      if deferred:  # taken at the last boundary; saved while this chunk runs
+        ckpt.save(deferred._replace(meta=_bundle_meta(config, mesh, meter, eval_metrics)))
+        deferred = None
       pending = (step, chunk_metrics, wait)
-      if step == t.steps or (config.eval.every_steps and step % config.eval.every_steps == 0):
+      stop = preemption.requested(step, k)  # after the deferred save: see PreemptionWatch
+      evaluated = step == t.steps or (
+        config.eval.every_steps and step % config.eval.every_steps == 0
+      )
+      if evaluated or stop:  # the last step is always evaluated
         finish(*pending)
-        pending, start = None, time.perf_counter()
+        pending = None
+      if evaluated:
+        start = time.perf_counter()
         eval_metrics = evaluate(state)
-        meter.exclude(time.perf_counter() - start)
+        meter.exclude(time.perf_counter() - start)  # throughput counts training only
         writer.write(step, "eval", eval_metrics)
         progress.update(0, **{f"eval_{n}": v for n, v in eval_metrics.items()})
-    run.update(status="completed", final_step=step, eval=eval_metrics)
+      if stop or _save_due(config, step) or (evaluated and c.best_metric):
+        metrics_ = _prefixed(eval_metrics) if evaluated else None
+        if stop or step == t.steps:  # nothing left to overlap with: save now
+          meta = _bundle_meta(config, mesh, meter, eval_metrics)
+          ckpt.save(checkpoint.bundle(step, state, data_state, meta, metrics_))
+        else:  # a device copy, so the next chunk can take the state
+          deferred = checkpoint.bundle(step, state, data_state, {}, metrics_, copy=True)
+      if stop:
+        status = "preempted"
+        break
+    ckpt.wait()
+    run.update(
+      status=status,
+      final_step=step,
+      eval=eval_metrics,
+      reason="SIGTERM: checkpoint saved; rerun to resume" if stop else None,
+    )
   except BaseException as e:
-    run.update(status="failed", reason=f"{type(e).__name__}: {e}", final_step=step)
+    try:
+      run.update(status="failed", reason=f"{type(e).__name__}: {e}", final_step=step)
+    except OSError as write_error:  # a full disk: the first error is the one to report
+      logging.error("could not record the failure in run.json: %s", write_error)
     raise
   finally:
-    for part in (prefetch, writer, progress):
+    for part in (prefetch, writer, progress, preemption, ckpt):
       if part:
         part.close()
-  return TrainResult(state, graphdef, eval_metrics)
+  return TrainResult(state, graphdef, eval_metrics, status)
 
 
-def _build(
+def _optimizer(
   config: ml_collections.ConfigDict,
-  model: state_lib.ModelFn,
-  data: Dataset,
-  loss_fn: step_lib.LossFn,
-  *,
-  mesh: Mesh,
-  rules: sharding.Rules,
-) -> _Parts:
-  """Creates the sharded state, the compiled functions and the data streams."""
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """The optimizer and learning-rate schedule that the `optim` section names."""
   t, o = config.train, config.optim
   schedule = optim.schedule(
     o.schedule,
@@ -157,43 +200,135 @@ def _build(
   tx = optim.optimizer(
     o.name, schedule, weight_decay=o.weight_decay, clip_norm=o.clip_norm, accum_steps=o.accum_steps
   )
-  graphdef, state = state_lib.create_state(model, tx, seed=t.seed, mesh=mesh, rules=rules)
+  return tx, schedule
+
+
+def _build(
+  config: ml_collections.ConfigDict,
+  data: Dataset,
+  loss_fn: step_lib.LossFn,
+  *,
+  graphdef: nnx.GraphDef,
+  state: state_lib.TrainState,
+  tx: optax.GradientTransformation,
+  schedule: optax.Schedule,
+  mesh: Mesh,
+  restored: checkpoint.Restored | None,
+) -> tuple[Any, Evaluator, pipeline.Prefetcher]:
+  """The compiled chunk, the evaluator and the prefetching data stream."""
+  t = config.train
   shardings = jax.tree.map(lambda x: x.sharding, state)
+  accum = config.optim.accum_steps
   step_fn = functools.partial(
     step_lib.train_step,
     graphdef=graphdef,
     tx=tx,
     loss_fn=loss_fn,
-    schedule=lambda n: schedule(n // o.accum_steps),
+    schedule=lambda n: schedule(n // accum),
   )
   unroll = t.unroll or step_lib.auto_unroll(
     step_fn, state, _abstract_batch(data.train, t.batch_size), t.steps_per_loop
   )
   logging.info("train_chunk: %d steps per dispatch, unroll %d", t.steps_per_loop, unroll)
-  chunks = pipeline.train_chunks(
-    data.train,
-    batch_size=t.batch_size,
-    seed=t.seed,
-    steps_per_loop=t.steps_per_loop,
-    workers=config.data.workers,
-    rows=sharding.process_rows(mesh, t.batch_size),
+  chunks = iter(
+    pipeline.train_chunks(
+      data.train,
+      batch_size=t.batch_size,
+      seed=t.seed,
+      steps_per_loop=t.steps_per_loop,
+      workers=config.data.workers,
+      rows=sharding.process_rows(mesh, t.batch_size),
+    )
   )
-  return _Parts(
-    graphdef,
-    state,
-    step_lib.make_train_chunk(step_fn, shardings, mesh, unroll),
-    Evaluator(
-      graphdef,
-      loss_fn,
-      data.eval,
-      batch_size=config.eval.batch_size,
-      shardings=shardings,
-      mesh=mesh,
-    ),
-    pipeline.Prefetcher(
-      iter(chunks), lambda c: sharding.put_batch(c, mesh, t.batch_size, leading_dims=1)
-    ),
+  if restored and restored.data_state is not None:
+    chunks.set_state(restored.data_state)
+  evaluator = Evaluator(
+    graphdef, loss_fn, data.eval, batch_size=config.eval.batch_size, shardings=shardings, mesh=mesh
   )
+  prefetch = pipeline.Prefetcher(
+    chunks, lambda c: sharding.put_batch(c, mesh, t.batch_size, leading_dims=1)
+  )
+  return step_lib.make_train_chunk(step_fn, shardings, mesh, unroll), evaluator, prefetch
+
+
+def _restore(
+  config: ml_collections.ConfigDict, workdir: pathlib.Path, abstract: state_lib.TrainState
+) -> tuple[checkpoint.Checkpointer, checkpoint.Restored | None]:
+  """Opens the workdir's checkpoints and restores the newest readable one, if any."""
+  c = config.ckpt
+  ckpt = checkpoint.Checkpointer(
+    workdir / "checkpoints",
+    keep=c.keep,
+    async_save=c["async"],
+    best_metric=c.best_metric,
+    best_mode=c.best_mode,
+  )
+  restored = ckpt.restore(abstract)
+  if restored:
+    _check_resumable(config, restored)
+    logging.info("resuming from the checkpoint at step %d", restored.step)
+  return ckpt, restored
+
+
+def _open_records(
+  config: ml_collections.ConfigDict,
+  workdir: pathlib.Path,
+  mesh: Mesh,
+  data: Dataset,
+  *,
+  restored: checkpoint.Restored | None,
+  is_main: bool,
+) -> record.RunRecord:
+  """Writes `config.json`, trims `metrics.jsonl` to the resumed step, starts `run.json`."""
+  step = restored.step if restored else 0
+  if is_main:
+    (workdir / "config.json").write_text(config_lib.to_json(config) + "\n")
+    metrics.truncate_jsonl(workdir / "metrics.jsonl", step)  # drop what a killed run logged
+  return record.RunRecord(
+    workdir,
+    is_main,
+    record.run_fields(config, mesh, data, workdir),
+    resumed_from=step if restored else None,
+  )
+
+
+def _save_due(config: ml_collections.ConfigDict, step: int) -> bool:
+  every = config.ckpt.every_steps
+  return step == config.train.steps or bool(every and step % every == 0)
+
+
+def _prefixed(eval_metrics: dict[str, float]) -> dict[str, float]:
+  return {f"eval/{name}": value for name, value in eval_metrics.items()}
+
+
+def _bundle_meta(
+  config: ml_collections.ConfigDict,
+  mesh: Mesh,
+  meter: metrics.Meter,
+  eval_metrics: dict[str, float],
+) -> dict[str, Any]:
+  """What a checkpoint records beside the state: enough to resume and to audit."""
+  return {
+    "config_hash": config_lib.config_hash(config),
+    "data_order": {key: config_lib.get(config, key) for key in DATA_ORDER_KEYS},
+    "mesh": dict(mesh.shape),
+    "versions": record.versions(),
+    "meter": meter.state_dict(),
+    "eval": eval_metrics,
+    "time": record.now(),
+  }
+
+
+def _check_resumable(config: ml_collections.ConfigDict, restored: checkpoint.Restored) -> None:
+  """Raises `ConfigError` when the config changes which batches the next steps see."""
+  for key, saved in restored.meta["data_order"].items():
+    if config_lib.get(config, key) != saved:
+      raise config_lib.ConfigError(
+        f"{key}={config_lib.get(config, key)!r} differs from {saved!r} in the checkpoint at "
+        f"step {restored.step}; keep it to resume, or use another workdir"
+      )
+  if restored.meta["config_hash"] != config_lib.config_hash(config):
+    logging.warning("resuming step %d with a changed config", restored.step)
 
 
 def _abstract_batch(source: Any, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
@@ -222,85 +357,3 @@ def _compiled(train_chunk: Any, step: int, run: record.RunRecord) -> bool:
     )
   run.update(train_chunk_compilations=count)
   return True
-
-
-class Evaluator:
-  """One exact pass over an eval source: `evaluator(state) -> metric means`.
-
-  Padded examples are masked out and every metric is summed on the devices,
-  then divided by the number of real examples once, at the end.
-  """
-
-  def __init__(
-    self,
-    graphdef: nnx.GraphDef,
-    loss_fn: step_lib.LossFn,
-    source: Any,
-    *,
-    batch_size: int,
-    shardings: state_lib.TrainState,
-    mesh: Mesh,
-  ):
-    eval_fn = functools.partial(step_lib.eval_step, graphdef=graphdef, loss_fn=loss_fn)
-    self._accumulate = step_lib.make_eval_accumulate(eval_fn, shardings, mesh)
-    # Zero sums made on the devices (XLA drops the unused eval computation).
-    self._zeros = jax.jit(
-      lambda state, batch: jax.tree.map(jnp.zeros_like, eval_fn(state, batch)),
-      out_shardings=NamedSharding(mesh, P()),
-    )
-    self._batches = pipeline.eval_batches(
-      source, batch_size=batch_size, rows=sharding.process_rows(mesh, batch_size)
-    )
-    self._put = lambda b: sharding.put_batch(b, mesh, batch_size)
-
-  def __call__(self, state: state_lib.TrainState) -> dict[str, float]:
-    """Returns the mean of every metric over the eval source."""
-    sums = self.sums(state)
-    count = sums.pop("count")
-    return {name: float(value / count) for name, value in sums.items()}
-
-  def sums(self, state: state_lib.TrainState) -> dict[str, np.ndarray]:
-    """Returns the masked sums of every metric and `count`, on the host."""
-    sums = None
-    for j in range(len(self._batches)):  # read in order, in this thread
-      batch = self._put(self._batches[j])
-      if sums is None:
-        sums = self._zeros(state, batch)
-      sums = self._accumulate(sums, state, batch)
-    return jax.device_get(sums)
-
-
-def _prepare_workdir(workdir: str | pathlib.Path) -> pathlib.Path:
-  path = pathlib.Path(workdir)
-  try:
-    path.mkdir(parents=True, exist_ok=True)
-    probe = path / f".write-test-{jax.process_index()}"  # processes may share the folder
-    probe.write_text("")
-    probe.unlink()
-  except OSError as e:
-    raise config_lib.ConfigError(f"workdir {path} is not writable ({e.strerror})") from e
-  return path
-
-
-def _run_fields(
-  config: ml_collections.ConfigDict, mesh: Mesh, data: Dataset, workdir: pathlib.Path
-) -> dict[str, Any]:
-  def fingerprint(source: Any) -> str | None:
-    return source.fingerprint() if hasattr(source, "fingerprint") else None
-
-  return {
-    "workdir": str(workdir.resolve()),
-    "config_hash": config_lib.config_hash(config),
-    "git": record.git_info(pathlib.Path.cwd()),
-    "versions": record.versions(),
-    "environment": record.environment(mesh),
-    "data": {
-      "name": data.name,
-      "train_size": len(data.train),
-      "eval_size": len(data.eval),
-      "train_fingerprint": fingerprint(data.train),
-      "eval_fingerprint": fingerprint(data.eval),
-    },
-    "seeds": {"train.seed": config.train.seed},
-    "train_chunk_compilations": 0,
-  }

@@ -44,27 +44,59 @@ def _jsonable(value: Any) -> Any:
   return value
 
 
+def truncate_jsonl(path: pathlib.Path, last_step: int) -> None:
+  """Keeps the complete lines of `path` up to `last_step`, for a resumed run.
+
+  Lines a killed run wrote after its last checkpoint, and a torn last line,
+  go; the resumed run writes those steps again.
+  """
+  if not path.exists():
+    return
+  kept = []
+  for line in path.read_text().splitlines():
+    try:
+      if json.loads(line)["step"] <= last_step:
+        kept.append(line + "\n")
+    except (json.JSONDecodeError, KeyError, TypeError):
+      continue
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text("".join(kept))
+  tmp.replace(path)
+
+
 class Meter:
   """Averages per-step train metrics and times the steps between two log lines."""
 
   def __init__(self, batch_size: int):
     self.batch_size = batch_size
-    self.reset(time.perf_counter())
+    self._sums: dict[str, float] = {}
+    self._steps = 0
+    self.start_clock(time.perf_counter())
 
-  def reset(self, now: float) -> None:
-    """Starts a new interval at `now`."""
-    self._start, self._sums, self._steps, self._wait = now, {}, 0, 0.0
+  def start_clock(self, now: float) -> None:
+    """Times the interval from `now` on; the sums are kept."""
+    self._start, self._timed, self._wait = now, 0, 0.0
 
   def add(self, metrics: dict[str, np.ndarray], data_wait: float) -> None:
     """Adds a chunk's `[K]` metric arrays and the time spent waiting for its data."""
     for k, v in metrics.items():
       self._sums[k] = self._sums.get(k, 0.0) + float(np.sum(v))
-    self._steps += len(next(iter(metrics.values())))
+    steps = len(next(iter(metrics.values())))
+    self._steps += steps
+    self._timed += steps
     self._wait += data_wait
 
   def exclude(self, seconds: float) -> None:
     """Leaves `seconds` (an evaluation, say) out of the interval's time."""
     self._start += seconds
+
+  def state_dict(self) -> dict[str, Any]:
+    """The interval's partial sums, for a checkpoint: a resumed run logs the same means."""
+    return {"sums": dict(self._sums), "steps": self._steps}
+
+  def load(self, state: dict[str, Any]) -> None:
+    """Continues an interval from `state_dict()`; its timing restarts now."""
+    self._sums, self._steps = dict(state["sums"]), state["steps"]
 
   def summary(self, now: float, last: dict[str, np.ndarray]) -> dict[str, float]:
     """Returns the interval's means, throughput and `data_wait_frac`, then resets.
@@ -76,19 +108,21 @@ class Meter:
     elapsed = max(now - self._start, 1e-9)
     out = {k: v / self._steps for k, v in self._sums.items()}
     out["lr"] = float(last["lr"][-1])
-    out["steps_per_sec"] = self._steps / elapsed
+    out["steps_per_sec"] = self._timed / elapsed
     out["samples_per_sec"] = out["steps_per_sec"] * self.batch_size
     out["data_wait_frac"] = self._wait / elapsed
-    self.reset(now)
+    self._sums, self._steps = {}, 0
+    self.start_clock(now)
     return out
 
 
 class Progress:
   """A tqdm bar over the run's steps with steps/s, loss and the ETA."""
 
-  def __init__(self, total: int, enabled: bool):
+  def __init__(self, total: int, initial: int, enabled: bool):
     self._bar = tqdm.tqdm(
       total=total,
+      initial=initial,
       unit="step",
       dynamic_ncols=True,
       disable=not enabled,

@@ -12,6 +12,7 @@ Example:
 """
 
 import datetime
+import errno
 import importlib.metadata
 import json
 import os
@@ -22,7 +23,11 @@ import sys
 from typing import Any
 
 import jax
+import ml_collections
 from jax.sharding import Mesh
+
+from jaxtrain import config as config_lib
+from jaxtrain.data.sources import Dataset
 
 PACKAGES = (
   "jax",
@@ -39,10 +44,21 @@ PACKAGES = (
 
 
 def write_json(path: pathlib.Path, value: Any) -> None:
-  """Writes JSON to `path` through a temporary file and an atomic rename."""
+  """Writes JSON to `path` through a temporary file and an atomic rename.
+
+  On a full disk, where no second copy fits, the file is rewritten in place,
+  so that a failure can still be recorded.
+  """
+  text = json.dumps(value, indent=2, sort_keys=True, default=str) + "\n"
   tmp = path.with_name(path.name + ".tmp")
-  tmp.write_text(json.dumps(value, indent=2, sort_keys=True, default=str) + "\n")
-  os.replace(tmp, path)
+  try:
+    tmp.write_text(text)
+    os.replace(tmp, path)
+  except OSError as e:
+    if e.errno != errno.ENOSPC:
+      raise
+    tmp.unlink(missing_ok=True)
+    path.write_text(text)
 
 
 def now() -> str:
@@ -88,21 +104,82 @@ def environment(mesh: Mesh) -> dict[str, Any]:
   }
 
 
-class RunRecord:
-  """`run.json`, kept up to date by `update`; a no-op when not `enabled`."""
+def prepare_workdir(workdir: str | os.PathLike) -> pathlib.Path:
+  """Creates `workdir` and checks that this process can write to it.
 
-  def __init__(self, workdir: pathlib.Path, enabled: bool, base: dict[str, Any]):
+  Raises:
+    ConfigError: when it cannot.
+  """
+  path = pathlib.Path(workdir)
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+    probe = path / f".write-test-{jax.process_index()}"  # processes may share the folder
+    probe.write_text("")
+    probe.unlink()
+  except OSError as e:
+    raise config_lib.ConfigError(f"workdir {path} is not writable ({e.strerror})") from e
+  return path
+
+
+def run_fields(
+  config: ml_collections.ConfigDict, mesh: Mesh, data: Dataset, workdir: pathlib.Path
+) -> dict[str, Any]:
+  """Returns what `run.json` records about a run before it starts."""
+
+  def fingerprint(source: Any) -> str | None:
+    return source.fingerprint() if hasattr(source, "fingerprint") else None
+
+  return {
+    "workdir": str(workdir.resolve()),
+    "config_hash": config_lib.config_hash(config),
+    "git": git_info(pathlib.Path.cwd()),
+    "versions": versions(),
+    "environment": environment(mesh),
+    "data": {
+      "name": data.name,
+      "train_size": len(data.train),
+      "eval_size": len(data.eval),
+      "train_fingerprint": fingerprint(data.train),
+      "eval_fingerprint": fingerprint(data.eval),
+    },
+    "seeds": {"train.seed": config.train.seed},
+    "train_chunk_compilations": 0,
+  }
+
+
+class RunRecord:
+  """`run.json`, kept up to date by `update`; a no-op when not `enabled`.
+
+  A resumed run counts its `attempt` on from the previous record and notes
+  the step it `resumed_from`.
+  """
+
+  def __init__(
+    self,
+    workdir: pathlib.Path,
+    enabled: bool,
+    base: dict[str, Any],
+    resumed_from: int | None = None,
+  ):
     self.path = workdir / "run.json"
     self.enabled = enabled
     self.fields = {
       "status": "running",
       "reason": None,
-      "final_step": 0,
+      "final_step": resumed_from or 0,
+      "attempt": self._previous_attempt() + 1 if resumed_from is not None else 1,
+      "resumed_from": resumed_from,
       "start_time": now(),
       "end_time": None,
       **base,
     }
     self.update()
+
+  def _previous_attempt(self) -> int:
+    try:
+      return int(json.loads(self.path.read_text()).get("attempt", 1))
+    except (OSError, ValueError, AttributeError):
+      return 1
 
   def update(self, **fields: Any) -> None:
     """Sets `fields` and rewrites the file."""

@@ -9,6 +9,7 @@ model's structure lives apart in an `nnx.GraphDef`.
 Example:
   >>> model_fn = functools.partial(models.MLP, 64, (128,), 10)
   >>> graphdef, state = create_state(model_fn, optax.adam(1e-3), seed=0, mesh=mesh)
+  >>> graphdef, abstract = abstract_state(model_fn, tx, seed=0, mesh=mesh)  # no allocation
   >>> model = merge_model(graphdef, state)
 """
 
@@ -78,6 +79,55 @@ def graphdef_of(model_fn: ModelFn) -> nnx.GraphDef:
   return split_model(abstract)[0]
 
 
+def abstract_state(
+  model_fn: ModelFn,
+  tx: optax.GradientTransformation,
+  *,
+  seed: int,
+  mesh: Mesh,
+  rules: sharding.Rules = sharding.DEFAULT_RULES,
+) -> tuple[nnx.GraphDef, TrainState]:
+  """Returns the model's graph definition and the state's shapes and shardings.
+
+  Nothing is allocated: the shapes come from `jax.eval_shape`, the shardings
+  from `rules`. The result is the target of `init_state` and of a checkpoint
+  restore.
+
+  Args:
+    model_fn: builds the Flax NNX model from `rngs=`.
+    tx: the optimizer.
+    seed: the run's seed.
+    mesh: the device mesh.
+    rules: the sharding rules table, applied to every leaf of the state.
+
+  Returns:
+    The graph definition, and a `TrainState` of `jax.ShapeDtypeStruct`s whose
+    `sharding` is set.
+  """
+  with jax.set_mesh(mesh):
+    shapes = jax.eval_shape(init_fn(model_fn, tx, seed))
+    shardings = sharding.tree_shardings(shapes, mesh, rules)
+    graphdef = graphdef_of(model_fn)
+  abstract = jax.tree.map(
+    lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings
+  )
+  return graphdef, abstract
+
+
+def init_state(
+  model_fn: ModelFn, tx: optax.GradientTransformation, *, seed: int, abstract: TrainState
+) -> TrainState:
+  """Creates the initial state directly in the layout of `abstract`.
+
+  A jitted init whose outputs carry the shardings, so no full copy ever lives
+  on one device.
+  """
+  shardings = jax.tree.map(lambda x: x.sharding, abstract)
+  mesh = jax.tree.leaves(shardings)[0].mesh
+  with jax.set_mesh(mesh):
+    return jax.jit(init_fn(model_fn, tx, seed), out_shardings=shardings)()
+
+
 def create_state(
   model_fn: ModelFn,
   tx: optax.GradientTransformation,
@@ -88,12 +138,8 @@ def create_state(
 ) -> tuple[nnx.GraphDef, TrainState]:
   """Builds the initial state directly in its sharded layout.
 
-  Shapes come first (`jax.eval_shape`), shardings are derived from them by
-  `rules`, and the state is then created by a jitted init whose outputs already
-  carry those shardings, so no full copy ever lives on one device.
-
   Args:
-    model_fn: builds the Flax NNX model from an `nnx.Rngs`.
+    model_fn: builds the Flax NNX model from `rngs=`.
     tx: the optimizer.
     seed: the run's seed.
     mesh: the device mesh.
@@ -102,11 +148,8 @@ def create_state(
   Returns:
     The model's graph definition and the sharded state.
   """
-  init = init_fn(model_fn, tx, seed)
-  with jax.set_mesh(mesh):
-    shardings = sharding.tree_shardings(jax.eval_shape(init), mesh, rules)
-    state = jax.jit(init, out_shardings=shardings)()
-    return graphdef_of(model_fn), state
+  graphdef, abstract = abstract_state(model_fn, tx, seed=seed, mesh=mesh, rules=rules)
+  return graphdef, init_state(model_fn, tx, seed=seed, abstract=abstract)
 
 
 def merge_model(graphdef: nnx.GraphDef, state: TrainState) -> nnx.Module:

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxtrain import data, loop, sharding
+from jaxtrain import data, evaluate, sharding
 from jaxtrain import state as state_lib
 from jaxtrain.data import pipeline
 from tests import helpers
@@ -29,7 +29,7 @@ def test_eval_counts_each_example_once(n):
 
   graphdef, state = state_lib.create_state(helpers.mlp(), helpers.adam(), seed=0, mesh=mesh)
   shardings = jax.tree.map(lambda x: x.sharding, state)
-  evaluator = loop.Evaluator(
+  evaluator = evaluate.Evaluator(
     graphdef, loss_fn, source, batch_size=16, shardings=shardings, mesh=mesh
   )
   sums = evaluator.sums(state)

@@ -2,8 +2,10 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import portpicker
 import pytest
@@ -23,7 +25,7 @@ OVERRIDES = {
 }
 
 
-def _launch(workdir, num_processes=2, devices_per_process=4, timeout=240):
+def _start(workdir, overrides, num_processes=2, devices_per_process=4):
   port = portpicker.pick_unused_port()
   procs = []
   for pid in range(num_processes):
@@ -35,7 +37,7 @@ def _launch(workdir, num_processes=2, devices_per_process=4, timeout=240):
       JAX_PROCESS_ID=str(pid),
       XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}",
     )
-    args = [f"--config.{k}={v}" for k, v in OVERRIDES.items()]
+    args = [f"--config.{k}={v}" for k, v in overrides.items()]
     procs.append(
       subprocess.Popen(
         [sys.executable, "-m", "experiments.digits", f"--workdir={workdir}", *args],
@@ -46,6 +48,11 @@ def _launch(workdir, num_processes=2, devices_per_process=4, timeout=240):
         text=True,
       )
     )
+  return procs
+
+
+def _finish(procs, timeout=240):
+  """Waits for every process (each under a timeout: a dead peer makes the others hang)."""
   outputs = []
   try:
     for p in procs:
@@ -54,6 +61,10 @@ def _launch(workdir, num_processes=2, devices_per_process=4, timeout=240):
     for p in procs:
       p.kill()
   return [p.returncode for p in procs], outputs
+
+
+def _launch(workdir, overrides=OVERRIDES):
+  return _finish(_start(workdir, overrides))
 
 
 def _lines(workdir):
@@ -73,6 +84,45 @@ def test_two_processes_match_one(tmp_path, digits):
     config, helpers.mlp((128,)), digits, losses.classification, workdir=tmp_path / "single"
   )
   multi, single = _lines(tmp_path / "multi"), _lines(tmp_path / "single")
+  assert [(x["step"], x["split"]) for x in multi] == [(x["step"], x["split"]) for x in single]
+  for a, b in zip(multi, single, strict=True):
+    assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+
+
+def test_sigterm_to_one_process_stops_all_at_one_step(tmp_path, digits):
+  """JAX's preemption sync point: every process saves the same step, then all resume."""
+  overrides = {
+    **OVERRIDES,
+    "train.steps": 600,
+    "ckpt.every_steps": 100,
+    "eval.every_steps": 300,
+    "train.log_every": 50,
+  }
+  workdir = tmp_path / "multi"
+  procs = _start(workdir, overrides)
+  deadline = time.monotonic() + 120
+  while not (workdir / "checkpoints" / "100").is_dir():
+    assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
+    time.sleep(0.01)
+  procs[1].send_signal(signal.SIGTERM)  # the notice reaches one process only
+  codes, outputs = _finish(procs)
+  assert codes == [3, 3], outputs[0][-3000:] + outputs[1][-3000:]
+  run = json.loads((workdir / "run.json").read_text())
+  stopped_at = run["final_step"]
+  assert run["status"] == "preempted" and 100 <= stopped_at < 600
+  assert (workdir / "checkpoints" / str(stopped_at)).is_dir()
+
+  codes, outputs = _launch(workdir, overrides)
+  assert codes == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+  run = json.loads((workdir / "run.json").read_text())
+  assert run["status"] == "completed" and run["resumed_from"] == stopped_at
+
+  config = helpers.tiny_config(**overrides)
+  config.model.hidden = (128,)
+  jaxtrain.train(
+    config, helpers.mlp((128,)), digits, losses.classification, workdir=tmp_path / "single"
+  )
+  multi, single = _lines(workdir), _lines(tmp_path / "single")
   assert [(x["step"], x["split"]) for x in multi] == [(x["step"], x["split"]) for x in single]
   for a, b in zip(multi, single, strict=True):
     assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)

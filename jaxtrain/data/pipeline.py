@@ -149,8 +149,10 @@ def eval_batches(source: Source, *, batch_size: int, rows: tuple[int, int]) -> g
 class Prefetcher:
   """Puts chunks on the devices from a background thread, ahead of the loop.
 
-  `next()` returns the next device chunk and the seconds the caller waited for
-  it, which the loop reports as `data_wait_frac`.
+  `next()` returns the next device chunk, the seconds the caller waited for it
+  (the loop reports them as `data_wait_frac`), and the iterator's state right
+  after that chunk was drawn: the state to checkpoint once the chunk is
+  trained, since the iterator itself runs ahead.
   """
 
   def __init__(self, chunks: Iterator[Any], put: Callable[[Any], Any], size: int = 2):
@@ -162,16 +164,17 @@ class Prefetcher:
   def _fill(self, chunks: Iterator[Any], put: Callable[[Any], Any]) -> None:
     try:
       for chunk in chunks:
-        if not self._offer((put(chunk), None)):
+        state = chunks.get_state() if hasattr(chunks, "get_state") else None
+        if not self._offer((put(chunk), state, None)):
           return
-      self._offer((None, StopIteration()))
+      self._offer((None, None, StopIteration()))
     except Exception as e:  # re-raised in the loop's thread by next()
-      self._offer((None, e))
+      self._offer((None, None, e))
     finally:
       if hasattr(chunks, "close"):  # Grain iterators with workers stop them here
         chunks.close()
 
-  def _offer(self, item: tuple[Any, BaseException | None]) -> bool:
+  def _offer(self, item: tuple[Any, Any, BaseException | None]) -> bool:
     while not self._stop.is_set():
       try:
         self._queue.put(item, timeout=0.1)
@@ -180,13 +183,13 @@ class Prefetcher:
         continue
     return False
 
-  def next(self) -> tuple[Any, float]:
-    """Returns the next chunk on the devices and the seconds spent waiting."""
+  def next(self) -> tuple[Any, float, Any]:
+    """Returns the next device chunk, the seconds waited, and the data state after it."""
     start = time.perf_counter()
-    chunk, error = self._queue.get()
+    chunk, state, error = self._queue.get()
     if error is not None:
       raise error
-    return chunk, time.perf_counter() - start
+    return chunk, time.perf_counter() - start, state
 
   def close(self) -> None:
     """Stops the background thread."""

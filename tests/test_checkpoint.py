@@ -1,0 +1,241 @@
+"""Checkpoints in one process: corruption fallback, resharding, retention, failures."""
+
+import logging
+import shutil
+
+import grain
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+import jaxtrain
+from jaxtrain import checkpoint, losses
+from jaxtrain import state as state_lib
+from tests import helpers
+
+
+def _state(mesh, seed=0):
+  """A small trained-looking state: init, then every leaf nudged by a seeded amount."""
+  _, state = state_lib.create_state(helpers.mlp(), helpers.adam(), seed=seed, mesh=mesh)
+  return jax.tree.map(lambda x: x + seed if x.dtype == np.float32 else x, state)
+
+
+def _abstract(mesh):
+  return state_lib.abstract_state(helpers.mlp(), helpers.adam(), seed=0, mesh=mesh)[1]
+
+
+def _equal(a, b):
+  leaves = zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+  return all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in leaves)
+
+
+def _save_steps(directory, mesh, steps, **kwargs):
+  ckpt = checkpoint.Checkpointer(directory, keep=5, async_save=True, **kwargs)
+  states = {}
+  for step in steps:
+    states[step] = _state(mesh, seed=step)
+    ckpt.save(checkpoint.bundle(step, states[step], {"next_index": step}, {"note": step}))
+  ckpt.close()
+  return states
+
+
+def _largest_file(folder):
+  return max((p for p in folder.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+def _truncate(step_dir):
+  f = _largest_file(step_dir / "state")
+  f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+
+
+def _zero(step_dir):
+  f = _largest_file(step_dir / "state")
+  raw = bytearray(f.read_bytes())
+  n = min(4096, len(raw) // 2)
+  raw[len(raw) // 4 : len(raw) // 4 + n] = bytes(n)
+  f.write_bytes(bytes(raw))
+
+
+def _delete(step_dir):
+  _largest_file(step_dir / "state").unlink()
+
+
+def _torn_data_json(step_dir):
+  f = next((step_dir / "data").glob("process_*.json"))
+  f.write_text(f.read_text()[:5])
+
+
+def _torn_meta(step_dir):
+  f = next(p for p in (step_dir / "meta").iterdir() if p.name != "commit_success.txt")
+  f.write_text("{")
+
+
+@pytest.mark.parametrize(
+  "damage",
+  [_truncate, _zero, _delete, _torn_data_json, _torn_meta],
+  ids=["truncated", "zeroed", "deleted-file", "torn-iterator-state", "torn-metadata"],
+)
+def test_damaged_newest_step_falls_back_to_the_previous(tmp_path, caplog, damage):
+  mesh = helpers.mesh((1, 1, 1), n=1)
+  states = _save_steps(tmp_path, mesh, [10, 20, 30])
+  damage(tmp_path / "30")
+
+  restored = checkpoint.Checkpointer(tmp_path, keep=5, async_save=True).restore(_abstract(mesh))
+
+  assert restored.step == 20
+  assert _equal(restored.state, states[20])
+  assert restored.data_state == {"next_index": 20}
+  warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+  assert len(warnings) == 1 and "checkpoint step 30 is unreadable" in warnings[0].getMessage()
+  assert "\n" not in warnings[0].getMessage()
+  assert sorted(p.name for p in tmp_path.iterdir() if p.name[0].isdigit()) == [
+    "10",
+    "20",
+    "30.corrupt",
+  ]
+
+
+def test_empty_newer_folder_is_set_aside(tmp_path, caplog):
+  mesh = helpers.mesh((1, 1, 1), n=1)
+  _save_steps(tmp_path, mesh, [10, 20])
+  (tmp_path / "30").mkdir()
+  restored = checkpoint.Checkpointer(tmp_path, keep=5, async_save=True).restore(_abstract(mesh))
+  assert restored.step == 20
+  assert "checkpoint step 30 is unreadable" in caplog.text
+  assert (tmp_path / "30.corrupt").is_dir() and (tmp_path / "10").is_dir()
+
+
+def test_leftover_temporary_folder_is_ignored(tmp_path, caplog):
+  mesh = helpers.mesh((1, 1, 1), n=1)
+  _save_steps(tmp_path, mesh, [10, 20])
+  shutil.copytree(tmp_path / "20", tmp_path / "30.orbax-checkpoint-tmp-1234")
+  _truncate(tmp_path / "30.orbax-checkpoint-tmp-1234")
+  ckpt = checkpoint.Checkpointer(tmp_path, keep=5, async_save=True)
+  assert ckpt.restore(_abstract(mesh)).step == 20
+  assert "unreadable" not in caplog.text
+  assert not list(tmp_path.glob("*tmp*"))  # an unfinished save is never a valid step
+
+
+def test_checksums_catch_a_changed_value(tmp_path, caplog):
+  """A step that reads without error but holds other numbers is rejected too."""
+  mesh = helpers.mesh((1, 1, 1), n=1)
+  _save_steps(tmp_path, mesh, [10])
+  ckpt = checkpoint.Checkpointer(tmp_path, keep=5, async_save=True)
+  state = _state(mesh, seed=20)
+  ckpt.save(checkpoint.bundle(20, state, None, {}))
+  ckpt.wait()
+  original = checkpoint.checksums(state)
+  changed = state.replace(step=state.step + 1)
+  assert checkpoint.checksums(changed) != original
+  # Save the changed state under step 30 with the checksums of the original.
+  args = ocp.args.Composite(
+    state=ocp.args.StandardSave(changed),
+    data=grain.checkpoint.CheckpointSave(checkpoint.IteratorState(None)),
+    meta=ocp.args.JsonSave({"checksums": original}),
+  )
+  ckpt._manager.save(30, args=args, force=True)
+  ckpt.close()
+  restored = checkpoint.Checkpointer(tmp_path, keep=5, async_save=True).restore(_abstract(mesh))
+  assert restored.step == 20
+  assert "state checksums do not match" in caplog.text
+
+
+@pytest.mark.parametrize(
+  "saved_on,restored_on",
+  [((1, 8, 1), (1, 1, 1)), ((1, 8, 1), (2, 4, 1)), ((1, 1, 1), (1, 8, 1)), ((8, 1, 1), (1, 8, 1))],
+  ids=["fsdp8-to-1", "fsdp8-to-2x4", "1-to-fsdp8", "dp8-to-fsdp8"],
+)
+def test_restore_onto_another_layout(tmp_path, saved_on, restored_on):
+  save_mesh = helpers.mesh(saved_on, n=int(np.prod(saved_on)))
+  states = _save_steps(tmp_path, save_mesh, [10])
+  restore_mesh = helpers.mesh(restored_on, n=int(np.prod(restored_on)))
+  abstract = _abstract(restore_mesh)
+  restored = checkpoint.Checkpointer(tmp_path, keep=5, async_save=True).restore(abstract)
+  assert _equal(restored.state, states[10])
+  kernel = restored.state.params["hidden"][0]["kernel"]
+  assert kernel.sharding == abstract.params["hidden"][0]["kernel"].sharding
+  assert checkpoint.checksums(restored.state) == checkpoint.checksums(states[10])
+
+
+def test_newest_and_best_steps_are_kept(tmp_path):
+  mesh = helpers.mesh((1, 1, 1), n=1)
+  ckpt = checkpoint.Checkpointer(
+    tmp_path, keep=2, async_save=True, best_metric="eval/accuracy", best_mode="max"
+  )
+  accuracy = {10: 0.5, 20: 0.9, 30: 0.7, 40: 0.6, 50: 0.8}
+  for step, acc in accuracy.items():
+    ckpt.save(checkpoint.bundle(step, _state(mesh), None, {}, {"eval/accuracy": acc}))
+  ckpt.save(checkpoint.bundle(60, _state(mesh), None, {}))  # a periodic save without an evaluation
+  ckpt.close()
+  kept = sorted(int(p.name) for p in tmp_path.iterdir() if p.name.isdigit())
+  assert kept == [20, 50, 60]  # the best (0.9) and the two newest
+
+
+def test_best_metric_must_be_an_eval_metric(tmp_path):
+  mesh = helpers.mesh((1, 1, 1), n=1)
+  ckpt = checkpoint.Checkpointer(tmp_path, keep=2, async_save=True, best_metric="eval/acc")
+  with pytest.raises(checkpoint.CheckpointError, match=r"ckpt.best_metric='eval/acc'"):
+    ckpt.save(checkpoint.bundle(10, _state(mesh), None, {}, {"eval/accuracy": 0.5}))
+  ckpt.close()
+
+
+def test_failed_save_raises_and_keeps_earlier_steps(tmp_path):
+  mesh = helpers.mesh((1, 1, 1), n=1)
+  directory = tmp_path / "ckpt"
+  states = _save_steps(directory, mesh, [10])
+  ckpt = checkpoint.Checkpointer(directory, keep=5, async_save=True)
+  shutil.move(directory / "10", tmp_path / "10")
+  shutil.rmtree(directory)
+  directory.write_text("not a folder")  # every later write fails
+  with pytest.raises(checkpoint.CheckpointError, match="checkpoint save failed"):
+    ckpt.save(checkpoint.bundle(20, _state(mesh), None, {}))
+    ckpt.wait()
+  ckpt.close()
+  directory.unlink()
+  directory.mkdir()
+  shutil.move(tmp_path / "10", directory / "10")
+  restored = checkpoint.Checkpointer(directory, keep=5, async_save=True).restore(_abstract(mesh))
+  assert restored.step == 10 and _equal(restored.state, states[10])
+
+
+def test_resume_refuses_a_changed_data_order(tmp_path, digits):
+  config = helpers.tiny_config(**{"ckpt.every_steps": 20})
+  jaxtrain.train(config, helpers.mlp(), digits, losses.classification, workdir=tmp_path)
+  config.train.batch_size = 64
+  with pytest.raises(jaxtrain.ConfigError, match=r"train\.batch_size=64 differs from 32"):
+    jaxtrain.train(config, helpers.mlp(), digits, losses.classification, workdir=tmp_path)
+
+
+def test_finished_run_rerun_changes_nothing(tmp_path, digits):
+  config = helpers.tiny_config(**{"ckpt.every_steps": 20})
+  first = jaxtrain.train(config, helpers.mlp(), digits, losses.classification, workdir=tmp_path)
+  lines = (tmp_path / "metrics.jsonl").read_text()
+  again = jaxtrain.train(config, helpers.mlp(), digits, losses.classification, workdir=tmp_path)
+  assert _equal(first.state, again.state)
+  assert again.eval_metrics == first.eval_metrics
+  assert (tmp_path / "metrics.jsonl").read_text() == lines
+
+
+def test_longer_run_continues_a_finished_one(tmp_path, digits):
+  """Raising train.steps resumes the finished run: the same as running longer at once."""
+  config = helpers.tiny_config(**{"ckpt.every_steps": 20})
+  longer = helpers.tiny_config(**{"ckpt.every_steps": 20, "train.steps": 60})
+  jaxtrain.train(config, helpers.mlp(), digits, losses.classification, workdir=tmp_path / "a")
+  resumed = jaxtrain.train(
+    longer, helpers.mlp(), digits, losses.classification, workdir=tmp_path / "a"
+  )
+  at_once = jaxtrain.train(
+    longer, helpers.mlp(), digits, losses.classification, workdir=tmp_path / "b"
+  )
+  assert _equal(resumed.state.params, at_once.state.params)
+
+
+def test_sharding_rules_of_the_state_are_kept_on_restore(tmp_path):
+  """The restored state has the current run's shardings, ready for the compiled chunk."""
+  mesh = helpers.mesh((2, 4, 1))
+  _save_steps(tmp_path, mesh, [10])
+  abstract = _abstract(mesh)
+  restored = checkpoint.Checkpointer(tmp_path, keep=5, async_save=True).restore(abstract)
+  for leaf, want in zip(jax.tree.leaves(restored.state), jax.tree.leaves(abstract), strict=True):
+    assert leaf.sharding == want.sharding

@@ -1,0 +1,184 @@
+"""Killed, preempted and resumed runs, as real processes, equal an uninterrupted run."""
+
+import functools
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from experiments import digits as digits_experiment
+from jaxtrain import checkpoint, loop, models
+from jaxtrain import state as state_lib
+from tests import helpers
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+ARGS = ["--config.ckpt.every_steps=100", "--config.train.log_every=50"]
+TIMING = ("steps_per_sec", "samples_per_sec", "data_wait_frac")
+
+
+def _start(workdir, *extra):
+  env = dict(os.environ, PYTHONPATH=str(ROOT))
+  return subprocess.Popen(
+    [sys.executable, "-m", "experiments.digits", f"--workdir={workdir}", *ARGS, *extra],
+    cwd=ROOT,
+    env=env,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
+
+
+def _run(workdir, *extra):
+  proc = _start(workdir, *extra)
+  _, err = proc.communicate(timeout=180)
+  return proc.returncode, err
+
+
+def _wait_for(predicate, proc, timeout=120):
+  deadline = time.monotonic() + timeout
+  while not predicate():
+    assert proc.poll() is None, proc.stderr.read()[-3000:]
+    assert time.monotonic() < deadline, "timed out"
+    time.sleep(0.002)
+
+
+def _lines(workdir):
+  out = []
+  for line in (workdir / "metrics.jsonl").read_text().splitlines():
+    record = json.loads(line)
+    out.append({k: v for k, v in record.items() if k not in TIMING})
+  return out
+
+
+def _final_state(workdir):
+  config = digits_experiment.get_config()
+  tx, _ = loop._optimizer(config)  # the experiment's own optimizer
+  model = functools.partial(models.MLP, 64, config.model.hidden, 10)
+  _, abstract = state_lib.abstract_state(model, tx, seed=0, mesh=helpers.mesh((1, 1, 1), n=1))
+  ckpt = checkpoint.Checkpointer(workdir / "checkpoints", keep=3, async_save=False)
+  restored = ckpt.restore(abstract)
+  ckpt.close()
+  return restored
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("reference")
+  code, err = _run(workdir)
+  assert code == 0, err[-3000:]
+  return workdir, _final_state(workdir), _lines(workdir)
+
+
+def _assert_same_run(workdir, reference):
+  _, ref_state, ref_lines = reference
+  restored = _final_state(workdir)
+  assert restored.step == ref_state.step == 600
+  for a, b in zip(jax.tree.leaves(restored.state), jax.tree.leaves(ref_state.state), strict=True):
+    assert np.array_equal(np.asarray(a), np.asarray(b))  # bit-exact
+  assert _lines(workdir) == ref_lines  # every logged value, timing aside
+  run = json.loads((workdir / "run.json").read_text())
+  assert run["status"] == "completed" and run["final_step"] == 600
+
+
+@pytest.mark.parametrize("kill_after", [100, 300])
+def test_sigkill_then_rerun_is_bit_exact(tmp_path, reference, kill_after):
+  proc = _start(tmp_path)
+  _wait_for((tmp_path / "checkpoints" / str(kill_after)).is_dir, proc)
+  proc.kill()
+  proc.wait()
+  code, err = _run(tmp_path)
+  assert code == 0, err[-3000:]
+  run = json.loads((tmp_path / "run.json").read_text())
+  assert run["attempt"] == 2 and run["resumed_from"] >= kill_after
+  _assert_same_run(tmp_path, reference)
+
+
+def test_sigkill_during_an_async_save(tmp_path, reference):
+  """Saving every chunk, the kill lands while a step is still a temporary folder."""
+  every_chunk = "--config.ckpt.every_steps=10"
+  proc = _start(tmp_path, every_chunk)
+  folder = tmp_path / "checkpoints"
+  caught = []
+
+  def saving():
+    if (folder / "200").is_dir():
+      caught.extend(p.name for p in folder.glob("*orbax-checkpoint-tmp*"))
+    return bool(caught)
+
+  _wait_for(saving, proc)
+  proc.kill()
+  proc.wait()
+  assert caught  # a save was in flight when the process died
+  code, err = _run(tmp_path, every_chunk)
+  assert code == 0, err[-3000:]
+  assert not list(folder.glob("*tmp*"))
+  _assert_same_run(tmp_path, reference)
+
+
+def test_resumed_twice(tmp_path, reference):
+  for kill_after in (100, 300):
+    proc = _start(tmp_path)
+    _wait_for(lambda k=kill_after: (tmp_path / "checkpoints" / str(k)).is_dir(), proc)
+    proc.kill()
+    proc.wait()
+  code, err = _run(tmp_path)
+  assert code == 0, err[-3000:]
+  assert json.loads((tmp_path / "run.json").read_text())["attempt"] == 3
+  _assert_same_run(tmp_path, reference)
+
+
+def test_sigterm_saves_and_exits_then_resumes(tmp_path, reference):
+  proc = _start(tmp_path)
+  _wait_for((tmp_path / "checkpoints" / "100").is_dir, proc)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=60)
+  assert proc.returncode == 3, err[-3000:]
+  run = json.loads((tmp_path / "run.json").read_text())
+  assert run["status"] == "preempted" and "SIGTERM" in run["reason"]
+  stopped_at = run["final_step"]
+  assert (tmp_path / "checkpoints" / str(stopped_at)).is_dir()
+  assert stopped_at < 600
+  code, err = _run(tmp_path)
+  assert code == 0, err[-3000:]
+  assert json.loads((tmp_path / "run.json").read_text())["resumed_from"] == stopped_at
+  _assert_same_run(tmp_path, reference)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+  """A 1 MiB tmpfs, where mounting is allowed (root)."""
+  mount = tmp_path / "disk"
+  mount.mkdir()
+  made = subprocess.run(
+    ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True, check=False
+  )
+  if made.returncode:
+    pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode().strip()}")
+  yield mount
+  subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_full_disk_stops_the_run_and_keeps_the_saved_steps(small_disk, tmp_path, reference):
+  workdir, args = small_disk / "run", ("--config.ckpt.keep=20", "--config.ckpt.every_steps=50")
+  code, err = _run(workdir, *args)
+  errors = [line for line in err.splitlines() if line.startswith("error: ")]
+  assert code == 1 and len(errors) == 1, err[-3000:]
+  assert "checkpoint save failed" in errors[0] and "No space left" in errors[0]
+  run = json.loads((workdir / "run.json").read_text())
+  assert run["status"] == "failed" and "No space left" in run["reason"]
+  saved = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+  assert saved and saved[-1] < 600
+  # Move the run to a roomier disk: it resumes from the last saved step and ends the same.
+  moved = tmp_path / "moved"
+  subprocess.run(["cp", "-r", str(workdir), str(moved)], check=True)
+  code, err = _run(moved, *args)
+  assert code == 0, err[-3000:]
+  assert json.loads((moved / "run.json").read_text())["resumed_from"] == saved[-1]
+  _assert_same_run(moved, reference)
