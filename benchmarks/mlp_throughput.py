@@ -30,7 +30,7 @@ import optax
 from absl import app, flags
 
 import jaxtrain
-from jaxtrain import data, losses, models
+from jaxtrain import cli, data, losses, models
 
 _STEPS = flags.DEFINE_integer("steps", 1000, "Timed steps per run.")
 _REPEATS = flags.DEFINE_integer("repeats", 7, "Alternating runs of each loop.")
@@ -94,6 +94,7 @@ def with_jaxtrain(dataset: data.Dataset, steps: int, k: int) -> list[float]:
   config.eval.every_steps = 0
   config.eval.batch_size = 1000
   config.mesh.data = 1
+  config.ckpt.every_steps = 0  # one save, after the last timed interval
   model = functools.partial(models.MLP, 784, (512, 512), 10)
   with tempfile.TemporaryDirectory() as workdir:
     jaxtrain.train(config, model, dataset, losses.classification, workdir=workdir)
@@ -104,6 +105,7 @@ def with_jaxtrain(dataset: data.Dataset, steps: int, k: int) -> list[float]:
 def main(argv: list[str]) -> None:
   """Alternates both loops and prints samples/s and the ratio."""
   del argv
+  cli.quiet_orbax_logs()
   if jax.device_count() != 1:
     raise app.UsageError(
       "compares one-device loops: expose one device, e.g. CUDA_VISIBLE_DEVICES=0"

@@ -15,6 +15,7 @@ Example:
   >>> ckpt.close()
 """
 
+import itertools
 import json
 import logging
 import pathlib
@@ -28,8 +29,11 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
+from jax.sharding import Mesh
 from orbax.checkpoint import checkpoint_managers
 
+from jaxtrain import config as config_lib
+from jaxtrain import record, sharding
 from jaxtrain.state import TrainState
 
 
@@ -143,6 +147,9 @@ class Checkpointer:
     best_metric: a metric passed to `save` (for example `eval/accuracy`); the
       best step by it is kept too. Empty to keep only the newest steps.
     best_mode: `min` or `max`, for `best_metric`.
+
+  Raises:
+    CheckpointError: when `directory` cannot be written.
   """
 
   def __init__(
@@ -156,26 +163,16 @@ class Checkpointer:
   ):
     self.directory = pathlib.Path(directory)
     self.best_metric = best_metric
-    policies = [checkpoint_managers.LatestN(n=keep)]
-    if best_metric:
-      policies.append(
-        checkpoint_managers.BestN(
-          get_metric_fn=lambda m: m[best_metric],
-          reverse=best_mode == "min",
-          n=1,
-          keep_checkpoints_without_metrics=False,
-        )
+    try:  # fail now, not at the first save: training must not run without checkpoints
+      record.check_writable(self.directory)
+      if jax.process_index() == 0:
+        for tmp in sorted(self.directory.glob("*.orbax-checkpoint-tmp*")):
+          logging.warning(
+            "checkpoint step %s was never finished; removing %s", tmp.name.split(".")[0], tmp.name
+          )
+      self._manager = ocp.CheckpointManager(
+        self.directory, options=_options(keep, async_save, best_metric, best_mode)
       )
-    options = ocp.CheckpointManagerOptions(
-      enable_async_checkpointing=async_save,
-      preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
-      cleanup_tmp_directories=True,  # unfinished saves of a killed run
-      # Folders made in the foreground: a failure (full or read-only disk) raises in
-      # save() at once, where asynchronous creation left it waiting for minutes.
-      async_options=ocp.options.AsyncOptions(create_directories_asynchronously=False),
-    )
-    try:
-      self._manager = ocp.CheckpointManager(self.directory, options=options)
     except OSError as e:
       raise CheckpointError(f"checkpoint folder {self.directory} is not usable ({e})") from e
 
@@ -189,8 +186,12 @@ class Checkpointer:
       raise CheckpointError(
         f"ckpt.best_metric={self.best_metric!r} is not one of the eval metrics {sorted(metrics)}"
       )
-    sums = [int(x) for x in jax.device_get(b.checksums)]
-    meta = {**b.meta, "step": step, "checksums": sums}
+    meta = {
+      **b.meta,
+      "step": step,
+      "checksums": [int(x) for x in jax.device_get(b.checksums)],
+      "structure": structure(b.state),
+    }
     args = ocp.args.Composite(
       state=ocp.args.StandardSave(b.state),
       data=grain.checkpoint.CheckpointSave(IteratorState(b.data_state)),
@@ -200,6 +201,13 @@ class Checkpointer:
       self._manager.save(step, args=args, metrics=metrics, force=True)
     except Exception as e:  # this save, or an earlier asynchronous one, failed
       raise CheckpointError(f"checkpoint save failed (reported at step {step}): {e}") from e
+
+  def check(self) -> None:
+    """Raises `CheckpointError` if a background save has failed; never blocks."""
+    try:
+      self._manager.check_for_errors()
+    except Exception as e:
+      raise CheckpointError(f"checkpoint save failed: {e}") from e
 
   def wait(self) -> None:
     """Blocks until the last save is on disk; raises `CheckpointError` if it failed."""
@@ -211,17 +219,31 @@ class Checkpointer:
   def restore(self, abstract: TrainState) -> Restored | None:
     """Restores the newest readable step into the layout of `abstract`.
 
+    A step is unreadable when its record, this process's iterator state or its
+    arrays cannot be read, or its checksums disagree: it is reported, renamed
+    `<step>.corrupt`, and the next older step is tried. A readable step saved for
+    another state structure or process count is not corrupt; it raises.
+
     Args:
       abstract: the state's `jax.ShapeDtypeStruct`s, each with the sharding to
         restore onto (which may differ from the one saved).
 
     Returns:
-      The bundle, or None when no step is readable.
+      The bundle, or None when the folder holds no step.
+
+    Raises:
+      ConfigError: the newest readable step does not fit `abstract` or the
+        process count.
+      CheckpointError: every step was unreadable.
     """
+    set_aside = []
     for step in sorted(self._manager.all_steps(), reverse=True):
-      restored, problem = self._try_restore(step, abstract)
+      meta, problem = self._read_meta(step)
       if _everywhere(problem is None):
-        return restored
+        _check_fits(meta, abstract, step)
+        restored, problem = self._read_all(step, abstract, meta)
+        if _everywhere(problem is None):
+          return restored
       problem = problem or "unreadable in another process"
       logging.warning(
         "checkpoint step %d is unreadable, using an older one: %s",
@@ -229,9 +251,28 @@ class Checkpointer:
         " ".join(problem.split())[:300],
       )
       self._set_aside(step)
+      set_aside.append(step)
+    if set_aside:
+      raise CheckpointError(
+        f"no readable checkpoint in {self.directory} (set aside: {set_aside}); move the "
+        "folder away to start afresh"
+      )
     return None
 
-  def _try_restore(self, step: int, abstract: TrainState) -> tuple[Restored | None, str | None]:
+  def _read_meta(self, step: int) -> tuple[dict[str, Any] | None, str | None]:
+    """Reads a step's record and checks this process's iterator state, with no collective."""
+    try:
+      meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+      name = f"process_{jax.process_index()}-of-{meta['structure']['process_count']}.json"
+      if meta["structure"]["process_count"] == jax.process_count():
+        json.loads((self.directory / str(step) / "data" / name).read_text())
+    except Exception as e:  # an unreadable record or iterator state: a damaged step
+      return None, f"{type(e).__name__}: {e}"
+    return meta, None
+
+  def _read_all(
+    self, step: int, abstract: TrainState, meta: dict[str, Any]
+  ) -> tuple[Restored | None, str | None]:
     data = IteratorState()
     try:
       out = self._manager.restore(
@@ -239,14 +280,13 @@ class Checkpointer:
         args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract),
           data=grain.checkpoint.CheckpointRestore(data),
-          meta=ocp.args.JsonRestore(),
         ),
       )
-      if checksums(out.state) != out.meta["checksums"]:
+      if checksums(out.state) != meta["checksums"]:
         return None, "state checksums do not match the saved ones"
-    except Exception as e:  # any failure to read means this step is not usable
+    except Exception as e:  # arrays that cannot be read: a damaged step
       return None, f"{type(e).__name__}: {e}"
-    return Restored(step, out.state, data.state, out.meta), None
+    return Restored(step, out.state, data.state, meta), None
 
   def _set_aside(self, step: int) -> None:
     """Renames a bad step folder out of Orbax's sight; nothing is deleted."""
@@ -276,6 +316,57 @@ class Checkpointer:
       self._manager.close()
 
 
+def _options(
+  keep: int, async_save: bool, best_metric: str, best_mode: str
+) -> ocp.CheckpointManagerOptions:
+  """Keeps the newest `keep` steps, and the best one by `best_metric` if set."""
+  policies = [checkpoint_managers.LatestN(n=keep)]
+  best = {}
+  if best_metric:
+    get = lambda metrics: metrics[best_metric]  # noqa: E731
+    policies.append(
+      checkpoint_managers.BestN(
+        get_metric_fn=get, reverse=best_mode == "min", n=1, keep_checkpoints_without_metrics=False
+      )
+    )
+    best = {"best_fn": get, "best_mode": best_mode}  # Orbax stores the metrics only then
+  return ocp.CheckpointManagerOptions(
+    enable_async_checkpointing=async_save,
+    preservation_policy=checkpoint_managers.AnyPreservationPolicy(policies),
+    cleanup_tmp_directories=True,  # unfinished saves of a killed run; reported below
+    # Folders made in the foreground: a failure (full or read-only disk) raises in
+    # save() at once, where asynchronous creation left it waiting for minutes.
+    async_options=ocp.options.AsyncOptions(create_directories_asynchronously=False),
+    **best,
+  )
+
+
+def structure(state: TrainState) -> dict[str, Any]:
+  """What a checkpoint must match to be restored: leaf paths, shapes, dtypes, processes."""
+  leaves = jax.tree_util.tree_flatten_with_path(state)[0]
+  return {
+    "leaves": [[sharding.path_str(p), list(x.shape), str(x.dtype)] for p, x in leaves],
+    "process_count": jax.process_count(),
+  }
+
+
+def _check_fits(meta: dict[str, Any], abstract: TrainState, step: int) -> None:
+  """Raises `ConfigError` when the saved state is not the one this run builds."""
+  saved, here = meta["structure"], structure(abstract)
+  if saved["process_count"] != here["process_count"]:
+    raise config_lib.ConfigError(
+      f"the checkpoint at step {step} was saved by {saved['process_count']} processes and this "
+      f"run has {here['process_count']}; resume with as many, or use another workdir"
+    )
+  if saved["leaves"] != here["leaves"]:
+    pairs = itertools.zip_longest(saved["leaves"], here["leaves"])
+    old, new = next((s, h) for s, h in pairs if s != h)
+    raise config_lib.ConfigError(
+      f"the checkpoint at step {step} holds another model or optimizer state (saved {old}, "
+      f"this run {new}); keep the model and optimizer to resume, or use another workdir"
+    )
+
+
 def _everywhere(ok: bool) -> bool:
   """True when `ok` holds in every process (each reads its own shards)."""
   if jax.process_count() == 1:
@@ -283,47 +374,31 @@ def _everywhere(ok: bool) -> bool:
   return bool(np.all(multihost_utils.process_allgather(np.array(ok))))
 
 
-def abstract_like(state: TrainState) -> TrainState:
-  """Returns `ShapeDtypeStruct`s with the shardings of a (possibly abstract) state."""
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-
-
 class PreemptionWatch:
-  """Tells the loop when to save and stop because the job is being preempted.
+  """Turns SIGTERM into a vote to save and stop, counted in the compiled chunk.
 
-  In one process, SIGTERM sets a flag that the loop reads at its next chunk
-  boundary. With several processes a notice may reach only some of them, so
-  JAX's preemption sync point picks one boundary for all (its own SIGTERM
-  handler stays in place). That protocol settles on "the fastest process's
-  counter + 1" and expects the counter to rise by one per call; Orbax feeds it
-  the step number of each save, so the counter here is the step too, and every
-  step of a chunk is reported.
+  Each process installs a SIGTERM handler that sets its vote; `votes()` is
+  passed to every chunk, which returns the maximum over all processes as
+  `metrics["stop"]`. Every process reads that value from the same chunk, so all
+  stop at the same step, even when the notice reaches only one of them, and no
+  process ever waits for another outside the compiled computation.
   """
 
-  def __init__(self):
+  def __init__(self, mesh: Mesh):
     self._flag = threading.Event()
+    self._votes = {v: sharding.votes(mesh, v) for v in (0, 1)}  # made once, no per-chunk copy
     self._previous = None
-    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+    if threading.current_thread() is threading.main_thread():
       self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
 
   def _on_sigterm(self, signum: int, frame: Any) -> None:
     del signum, frame
-    logging.warning("SIGTERM: saving a checkpoint at the next chunk boundary, then stopping")
+    logging.warning("SIGTERM: saving a checkpoint within two chunks, then stopping")
     self._flag.set()
 
-  def requested(self, step: int, steps_per_loop: int) -> bool:
-    """Whether to save and stop at `step`; called at every chunk boundary.
-
-    Call it after any checkpoint save of the boundary: Orbax reports the saved
-    step to the same counter.
-    """
-    if jax.process_count() == 1:
-      return self._flag.is_set()
-    reached = [
-      multihost_utils.reached_preemption_sync_point(s)
-      for s in range(step - steps_per_loop + 1, step + 1)
-    ]
-    return any(reached)
+  def votes(self) -> jax.Array:
+    """This process's vote, as the chunk's `votes` input."""
+    return self._votes[int(self._flag.is_set())]
 
   def close(self) -> None:
     """Puts back the SIGTERM handler that was there before."""

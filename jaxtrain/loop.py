@@ -88,6 +88,7 @@ def train(  # noqa: PLR0912, PLR0915 (the loop reads top to bottom by design)
   t, k, c = config.train, config.train.steps_per_loop, config.ckpt
   tx, schedule = _optimizer(config)
   graphdef, abstract = state_lib.abstract_state(model, tx, seed=t.seed, mesh=mesh, rules=rules)
+  _check_best_metric(config, graphdef, abstract, data, loss_fn)
   ckpt, restored = _restore(config, workdir, abstract)  # before anything is written
   step = restored.step if restored else 0
   is_main = jax.process_index() == 0
@@ -97,14 +98,17 @@ def train(  # noqa: PLR0912, PLR0915 (the loop reads top to bottom by design)
   if restored:
     meter.load(restored.meta["meter"])
   status, prefetch, writer, progress = "completed", None, None, None
-  preemption = checkpoint.PreemptionWatch()
+  preemption = checkpoint.PreemptionWatch(mesh)
 
-  def finish(end_step: int, chunk_metrics: Any, wait: float) -> None:
+  def finish(end_step: int, chunk_metrics: Any, wait: float) -> bool:
+    """Logs a chunk's metrics; returns whether any process voted to stop."""
     host = jax.device_get(chunk_metrics)  # one chunk late: already computed
+    stop_vote = bool(host.pop("stop"))
     meter.add(host, wait)
     progress.update(k, loss=float(np.mean(host["loss"])))
     if end_step % t.log_every == 0:
       writer.write(end_step, "train", meter.summary(time.perf_counter(), host))
+    return stop_vote
 
   try:
     writer = metrics.JsonlWriter(workdir / "metrics.jsonl" if is_main else None)
@@ -132,22 +136,22 @@ def train(  # noqa: PLR0912, PLR0915 (the loop reads top to bottom by design)
       chunk, wait, data_state = prefetch.next()
       start = time.perf_counter()
       with jax.transfer_guard("disallow"):  # nothing moves implicitly in the hot loop
-        state, chunk_metrics = train_chunk(state, chunk)
+        state, chunk_metrics = train_chunk(state, chunk, preemption.votes())
       step += k
       if _compiled(train_chunk, step, run):  # compiling is not training time
         meter.exclude(time.perf_counter() - start)
       if pending:
-        finish(*pending)
+        stop = finish(*pending)  # every process reads the same vote: all stop here
       if deferred:  # taken at the last boundary; saved while this chunk runs
         ckpt.save(deferred._replace(meta=_bundle_meta(config, mesh, meter, eval_metrics)))
         deferred = None
+      ckpt.check()  # a failed background save stops the run at once
       pending = (step, chunk_metrics, wait)
-      stop = preemption.requested(step, k)  # after the deferred save: see PreemptionWatch
       evaluated = step == t.steps or (
         config.eval.every_steps and step % config.eval.every_steps == 0
       )
       if evaluated or stop:  # the last step is always evaluated
-        finish(*pending)
+        stop = finish(*pending) or stop
         pending = None
       if evaluated:
         start = time.perf_counter()
@@ -162,7 +166,7 @@ def train(  # noqa: PLR0912, PLR0915 (the loop reads top to bottom by design)
           ckpt.save(checkpoint.bundle(step, state, data_state, meta, metrics_))
         else:  # a device copy, so the next chunk can take the state
           deferred = checkpoint.bundle(step, state, data_state, {}, metrics_, copy=True)
-      if stop:
+      if stop and step < t.steps:
         status = "preempted"
         break
     ckpt.wait()
@@ -170,7 +174,7 @@ def train(  # noqa: PLR0912, PLR0915 (the loop reads top to bottom by design)
       status=status,
       final_step=step,
       eval=eval_metrics,
-      reason="SIGTERM: checkpoint saved; rerun to resume" if stop else None,
+      reason="SIGTERM: checkpoint saved; rerun to resume" if status == "preempted" else None,
     )
   except BaseException as e:
     try:
@@ -263,10 +267,14 @@ def _restore(
     best_metric=c.best_metric,
     best_mode=c.best_mode,
   )
-  restored = ckpt.restore(abstract)
-  if restored:
-    _check_resumable(config, restored)
-    logging.info("resuming from the checkpoint at step %d", restored.step)
+  try:
+    restored = ckpt.restore(abstract)
+    if restored:
+      _check_resumable(config, restored)
+      logging.info("resuming from the checkpoint at step %d", restored.step)
+  except BaseException:
+    ckpt.close()
+    raise
   return ckpt, restored
 
 
@@ -329,6 +337,28 @@ def _check_resumable(config: ml_collections.ConfigDict, restored: checkpoint.Res
       )
   if restored.meta["config_hash"] != config_lib.config_hash(config):
     logging.warning("resuming step %d with a changed config", restored.step)
+
+
+def _check_best_metric(
+  config: ml_collections.ConfigDict,
+  graphdef: nnx.GraphDef,
+  abstract: state_lib.TrainState,
+  data: Dataset,
+  loss_fn: step_lib.LossFn,
+) -> None:
+  """Raises `ConfigError` when `ckpt.best_metric` is not an eval metric of `loss_fn`."""
+  name = config.ckpt.best_metric.removeprefix("eval/")
+  if not name:
+    return
+  batch = _abstract_batch(data.eval, config.eval.batch_size)
+  batch["mask"] = jax.ShapeDtypeStruct((config.eval.batch_size,), np.int32)
+  eval_fn = functools.partial(step_lib.eval_step, graphdef=graphdef, loss_fn=loss_fn)
+  names = sorted(set(jax.eval_shape(eval_fn, abstract, batch)) - {"count"})
+  if name not in names:
+    raise config_lib.ConfigError(
+      f"ckpt.best_metric={config.ckpt.best_metric!r} is not an eval metric "
+      f"(eval/{', eval/'.join(names)})"
+    )
 
 
 def _abstract_batch(source: Any, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:

@@ -104,6 +104,14 @@ def environment(mesh: Mesh) -> dict[str, Any]:
   }
 
 
+def check_writable(path: pathlib.Path) -> None:
+  """Creates folder `path` if needed and writes a file in it; raises `OSError` if it cannot."""
+  path.mkdir(parents=True, exist_ok=True)
+  probe = path / f".write-test-{jax.process_index()}"  # processes may share the folder
+  probe.write_text("")
+  probe.unlink()
+
+
 def prepare_workdir(workdir: str | os.PathLike) -> pathlib.Path:
   """Creates `workdir` and checks that this process can write to it.
 
@@ -112,10 +120,7 @@ def prepare_workdir(workdir: str | os.PathLike) -> pathlib.Path:
   """
   path = pathlib.Path(workdir)
   try:
-    path.mkdir(parents=True, exist_ok=True)
-    probe = path / f".write-test-{jax.process_index()}"  # processes may share the folder
-    probe.write_text("")
-    probe.unlink()
+    check_writable(path)
   except OSError as e:
     raise config_lib.ConfigError(f"workdir {path} is not writable ({e.strerror})") from e
   return path

@@ -111,6 +111,17 @@ def batch_sharding(mesh: Mesh, leading_dims: int = 0) -> NamedSharding:
   return NamedSharding(mesh, P(*(None,) * leading_dims, BATCH_AXES))
 
 
+def vote_sharding(mesh: Mesh) -> NamedSharding:
+  """One element per device: each process fills its devices' elements."""
+  return NamedSharding(mesh, P(AXES))
+
+
+def votes(mesh: Mesh, vote: int) -> jax.Array:
+  """The `[num_devices]` int32 array in which this process casts `vote`."""
+  local = np.full(len(mesh.local_devices), vote, np.int32)
+  return jax.make_array_from_process_local_data(vote_sharding(mesh), local)
+
+
 def process_rows(mesh: Mesh, batch_size: int) -> tuple[int, int]:
   """Returns the rows `[lo, hi)` of a global batch that this process's devices hold."""
   index_map = batch_sharding(mesh).addressable_devices_indices_map((batch_size,))
@@ -167,6 +178,9 @@ def initialize_distributed() -> None:
   missing = [v for v in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID") if not os.environ.get(v)]
   if missing:
     raise ConfigError(f"JAX_COORDINATOR_ADDRESS is set without {' and '.join(missing)}")
+  # jaxtrain agrees on preemption itself (checkpoint.PreemptionWatch); JAX's service
+  # would take SIGTERM, and Orbax reports its own steps to that service's counter.
+  jax.config.update("jax_enable_preemption_service", False)
   jax.distributed.initialize(
     coordinator_address=address,
     num_processes=int(os.environ["JAX_NUM_PROCESSES"]),

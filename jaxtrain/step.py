@@ -10,7 +10,7 @@ Example:
   >>> step = functools.partial(train_step, graphdef=graphdef, tx=tx,
   ...                          loss_fn=losses.classification, schedule=schedule)
   >>> chunk = make_train_chunk(step, shardings, mesh)
-  >>> state, metrics = chunk(state, batches_KxB)   # metrics["loss"] is [K]
+  >>> state, metrics = chunk(state, batches_KxB, votes)   # metrics["loss"] is [K]
 """
 
 from collections.abc import Callable
@@ -104,11 +104,16 @@ def eval_step(
 def make_train_chunk(
   step_fn: StepFn, state_shardings: TrainState, mesh: Mesh, unroll: int = 1
 ) -> Callable:
-  """Compiles `K` steps per dispatch: `chunk(state, batches_KxB) -> (state, metrics_K)`.
+  """Compiles `K` steps per dispatch: `chunk(state, batches_KxB, votes) -> (state, metrics)`.
 
   The chunk runs `step_fn` under `lax.scan` over the leading axis of a
   `[K, B, ...]` batch, donates the incoming state, and returns each metric as a
   `[K]` array. Its shardings are fixed, so it compiles once per chunk shape.
+
+  `votes` holds one int32 per device (`sharding.vote_sharding`), set by each
+  process; `metrics["stop"]` is their maximum, the same in every process. This
+  is how processes agree to stop at one step when a preemption notice reaches
+  only some of them.
 
   Args:
     step_fn: a pure `(state, batch) -> (state, metrics)` step.
@@ -121,13 +126,16 @@ def make_train_chunk(
     The jitted chunk function.
   """
 
-  def chunk(state: TrainState, batches: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
-    return jax.lax.scan(step_fn, state, batches, unroll=unroll)
+  def chunk(
+    state: TrainState, batches: Batch, votes: jax.Array
+  ) -> tuple[TrainState, dict[str, jax.Array]]:
+    state, metrics = jax.lax.scan(step_fn, state, batches, unroll=unroll)
+    return state, {**metrics, "stop": jnp.max(votes)}
 
   replicated = NamedSharding(mesh, P())
   return jax.jit(
     chunk,
-    in_shardings=(state_shardings, sharding.batch_sharding(mesh, 1)),
+    in_shardings=(state_shardings, sharding.batch_sharding(mesh, 1), sharding.vote_sharding(mesh)),
     out_shardings=(state_shardings, replicated),
     donate_argnums=0,
   )

@@ -58,6 +58,11 @@ def setup(mesh, model_fn=None, loss_fn=None, rules=sharding.DEFAULT_RULES):
   return state, step_fn, jax.tree.map(lambda x: x.sharding, state)
 
 
+def no_votes(mesh):
+  """The chunk's preemption votes when no process votes to stop."""
+  return sharding.votes(mesh, 0)
+
+
 def global_batches(source, batch_size, num, seed=0):
   """The first `num` global training batches, as numpy `[num, B, ...]`."""
   it = iter(

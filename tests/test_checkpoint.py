@@ -71,6 +71,7 @@ def _torn_meta(step_dir):
   f.write_text("{")
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # Orbax's reads
 @pytest.mark.parametrize(
   "damage",
   [_truncate, _zero, _delete, _torn_data_json, _torn_meta],
@@ -106,15 +107,44 @@ def test_empty_newer_folder_is_set_aside(tmp_path, caplog):
   assert (tmp_path / "30.corrupt").is_dir() and (tmp_path / "10").is_dir()
 
 
-def test_leftover_temporary_folder_is_ignored(tmp_path, caplog):
+def test_leftover_temporary_folder_is_reported_and_removed(tmp_path, caplog):
   mesh = helpers.mesh((1, 1, 1), n=1)
   _save_steps(tmp_path, mesh, [10, 20])
   shutil.copytree(tmp_path / "20", tmp_path / "30.orbax-checkpoint-tmp-1234")
   _truncate(tmp_path / "30.orbax-checkpoint-tmp-1234")
   ckpt = checkpoint.Checkpointer(tmp_path, keep=5, async_save=True)
   assert ckpt.restore(_abstract(mesh)).step == 20
-  assert "unreadable" not in caplog.text
+  ckpt.close()
+  warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+  assert warnings == [
+    "checkpoint step 30 was never finished; removing 30.orbax-checkpoint-tmp-1234"
+  ]
   assert not list(tmp_path.glob("*tmp*"))  # an unfinished save is never a valid step
+
+
+def test_every_step_unreadable_raises_instead_of_starting_afresh(tmp_path):
+  mesh = helpers.mesh((1, 1, 1), n=1)
+  _save_steps(tmp_path, mesh, [10, 20])
+  _delete(tmp_path / "10")
+  _torn_meta(tmp_path / "20")
+  ckpt = checkpoint.Checkpointer(tmp_path, keep=5, async_save=True)
+  with pytest.raises(checkpoint.CheckpointError, match=r"no readable checkpoint .*\[20, 10\]"):
+    ckpt.restore(_abstract(mesh))
+  ckpt.close()
+  assert sorted(p.name for p in tmp_path.iterdir() if p.name[0].isdigit()) == [
+    "10.corrupt",
+    "20.corrupt",
+  ]
+
+
+def test_another_model_is_refused_and_nothing_is_set_aside(tmp_path, digits):
+  config = helpers.tiny_config(**{"ckpt.every_steps": 20})
+  jaxtrain.train(config, helpers.mlp(), digits, losses.classification, workdir=tmp_path)
+  lines = (tmp_path / "metrics.jsonl").read_text()
+  with pytest.raises(jaxtrain.ConfigError, match=r"another model .*head/kernel', \[32, 10\]"):
+    jaxtrain.train(config, helpers.mlp((48,)), digits, losses.classification, workdir=tmp_path)
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["20", "40"]
+  assert (tmp_path / "metrics.jsonl").read_text() == lines
 
 
 def test_checksums_catch_a_changed_value(tmp_path, caplog):
@@ -132,7 +162,7 @@ def test_checksums_catch_a_changed_value(tmp_path, caplog):
   args = ocp.args.Composite(
     state=ocp.args.StandardSave(changed),
     data=grain.checkpoint.CheckpointSave(checkpoint.IteratorState(None)),
-    meta=ocp.args.JsonSave({"checksums": original}),
+    meta=ocp.args.JsonSave({"checksums": original, "structure": checkpoint.structure(changed)}),
   )
   ckpt._manager.save(30, args=args, force=True)
   ckpt.close()
@@ -170,6 +200,20 @@ def test_newest_and_best_steps_are_kept(tmp_path):
   ckpt.close()
   kept = sorted(int(p.name) for p in tmp_path.iterdir() if p.name.isdigit())
   assert kept == [20, 50, 60]  # the best (0.9) and the two newest
+
+
+def test_best_step_survives_a_restart(tmp_path):
+  mesh = helpers.mesh((1, 1, 1), n=1)
+  options = {"keep": 2, "async_save": True, "best_metric": "eval/accuracy", "best_mode": "max"}
+  ckpt = checkpoint.Checkpointer(tmp_path, **options)
+  for step, acc in {10: 0.9, 20: 0.5}.items():
+    ckpt.save(checkpoint.bundle(step, _state(mesh), None, {}, {"eval/accuracy": acc}))
+  ckpt.close()
+  ckpt = checkpoint.Checkpointer(tmp_path, **options)  # a resumed run
+  for step in (30, 40, 50):
+    ckpt.save(checkpoint.bundle(step, _state(mesh), None, {}))
+  ckpt.close()
+  assert sorted(int(p.name) for p in tmp_path.iterdir() if p.name.isdigit()) == [10, 40, 50]
 
 
 def test_best_metric_must_be_an_eval_metric(tmp_path):
@@ -239,3 +283,12 @@ def test_sharding_rules_of_the_state_are_kept_on_restore(tmp_path):
   restored = checkpoint.Checkpointer(tmp_path, keep=5, async_save=True).restore(abstract)
   for leaf, want in zip(jax.tree.leaves(restored.state), jax.tree.leaves(abstract), strict=True):
     assert leaf.sharding == want.sharding
+
+
+def test_unusable_checkpoint_folder_is_reported_at_start(tmp_path, digits):
+  (tmp_path / "checkpoints").write_text("a file where the folder should be")
+  with pytest.raises(checkpoint.CheckpointError, match=r"checkpoint folder .* is not usable"):
+    jaxtrain.train(
+      helpers.tiny_config(), helpers.mlp(), digits, losses.classification, workdir=tmp_path
+    )
+  assert not (tmp_path / "run.json").exists()  # nothing was started

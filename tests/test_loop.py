@@ -94,29 +94,17 @@ def test_failure_is_recorded_in_run_json(tmp_path, digits):
 
 def test_recompilation_is_reported_and_recorded(tmp_path, caplog, digits):
   """A chunk of another shape compiles a second executable: warned and in run.json."""
-  import functools  # noqa: PLC0415
-
-  import jax  # noqa: PLC0415
-
   from jaxtrain import loop, record, sharding, step  # noqa: PLC0415
-  from jaxtrain import state as state_lib  # noqa: PLC0415
 
   mesh = helpers.mesh((8, 1, 1))
-  tx = helpers.adam()
-  graphdef, state = state_lib.create_state(helpers.mlp(), tx, seed=0, mesh=mesh)
-  step_fn = functools.partial(
-    step.train_step,
-    graphdef=graphdef,
-    tx=tx,
-    loss_fn=losses.classification,
-    schedule=lambda n: 1e-2,
-  )
-  chunk_fn = step.make_train_chunk(step_fn, jax.tree.map(lambda x: x.sharding, state), mesh)
+  state, step_fn, shardings = helpers.setup(mesh)
+  chunk_fn = step.make_train_chunk(step_fn, shardings, mesh)
   run = record.RunRecord(tmp_path, True, {"train_chunk_compilations": 0})
   batches = helpers.global_batches(digits.train, 32, 5)
   compiled = []
   for k in (5, 5, 2):
-    state, _ = chunk_fn(state, sharding.put_batch(helpers.take(batches, slice(0, k)), mesh, 32, 1))
+    chunk = sharding.put_batch(helpers.take(batches, slice(0, k)), mesh, 32, 1)
+    state, _ = chunk_fn(state, chunk, helpers.no_votes(mesh))
     compiled.append(loop._compiled(chunk_fn, 10, run))
   assert compiled == [True, False, True]
   assert json.loads((tmp_path / "run.json").read_text())["train_chunk_compilations"] == 2

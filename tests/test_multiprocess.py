@@ -90,7 +90,7 @@ def test_two_processes_match_one(tmp_path, digits):
 
 
 def test_sigterm_to_one_process_stops_all_at_one_step(tmp_path, digits):
-  """JAX's preemption sync point: every process saves the same step, then all resume."""
+  """The stop vote in the compiled chunk: every process saves the same step, then resumes."""
   overrides = {
     **OVERRIDES,
     "train.steps": 600,
@@ -104,7 +104,7 @@ def test_sigterm_to_one_process_stops_all_at_one_step(tmp_path, digits):
   while not (workdir / "checkpoints" / "100").is_dir():
     assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
     time.sleep(0.01)
-  procs[1].send_signal(signal.SIGTERM)  # the notice reaches one process only
+  procs[0].send_signal(signal.SIGTERM)  # the notice reaches one process only
   codes, outputs = _finish(procs)
   assert codes == [3, 3], outputs[0][-3000:] + outputs[1][-3000:]
   run = json.loads((workdir / "run.json").read_text())

@@ -85,6 +85,7 @@ def _assert_same_run(workdir, reference):
   assert _lines(workdir) == ref_lines  # every logged value, timing aside
   run = json.loads((workdir / "run.json").read_text())
   assert run["status"] == "completed" and run["final_step"] == 600
+  assert run["train_chunk_compilations"] == 1
 
 
 @pytest.mark.parametrize("kill_after", [100, 300])
@@ -97,6 +98,19 @@ def test_sigkill_then_rerun_is_bit_exact(tmp_path, reference, kill_after):
   assert code == 0, err[-3000:]
   run = json.loads((tmp_path / "run.json").read_text())
   assert run["attempt"] == 2 and run["resumed_from"] >= kill_after
+  _assert_same_run(tmp_path, reference)
+
+
+def test_sigkill_before_the_first_checkpoint(tmp_path, reference):
+  proc = _start(tmp_path)
+  metrics = tmp_path / "metrics.jsonl"
+  _wait_for(lambda: metrics.exists() and metrics.stat().st_size > 0, proc)
+  proc.kill()
+  proc.wait()
+  assert not list((tmp_path / "checkpoints").iterdir())
+  code, err = _run(tmp_path)
+  assert code == 0, err[-3000:]
+  assert json.loads((tmp_path / "run.json").read_text())["resumed_from"] is None
   _assert_same_run(tmp_path, reference)
 
 

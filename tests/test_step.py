@@ -22,7 +22,9 @@ def test_scanned_chunk_equals_single_steps(digits, unroll):
   batches = helpers.global_batches(digits.train, B, K)
   state, step_fn, shardings = helpers.setup(mesh)
   chunk_fn = step_lib.make_train_chunk(step_fn, shardings, mesh, unroll)
-  scanned, scanned_metrics = chunk_fn(state, sharding.put_batch(batches, mesh, B, 1))
+  scanned, scanned_metrics = chunk_fn(
+    state, sharding.put_batch(batches, mesh, B, 1), helpers.no_votes(mesh)
+  )
 
   state, step_fn, _ = helpers.setup(mesh)
   single = jax.jit(step_fn)
@@ -41,7 +43,8 @@ def test_scanned_chunk_equals_single_steps(digits, unroll):
 def _run(mesh, batches, steps, rules=sharding.DEFAULT_RULES):
   state, step_fn, shardings = helpers.setup(mesh, rules=rules)
   chunk_fn = step_lib.make_train_chunk(step_fn, shardings, mesh)
-  state, m = chunk_fn(state, sharding.put_batch(helpers.take(batches, slice(0, steps)), mesh, B, 1))
+  chunk = sharding.put_batch(helpers.take(batches, slice(0, steps)), mesh, B, 1)
+  state, m = chunk_fn(state, chunk, helpers.no_votes(mesh))
   return state, np.asarray(m["loss"])
 
 
@@ -93,9 +96,9 @@ def test_chunk_compiles_once_and_reports_a_recompile(digits):
     helpers.take(batches, slice(start, stop)), mesh, B, 1
   )
   for i in range(3):
-    state, _ = chunk_fn(state, put(i * K, (i + 1) * K))
+    state, _ = chunk_fn(state, put(i * K, (i + 1) * K), helpers.no_votes(mesh))
   assert step_lib.compilations(chunk_fn) == 1
-  state, _ = chunk_fn(state, put(0, 2))  # a chunk of K=2 is another shape
+  state, _ = chunk_fn(state, put(0, 2), helpers.no_votes(mesh))  # K=2 is another shape
   assert step_lib.compilations(chunk_fn) == 2
 
 
@@ -133,3 +136,18 @@ def test_auto_unroll_unrolls_convolutions_on_cpu():
   ]:
     state, step_fn, _ = helpers.setup(mesh, model_fn=model_fn)
     assert step_lib.auto_unroll(step_fn, state, batch, K) == expected
+
+
+def test_one_vote_stops_every_process(digits):
+  """A single device's vote reaches the replicated `stop` output (8 devices here)."""
+  mesh = helpers.mesh((2, 4, 1))
+  state, step_fn, shardings = helpers.setup(mesh)
+  chunk_fn = step_lib.make_train_chunk(step_fn, shardings, mesh)
+  batches = sharding.put_batch(helpers.global_batches(digits.train, B, 2), mesh, B, 1)
+  votes = np.zeros(8, np.int32)
+  state, m = chunk_fn(state, batches, jax.device_put(votes, sharding.vote_sharding(mesh)))
+  assert int(m["stop"]) == 0
+  votes[5] = 1
+  state, m = chunk_fn(state, batches, jax.device_put(votes, sharding.vote_sharding(mesh)))
+  assert int(m["stop"]) == 1 and m["stop"].sharding.is_fully_replicated
+  assert step_lib.compilations(chunk_fn) == 1
