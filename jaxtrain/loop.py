@@ -92,13 +92,11 @@ def train(  # noqa: PLR0912, PLR0915 (the loop reads top to bottom by design)
   ckpt, restored = _restore(config, workdir, abstract)  # before anything is written
   step = restored.step if restored else 0
   is_main = jax.process_index() == 0
-  run = _open_records(config, workdir, mesh, data, restored=restored, is_main=is_main)
   meter = metrics.Meter(t.batch_size)
   eval_metrics = restored.meta["eval"] if restored else {}
   if restored:
     meter.load(restored.meta["meter"])
-  status, prefetch, writer, progress = "completed", None, None, None
-  preemption = checkpoint.PreemptionWatch(mesh)
+  status, run, prefetch, writer, progress, preemption = "completed", None, None, None, None, None
 
   def finish(end_step: int, chunk_metrics: Any, wait: float) -> bool:
     """Logs a chunk's metrics; returns whether any process voted to stop."""
@@ -111,6 +109,8 @@ def train(  # noqa: PLR0912, PLR0915 (the loop reads top to bottom by design)
     return stop_vote
 
   try:
+    run = _open_records(config, workdir, mesh, data, restored=restored, is_main=is_main)
+    preemption = checkpoint.PreemptionWatch(mesh)
     writer = metrics.JsonlWriter(workdir / "metrics.jsonl" if is_main else None)
     progress = metrics.Progress(t.steps, step, is_main)
     state = (
@@ -178,7 +178,8 @@ def train(  # noqa: PLR0912, PLR0915 (the loop reads top to bottom by design)
     )
   except BaseException as e:
     try:
-      run.update(status="failed", reason=f"{type(e).__name__}: {e}", final_step=step)
+      if run:
+        run.update(status="failed", reason=f"{type(e).__name__}: {e}", final_step=step)
     except OSError as write_error:  # a full disk: the first error is the one to report
       logging.error("could not record the failure in run.json: %s", write_error)
     raise

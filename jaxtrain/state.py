@@ -136,14 +136,7 @@ def create_state(
   mesh: Mesh,
   rules: sharding.Rules = sharding.DEFAULT_RULES,
 ) -> tuple[nnx.GraphDef, TrainState]:
-  """Builds the initial state directly in its sharded layout.
-
-  Args:
-    model_fn: builds the Flax NNX model from `rngs=`.
-    tx: the optimizer.
-    seed: the run's seed.
-    mesh: the device mesh.
-    rules: the sharding rules table, applied to every leaf of the state.
+  """`abstract_state` (same arguments), then `init_state`: the state, born sharded.
 
   Returns:
     The model's graph definition and the sharded state.

@@ -71,7 +71,6 @@ def _torn_meta(step_dir):
   f.write_text("{")
 
 
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # Orbax's reads
 @pytest.mark.parametrize(
   "damage",
   [_truncate, _zero, _delete, _torn_data_json, _torn_meta],
