@@ -9,6 +9,9 @@ Example:
   >>> tx = optimizer("adamw", sched, weight_decay=1e-4, clip_norm=1.0)
 """
 
+from typing import NamedTuple
+
+import jax
 import jax.numpy as jnp
 import optax
 
@@ -76,6 +79,7 @@ def optimizer(
   weight_decay: float = 0.0,
   clip_norm: float = 0.0,
   accum_steps: int = 1,
+  multiplier: bool = False,
 ) -> optax.GradientTransformation:
   """Returns the named Optax optimizer with optional clipping and accumulation.
 
@@ -85,6 +89,7 @@ def optimizer(
     weight_decay: decoupled weight decay, for adamw, lion and adafactor.
     clip_norm: clip gradients to this global norm first; 0 turns it off.
     accum_steps: average the gradients of this many calls into one update.
+    multiplier: chain `lr_multiplier()` after the optimizer, for reduce-on-plateau.
 
   Returns:
     The transform.
@@ -93,8 +98,41 @@ def optimizer(
   decay_arg = WEIGHT_DECAY_ARGS.get(name)
   kwargs = {decay_arg: weight_decay} if decay_arg else {}
   tx = OPTIMIZERS[name](learning_rate, **kwargs)
+  if multiplier:
+    tx = optax.chain(tx, lr_multiplier())
   if clip_norm:
     tx = optax.chain(optax.clip_by_global_norm(clip_norm), tx)
   if accum_steps > 1:
     tx = optax.MultiSteps(tx, every_k_schedule=accum_steps)
   return tx
+
+
+class LrMultiplierState(NamedTuple):
+  """The factor that `lr_multiplier` applies; set from outside the step."""
+
+  lr_multiplier: jax.Array
+
+
+def lr_multiplier() -> optax.GradientTransformation:
+  """Scales updates by a factor held in the optimizer state (initially 1).
+
+  Chained after an optimizer, it scales the learning rate without recompiling:
+  set the factor with `optax.tree_utils.tree_set(opt_state, lr_multiplier=x)`,
+  as reduce-on-plateau does. The train step reports `lr` times the factor.
+
+  Example:
+    >>> tx = optax.chain(optax.adam(1e-3), lr_multiplier())
+    >>> opt_state = optax.tree_utils.tree_set(tx.init(params), lr_multiplier=0.5)
+  """
+
+  def init(params: optax.Params) -> LrMultiplierState:
+    del params
+    return LrMultiplierState(jnp.ones((), jnp.float32))
+
+  def update(
+    updates: optax.Updates, state: LrMultiplierState, params: optax.Params | None = None
+  ) -> tuple[optax.Updates, LrMultiplierState]:
+    del params
+    return jax.tree.map(lambda u: u * state.lr_multiplier.astype(u.dtype), updates), state
+
+  return optax.GradientTransformation(init, update)

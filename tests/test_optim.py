@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from jaxtrain import config as config_lib
@@ -74,3 +75,15 @@ def test_weight_decay_is_applied_when_asked():
   tx = optim.optimizer("adamw", 0.1, weight_decay=0.5)
   updates, _ = tx.update({"w": jnp.zeros((4, 4))}, tx.init(params), params)
   np.testing.assert_allclose(updates["w"], -0.1 * 0.5, rtol=1e-6)
+
+
+def test_lr_multiplier_scales_the_updates_exactly():
+  params = {"w": jnp.array([1.0, -2.0, 3.0])}
+  grads = {"w": jnp.array([0.3, -0.1, 0.2])}
+  plain = optim.optimizer("adam", 1e-2)
+  scaled = optim.optimizer("adam", 1e-2, multiplier=True)
+  state = optax.tree_utils.tree_set(scaled.init(params), lr_multiplier=jnp.float32(0.25))
+  want, _ = plain.update(grads, plain.init(params), params)
+  got, state = scaled.update(grads, state, params)
+  np.testing.assert_allclose(got["w"], 0.25 * want["w"], rtol=1e-6)
+  assert float(optax.tree_utils.tree_get(state, "lr_multiplier")) == 0.25
