@@ -7,6 +7,15 @@ The data comes from `--config.data.dir`, the Debian package
 `dataset-fashion-mnist`, or a checked download. A quick variant:
 
     python -m experiments.fashion_mnist --workdir /tmp/fmnist --config.train.steps=500
+
+A deliberately long schedule (50 epochs) that the monitor stops early, ending with
+the best evaluation's weights (BUILD_NOTES.md has the numbers):
+
+    python -m experiments.fashion_mnist --workdir /tmp/fmnist_es \
+      --config.train.steps=23400 --config.eval.every_steps=470 \
+      --config.early_stop.metric=eval/accuracy --config.early_stop.mode=max \
+      --config.early_stop.patience=5 --config.early_stop.min_delta=0.001 \
+      --config.early_stop.restore_best=true
 """
 
 import functools

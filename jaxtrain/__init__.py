@@ -4,18 +4,20 @@ The public surface:
   train                       run a training job into a workdir
   TrainState, TrainResult     the state pytree and what `train` returns
   ConfigError, DataError      bad input, reported in one line (exit status 2)
-  config, data, losses, models, optim, sharding, step   the modules
+  NonFiniteError              too many non-finite updates in a row
+  config, data, losses, models, monitor, optim, sharding, step   the modules
 """
 
-from jaxtrain import config, data, losses, models, optim, sharding, step
+from jaxtrain import config, data, losses, models, monitor, optim, sharding, step
 from jaxtrain.config import ConfigError
 from jaxtrain.data.sources import DataError
-from jaxtrain.loop import TrainResult, train
+from jaxtrain.loop import NonFiniteError, TrainResult, train
 from jaxtrain.state import TrainState, create_state, merge_model
 
 __all__ = [
   "ConfigError",
   "DataError",
+  "NonFiniteError",
   "TrainResult",
   "TrainState",
   "config",
@@ -24,6 +26,7 @@ __all__ = [
   "losses",
   "merge_model",
   "models",
+  "monitor",
   "optim",
   "sharding",
   "step",

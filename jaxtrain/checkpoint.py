@@ -259,6 +259,22 @@ class Checkpointer:
       )
     return None
 
+  def restore_step(self, step: int, abstract: TrainState) -> Restored:
+    """Restores one given step, such as the best, into the layout of `abstract`.
+
+    Raises:
+      CheckpointError: the step is missing or unreadable; nothing is renamed.
+    """
+    meta, problem = self._read_meta(step)
+    restored = None
+    if _everywhere(problem is None):
+      _check_fits(meta, abstract, step)
+      restored, problem = self._read_all(step, abstract, meta)
+    if not _everywhere(problem is None):
+      problem = problem or "unreadable in another process"
+      raise CheckpointError(f"checkpoint step {step} is unreadable: {' '.join(problem.split())}")
+    return restored
+
   def _read_meta(self, step: int) -> tuple[dict[str, Any] | None, str | None]:
     """Reads a step's record and checks this process's iterator state, with no collective."""
     try:

@@ -4,7 +4,9 @@
 runs `main` under `absl.app.run`. A bad flag, config value or dataset ends the
 process with one line on stderr and exit status 2, before anything is compiled
 or written. A run stopped by SIGTERM after its checkpoint exits with status 3;
-a checkpoint that cannot be written ends it with one line and status 1.
+a checkpoint that cannot be written, or `train.max_skipped` non-finite updates
+in a row, end it with one line and status 1. A run the early-stopping monitor
+stopped exits with status 0, like a completed one.
 
 Example (an experiment module):
   >>> _CONFIG = cli.define_config(get_config())
@@ -29,6 +31,7 @@ from jaxtrain import config as config_lib
 from jaxtrain import sharding
 from jaxtrain.checkpoint import CheckpointError
 from jaxtrain.data.sources import DataError
+from jaxtrain.loop import NonFiniteError
 
 USAGE_ERRORS = (config_lib.ConfigError, DataError)
 EXIT_FAILED = 1  # training failed, e.g. a checkpoint could not be written
@@ -78,7 +81,7 @@ def run(main: Callable[[list[str]], None]) -> None:
       result = main(argv)
     except USAGE_ERRORS as e:
       fail(str(e))
-    except (CheckpointError, OSError) as e:  # a full or read-only disk; saved steps are intact
+    except (CheckpointError, NonFiniteError, OSError) as e:  # saved steps are intact
       fail(str(e), EXIT_FAILED)
     if getattr(result, "status", None) == "preempted":
       sys.exit(EXIT_PREEMPTED)

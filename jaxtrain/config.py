@@ -14,10 +14,12 @@ Example:
 import difflib
 import hashlib
 import json
+import math
 from collections.abc import Iterator
 from typing import Any
 
 import ml_collections
+from ml_collections import config_dict
 
 OPTIMIZERS = ("adam", "adamw", "rmsprop", "adagrad", "sgd", "lion", "adafactor")
 SCHEDULES = ("constant", "cosine", "linear", "rsqrt", "wsd")
@@ -34,54 +36,84 @@ class ConfigError(ValueError):
 def get_config() -> ml_collections.ConfigDict:
   """Returns the base config with every default of the framework."""
   c = ml_collections.ConfigDict()
-  c.train = ml_collections.ConfigDict()
-  c.train.steps = 1000  # optimizer steps in the whole run
-  c.train.batch_size = 128  # global batch, split over the data-parallel devices
-  c.train.steps_per_loop = 10  # steps per compiled dispatch (lax.scan length)
-  c.train.seed = 0  # parameters, dropout and the data order derive from it
-  c.train.log_every = 100  # steps between train lines in metrics.jsonl
-  c.train.unroll = 0  # steps unrolled in the scanned chunk; 0: step.auto_unroll decides
-
-  c.eval = ml_collections.ConfigDict()
-  c.eval.every_steps = 500  # 0: evaluate only at the end
-  c.eval.batch_size = 512  # global; the last partial batch is padded and masked
-
-  c.optim = ml_collections.ConfigDict()
-  c.optim.name = "adam"  # one of OPTIMIZERS
-  c.optim.lr = 1e-3  # peak learning rate
-  c.optim.schedule = "constant"  # one of SCHEDULES
-  c.optim.warmup_steps = 0  # linear warm-up from 0 to optim.lr
-  c.optim.decay_fraction = 0.2  # wsd: the share of steps spent decaying
-  c.optim.weight_decay = 0.0  # decoupled; only for DECAY_OPTIMIZERS
-  c.optim.clip_norm = 0.0  # global-norm clipping; 0 turns it off
-  c.optim.accum_steps = 1  # micro-batches accumulated per update
-
-  c.precision = ml_collections.ConfigDict()
-  c.precision.policy = "f32"  # one of POLICIES
-
-  c.mesh = ml_collections.ConfigDict()
-  c.mesh.data = -1  # -1 takes the devices the other axes leave
-  c.mesh.fsdp = 1
-  c.mesh.tensor = 1
-
-  c.data = ml_collections.ConfigDict()
-  c.data.name = ""  # set by the experiment; recorded in run.json
-  c.data.dir = ""  # where to look for dataset files first
-  c.data.workers = 0  # Grain worker processes; 0 reads in the training process
-
-  c.ckpt = ml_collections.ConfigDict()
-  c.ckpt.every_steps = 1000  # 0: only at the end and on preemption
-  c.ckpt.keep = 3  # newest steps kept
-  c.ckpt["async"] = True  # write in the background
-  c.ckpt.best_metric = ""  # also keep the best step by it, e.g. "eval/accuracy"
-  c.ckpt.best_mode = "min"  # one of MODES
-
-  c.early_stop = ml_collections.ConfigDict()
-  c.early_stop.metric = ""  # for example "eval/loss"; empty turns it off
-  c.early_stop.mode = "min"  # one of MODES
-  c.early_stop.patience = 5  # evaluations without improvement
-  c.early_stop.min_delta = 0.0
-
+  c.train = ml_collections.ConfigDict(
+    {
+      "steps": 1000,  # optimizer steps in the whole run
+      "batch_size": 128,  # global batch, split over the data-parallel devices
+      "steps_per_loop": 10,  # steps per compiled dispatch (lax.scan length)
+      "seed": 0,  # parameters, dropout and the data order derive from it
+      "log_every": 100,  # steps between train lines in metrics.jsonl
+      "unroll": 0,  # steps unrolled in the scanned chunk; 0: step.auto_unroll decides
+      "max_skipped": 20,  # non-finite updates skipped in a row before the run fails; 0: never
+    }
+  )
+  c.eval = ml_collections.ConfigDict(
+    {
+      "every_steps": 500,  # 0: evaluate only at the end
+      "batch_size": 512,  # global; the last partial batch is padded and masked
+    }
+  )
+  c.optim = ml_collections.ConfigDict(
+    {
+      "name": "adam",  # one of OPTIMIZERS
+      "lr": 1e-3,  # peak learning rate
+      "schedule": "constant",  # one of SCHEDULES
+      "warmup_steps": 0,  # linear warm-up from 0 to optim.lr
+      "decay_fraction": 0.2,  # wsd: the share of steps spent decaying
+      "weight_decay": 0.0,  # decoupled; only for DECAY_OPTIMIZERS
+      "clip_norm": 0.0,  # global-norm clipping; 0 turns it off
+      "accum_steps": 1,  # micro-batches accumulated per update
+    }
+  )
+  c.precision = ml_collections.ConfigDict(
+    {
+      "policy": "f32",  # one of POLICIES
+    }
+  )
+  c.mesh = ml_collections.ConfigDict(
+    {
+      "data": -1,  # -1 takes the devices the other axes leave
+      "fsdp": 1,
+      "tensor": 1,
+    }
+  )
+  c.data = ml_collections.ConfigDict(
+    {
+      "name": "",  # set by the experiment; recorded in run.json
+      "dir": "",  # where to look for dataset files first
+      "workers": 0,  # Grain worker processes; 0 reads in the training process
+    }
+  )
+  c.ckpt = ml_collections.ConfigDict(
+    {
+      "every_steps": 1000,  # 0: only at the end and on preemption
+      "keep": 3,  # newest steps kept
+      "async": True,  # write in the background
+      "best_metric": "",  # also keep the best step by it, e.g. "eval/accuracy"
+      "best_mode": "min",  # one of MODES
+    }
+  )
+  c.early_stop = ml_collections.ConfigDict(
+    {  # see jaxtrain.monitor for the exact rules
+      "metric": "",  # monitored eval metric, e.g. "eval/loss"; empty turns it off
+      "mode": "min",  # one of MODES
+      "patience": 5,  # evaluations without improvement tolerated
+      "min_delta": 0.0,  # the least change that counts as an improvement
+      "relative": False,  # min_delta is a fraction of the best value
+      "baseline": config_dict.placeholder(float),  # a value to beat; None: none
+      "warmup_steps": 0,  # evaluations before this step are not counted
+      "divergence": config_dict.placeholder(float),  # stop when worse than this
+      "restore_best": False,  # end with the best checkpoint's state
+    }
+  )
+  c.plateau = ml_collections.ConfigDict(
+    {  # reduce-on-plateau, on early_stop.metric
+      "factor": 1.0,  # lr multiplier per plateau; 1 turns it off
+      "patience": 2,  # evaluations without improvement tolerated
+      "cooldown": 0,  # evaluations ignored after a reduction
+      "min_scale": 0.0,  # the multiplier's floor
+    }
+  )
   c.model = ml_collections.ConfigDict()  # per experiment
   return c
 
@@ -134,6 +166,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     "optim.clip_norm",
     "early_stop.patience",
     "early_stop.min_delta",
+    "early_stop.warmup_steps",
+    "plateau.patience",
+    "plateau.cooldown",
+    "plateau.min_scale",
+    "train.max_skipped",
     "data.workers",
   ):
     _require(get(config, key) >= 0, key, config, "must not be negative")
@@ -156,12 +193,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     config,
     f"is not available yet (available: {', '.join(SUPPORTED_POLICIES)})",
   )
-  _require(
-    not config.early_stop.metric,
-    "early_stop.metric",
-    config,
-    "early stopping is not available yet; leave it empty",
-  )
+  _check_monitor(config)
   _require(
     o.weight_decay == 0 or o.name in DECAY_OPTIMIZERS,
     "optim.weight_decay",
@@ -190,6 +222,38 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
       f"is not divisible by the {data * fsdp} data-parallel devices "
       f"(mesh.data x mesh.fsdp = {data} x {fsdp})",
     )
+
+
+def _check_monitor(config: ml_collections.ConfigDict) -> None:
+  e = config.early_stop
+  _require(
+    not e.metric or e.metric.startswith("eval/"),
+    "early_stop.metric",
+    config,
+    "must name an eval metric, like eval/loss",
+  )
+  _require(0 < config.plateau.factor <= 1, "plateau.factor", config, "must be in (0, 1]")
+  _require(config.plateau.min_scale <= 1, "plateau.min_scale", config, "must be in [0, 1]")
+  _require(
+    not e.relative or e.min_delta < 1, "early_stop.min_delta", config, "must be below 1 if relative"
+  )
+  for key in ("early_stop.baseline", "early_stop.divergence"):
+    value = get(config, key)
+    _require(value is None or math.isfinite(value), key, config, "must be finite or None")
+  for key in ("early_stop.patience", "early_stop.warmup_steps", "plateau.patience"):
+    _require(get(config, key) < 2**31, key, config, "must be below 2**31")
+  for key, on in (
+    ("plateau.factor", config.plateau.factor < 1),
+    ("early_stop.restore_best", e.restore_best),
+  ):
+    _require(not on or bool(e.metric), key, config, "needs early_stop.metric")
+  c = config.ckpt
+  _require(
+    not e.restore_best or not c.best_metric or (c.best_metric, c.best_mode) == (e.metric, e.mode),
+    "ckpt.best_metric",
+    config,
+    "with early_stop.restore_best, leave it empty or equal to early_stop.metric and mode",
+  )
 
 
 def mesh_shape(mesh: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int, int]:
@@ -252,13 +316,20 @@ def _check_choice(config: ml_collections.ConfigDict, key: str, choices: tuple[st
 
 
 def _check_keys_and_types(config: ml_collections.ConfigDict) -> None:
-  base = dict(flatten(get_config()))
+  defaults = get_config()
+  base = dict(flatten(defaults))
   for key, value in flatten(config):
     if key.startswith("model."):
       continue
     if key not in base:
       raise ConfigError(unknown_key_message(key, list(base)))
-    want = type(base[key])
+    if base[key] is None:  # an optional value: None, or of the placeholder's type
+      *parents, leaf = key.split(".")
+      want = get(defaults, ".".join(parents)).get_ref(leaf).get_type()
+      if value is None:
+        continue
+    else:
+      want = type(base[key])
     ok = isinstance(value, want) and not (want is int and isinstance(value, bool))
     if want is float:
       ok = isinstance(value, int | float) and not isinstance(value, bool)

@@ -6,6 +6,10 @@ on them, and the host fetches and logs the metrics of chunk `n-1`, so it waits
 on the devices only for evaluations and checkpoints. Periodic work is an `if`
 below. Rerunning the same command on the same workdir resumes from the newest
 readable checkpoint and continues exactly as an uninterrupted run would.
+
+With `early_stop.metric` set, every evaluation feeds the state's monitor
+(`jaxtrain.monitor`), which may stop the run or lower the learning rate; its
+state is checkpointed with the rest, so a resumed run stops at the same step.
 """
 
 import functools
@@ -15,6 +19,7 @@ import time
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -23,6 +28,7 @@ from jax.sharding import Mesh
 
 from jaxtrain import checkpoint, metrics, optim, record, sharding
 from jaxtrain import config as config_lib
+from jaxtrain import monitor as monitor_lib
 from jaxtrain import state as state_lib
 from jaxtrain import step as step_lib
 from jaxtrain.data import pipeline
@@ -33,16 +39,23 @@ from jaxtrain.evaluate import Evaluator
 DATA_ORDER_KEYS = ("train.batch_size", "train.steps_per_loop", "train.seed", "data.workers")
 
 
+class NonFiniteError(RuntimeError):
+  """Too many updates in a row had a non-finite loss or gradient."""
+
+
 class TrainResult(NamedTuple):
   """What `train` returns.
 
   Attributes:
-    state: the final `TrainState`.
+    state: the final `TrainState`; with `early_stop.restore_best`, the best
+      checkpoint's.
     graphdef: the model's graph definition; `merge_model(graphdef, state)`
       rebuilds the trained model.
-    eval_metrics: the last evaluation's metrics, such as `loss` and `accuracy`.
-    status: `completed`, or `preempted` when a SIGTERM stopped the run after a
-      checkpoint (rerun the same command to resume).
+    eval_metrics: the metrics, such as `loss` and `accuracy`, of the last
+      evaluation, or of the best one with `early_stop.restore_best`.
+    status: `completed`; `stopped_early` when the monitor stopped the run; or
+      `preempted` when a SIGTERM stopped it after a checkpoint (rerun the same
+      command to resume).
   """
 
   state: state_lib.TrainState
@@ -80,44 +93,68 @@ def train(  # noqa: PLR0912, PLR0915 (the loop reads top to bottom by design)
     ConfigError: for an invalid config, an unusable workdir, or a checkpoint
       whose data order the config contradicts, before anything is written.
     CheckpointError: when a checkpoint cannot be written; training stops.
+    NonFiniteError: after `train.max_skipped` non-finite updates in a row;
+      nothing is saved after them.
   """
   config_lib.validate(config, jax.device_count())
   workdir = record.prepare_workdir(workdir)
   mesh = sharding.make_mesh(config_lib.mesh_shape(config.mesh, jax.device_count()))
   logging.info("devices: %s, mesh: %s", jax.devices(), dict(mesh.shape))
-  t, k, c = config.train, config.train.steps_per_loop, config.ckpt
+  t, k, e = config.train, config.train.steps_per_loop, config.early_stop
+  watch = monitor_lib.MonitorConfig.from_config(config)
   tx, schedule = _optimizer(config)
   graphdef, abstract = state_lib.abstract_state(model, tx, seed=t.seed, mesh=mesh, rules=rules)
-  _check_best_metric(config, graphdef, abstract, data, loss_fn)
+  _check_metric_names(config, graphdef, abstract, data, loss_fn)
   ckpt, restored = _restore(config, workdir, abstract)  # before anything is written
   step = restored.step if restored else 0
   is_main = jax.process_index() == 0
   meter = metrics.Meter(t.batch_size)
   eval_metrics = restored.meta["eval"] if restored else {}
+  skipped = restored.meta["skipped"] if restored else 0
+  in_a_row = 0  # skipped updates at the end of the last chunk read
+  saved = restored.step if restored else None
   if restored:
     meter.load(restored.meta["meter"])
   status, run, prefetch, writer, progress, preemption = "completed", None, None, None, None, None
 
   def finish(end_step: int, chunk_metrics: Any, wait: float) -> bool:
     """Logs a chunk's metrics; returns whether any process voted to stop."""
+    nonlocal skipped, in_a_row
     host = jax.device_get(chunk_metrics)  # one chunk late: already computed
     stop_vote = bool(host.pop("stop"))
+    runs = host.pop("skipped_in_a_row")
+    in_a_row = int(runs[-1])
+    skipped += int(np.sum(host["skipped"]))
     meter.add(host, wait)
     progress.update(k, loss=float(np.mean(host["loss"])))
     if end_step % t.log_every == 0:
       writer.write(end_step, "train", meter.summary(time.perf_counter(), host))
+    if t.max_skipped and np.max(runs) >= t.max_skipped:
+      kept = f"step {saved} is the newest checkpoint" if saved else "no checkpoint was saved"
+      raise NonFiniteError(
+        f"{np.max(runs)} updates in a row had a non-finite loss or gradient and were skipped "
+        f"(train.max_skipped={t.max_skipped}, by step {end_step}); {kept}"
+      )
     return stop_vote
+
+  def save(bundle: checkpoint.Bundle) -> None:
+    """Saves, unless the state follows skipped updates: a bad run must not evict good steps."""
+    nonlocal saved
+    if in_a_row:
+      logging.warning("not saving step %d: its last %d updates were skipped", bundle.step, in_a_row)
+      return
+    ckpt.save(bundle)
+    saved = bundle.step
+
+  def meta() -> dict[str, Any]:
+    return _bundle_meta(config, mesh, meter, eval_metrics, skipped)
 
   try:
     run = _open_records(config, workdir, mesh, data, restored=restored, is_main=is_main)
     preemption = checkpoint.PreemptionWatch(mesh)
     writer = metrics.JsonlWriter(workdir / "metrics.jsonl" if is_main else None)
     progress = metrics.Progress(t.steps, step, is_main)
-    state = (
-      restored.state
-      if restored
-      else state_lib.init_state(model, tx, seed=t.seed, abstract=abstract)
-    )
+    state = _start_state(config, model, tx, abstract=abstract, watch=watch, restored=restored)
     train_chunk, evaluate, prefetch = _build(
       config,
       data,
@@ -129,10 +166,14 @@ def train(  # noqa: PLR0912, PLR0915 (the loop reads top to bottom by design)
       mesh=mesh,
       restored=restored,
     )
+    observe = step_lib.make_observe(watch, jax.tree.map(lambda x: x.sharding, abstract))
     pending, stop, deferred = None, False, None
+    verdict = monitor_lib.summary(state.monitor, watch) if e.metric else None
+    if verdict and verdict["reason"]:  # restored from a run the monitor stopped: it stays so
+      status = "stopped_early"
     data_state = restored.data_state if restored else None
     meter.start_clock(time.perf_counter())
-    while step < t.steps:
+    while step < t.steps and not (verdict and verdict["reason"]):
       chunk, wait, data_state = prefetch.next()
       start = time.perf_counter()
       with jax.transfer_guard("disallow"):  # nothing moves implicitly in the hot loop
@@ -143,7 +184,7 @@ def train(  # noqa: PLR0912, PLR0915 (the loop reads top to bottom by design)
       if pending:
         stop = finish(*pending)  # every process reads the same vote: all stop here
       if deferred:  # taken at the last boundary; saved while this chunk runs
-        ckpt.save(deferred._replace(meta=_bundle_meta(config, mesh, meter, eval_metrics)))
+        save(deferred._replace(meta=meta()))
         deferred = None
       ckpt.check()  # a failed background save stops the run at once
       pending = (step, chunk_metrics, wait)
@@ -153,33 +194,49 @@ def train(  # noqa: PLR0912, PLR0915 (the loop reads top to bottom by design)
       if evaluated or stop:  # the last step is always evaluated
         stop = finish(*pending) or stop
         pending = None
+      best = None  # the metrics that rank this step among the checkpoints
       if evaluated:
         start = time.perf_counter()
         eval_metrics = evaluate(state)
+        if e.metric:  # before the save, so the checkpoint holds the monitor's new state
+          state = observe(state, eval_metrics[e.metric.removeprefix("eval/")])
+          verdict = monitor_lib.summary(state.monitor, watch)
+          progress.update(0, **_progress_fields(verdict))
         meter.exclude(time.perf_counter() - start)  # throughput counts training only
         writer.write(step, "eval", eval_metrics)
         progress.update(0, **{f"eval_{n}": v for n, v in eval_metrics.items()})
-      if stop or _save_due(config, step) or (evaluated and c.best_metric):
-        metrics_ = _prefixed(eval_metrics) if evaluated else None
-        if stop or step == t.steps:  # nothing left to overlap with: save now
-          meta = _bundle_meta(config, mesh, meter, eval_metrics)
-          ckpt.save(checkpoint.bundle(step, state, data_state, meta, metrics_))
+        if _best_rule(config)[0] and (not e.restore_best or verdict["best_step"] == step):
+          best = _prefixed(eval_metrics)  # with restore_best, only the monitor's improvements
+      halt = stop or bool(verdict and verdict["reason"])
+      if halt or _save_due(config, step) or best:
+        if halt or step == t.steps:  # nothing left to overlap with: save now
+          save(checkpoint.bundle(step, state, data_state, meta(), best))
         else:  # a device copy, so the next chunk can take the state
-          deferred = checkpoint.bundle(step, state, data_state, {}, metrics_, copy=True)
+          deferred = checkpoint.bundle(step, state, data_state, {}, best, copy=True)
+      if verdict and verdict["reason"]:
+        logging.info("early stop at step %d: %s", step, verdict["reason"])
+        status = "stopped_early"
+        break
       if stop and step < t.steps:
         status = "preempted"
         break
     ckpt.wait()
-    run.update(
-      status=status,
-      final_step=step,
-      eval=eval_metrics,
-      reason="SIGTERM: checkpoint saved; rerun to resume" if status == "preempted" else None,
-    )
-  except BaseException as e:
+    reasons = {"preempted": "SIGTERM: checkpoint saved; rerun to resume"}
+    if verdict:
+      reasons["stopped_early"] = _stop_reason(e.metric, verdict)
+    fields = {"final_step": step, "reason": reasons.get(status), "skipped_steps": skipped}
+    if verdict:
+      fields.update(_monitor_fields(verdict, status))
+      if e.restore_best and status != "preempted":
+        fields["last_eval"] = eval_metrics
+        state, eval_metrics = _restore_best(ckpt, abstract, verdict, state, eval_metrics)
+        fields["restored_step"] = int(jax.device_get(state.step))
+    run.update(status=status, eval=eval_metrics, **fields)
+  except BaseException as error:
     try:
       if run:
-        run.update(status="failed", reason=f"{type(e).__name__}: {e}", final_step=step)
+        reason = f"{type(error).__name__}: {error}"
+        run.update(status="failed", reason=reason, final_step=step, skipped_steps=skipped)
     except OSError as write_error:  # a full disk: the first error is the one to report
       logging.error("could not record the failure in run.json: %s", write_error)
     raise
@@ -203,9 +260,118 @@ def _optimizer(
     decay_fraction=o.decay_fraction,
   )
   tx = optim.optimizer(
-    o.name, schedule, weight_decay=o.weight_decay, clip_norm=o.clip_norm, accum_steps=o.accum_steps
+    o.name,
+    schedule,
+    weight_decay=o.weight_decay,
+    clip_norm=o.clip_norm,
+    accum_steps=o.accum_steps,
+    multiplier=config.plateau.factor < 1,
   )
   return tx, schedule
+
+
+def _fresh_state(
+  model: state_lib.ModelFn,
+  tx: optax.GradientTransformation,
+  seed: int,
+  abstract: state_lib.TrainState,
+  watch: monitor_lib.MonitorConfig,
+) -> state_lib.TrainState:
+  """The initial state, with the monitor set up for the configured mode and baseline."""
+  state = state_lib.init_state(model, tx, seed=seed, abstract=abstract)
+  return state.replace(monitor=_fresh_monitor(abstract, watch))
+
+
+def _fresh_monitor(
+  abstract: state_lib.TrainState, watch: monitor_lib.MonitorConfig, lr_scale: Any = 1.0
+) -> monitor_lib.MonitorState:
+  """A monitor before any evaluation, with `lr_scale`, as new arrays in the state's layout."""
+  shardings = jax.tree.map(lambda x: x.sharding, abstract.monitor)
+  init = lambda scale: monitor_lib.init(watch)._replace(lr_scale=jnp.asarray(scale, jnp.float32))  # noqa: E731
+  return jax.jit(init, out_shardings=shardings)(lr_scale)
+
+
+def _start_state(
+  config: ml_collections.ConfigDict,
+  model: state_lib.ModelFn,
+  tx: optax.GradientTransformation,
+  *,
+  abstract: state_lib.TrainState,
+  watch: monitor_lib.MonitorConfig,
+  restored: checkpoint.Restored | None,
+) -> state_lib.TrainState:
+  """The restored state, or a fresh one; the monitor restarts if what it watches changed."""
+  if not restored:
+    return _fresh_state(model, tx, config.train.seed, abstract, watch)
+  if restored.meta.get("monitor") == _monitor_key(config):
+    return restored.state
+  if config.early_stop.metric:
+    logging.warning(
+      "early_stop.metric, mode or baseline differ from the checkpoint's: the monitor starts afresh"
+    )
+  scale = restored.state.monitor.lr_scale  # the learning rate carries on
+  return restored.state.replace(monitor=_fresh_monitor(abstract, watch, scale))
+
+
+def _monitor_key(config: ml_collections.ConfigDict) -> list[Any]:
+  """The settings that give the monitor's state its meaning."""
+  e = config.early_stop
+  return [e.metric, e.mode, e.baseline]
+
+
+def _stop_reason(metric: str, verdict: dict[str, Any]) -> str:
+  best = "no improvement at all"
+  if verdict["best_step"] is not None:
+    best = f"best {verdict['best_value']:.6g} at step {verdict['best_step']}"
+  return f"{metric}: {verdict['reason']} ({best})"
+
+
+def _progress_fields(verdict: dict[str, Any]) -> dict[str, float]:
+  fields = {"patience_left": verdict["patience_left"]}
+  if verdict["best_value"] is not None:
+    fields["best"] = verdict["best_value"]
+  return fields
+
+
+def _monitor_fields(verdict: dict[str, Any], status: str) -> dict[str, Any]:
+  """What `run.json` records of the monitor."""
+  return {
+    "stopped_early": status == "stopped_early",
+    "best_step": verdict["best_step"],
+    "best_value": verdict["best_value"],
+    "lr_scale": verdict["lr_scale"],
+  }
+
+
+def _restore_best(
+  ckpt: checkpoint.Checkpointer,
+  abstract: state_lib.TrainState,
+  verdict: dict[str, Any],
+  state: state_lib.TrainState,
+  eval_metrics: dict[str, float],
+) -> tuple[state_lib.TrainState, dict[str, float]]:
+  """The best checkpoint's state and eval metrics; the given ones if there is none to read."""
+  best_step = verdict["best_step"]
+  if best_step is None:
+    logging.warning("early_stop.restore_best: no evaluation improved; keeping the final state")
+    return state, eval_metrics
+  if best_step == int(jax.device_get(state.step)):
+    return state, eval_metrics
+  try:
+    best = ckpt.restore_step(best_step, abstract)
+  except checkpoint.CheckpointError as error:  # not saved, say restore_best was off until now
+    logging.warning("early_stop.restore_best: keeping the final state: %s", error)
+    return state, eval_metrics
+  logging.info("early_stop.restore_best: restored the state of step %d", best_step)
+  return best.state, best.meta["eval"]
+
+
+def _best_rule(config: ml_collections.ConfigDict) -> tuple[str, str]:
+  """The metric and mode that pick the best checkpoint: the monitor's with restore_best."""
+  e = config.early_stop
+  if e.restore_best:
+    return e.metric, e.mode
+  return config.ckpt.best_metric, config.ckpt.best_mode
 
 
 def _build(
@@ -261,12 +427,13 @@ def _restore(
 ) -> tuple[checkpoint.Checkpointer, checkpoint.Restored | None]:
   """Opens the workdir's checkpoints and restores the newest readable one, if any."""
   c = config.ckpt
+  best_metric, best_mode = _best_rule(config)
   ckpt = checkpoint.Checkpointer(
     workdir / "checkpoints",
     keep=c.keep,
     async_save=c["async"],
-    best_metric=c.best_metric,
-    best_mode=c.best_mode,
+    best_metric=best_metric,
+    best_mode=best_mode,
   )
   try:
     restored = ckpt.restore(abstract)
@@ -315,6 +482,7 @@ def _bundle_meta(
   mesh: Mesh,
   meter: metrics.Meter,
   eval_metrics: dict[str, float],
+  skipped: int,
 ) -> dict[str, Any]:
   """What a checkpoint records beside the state: enough to resume and to audit."""
   return {
@@ -324,6 +492,8 @@ def _bundle_meta(
     "versions": record.versions(),
     "meter": meter.state_dict(),
     "eval": eval_metrics,
+    "skipped": skipped,
+    "monitor": _monitor_key(config),
     "time": record.now(),
   }
 
@@ -340,26 +510,27 @@ def _check_resumable(config: ml_collections.ConfigDict, restored: checkpoint.Res
     logging.warning("resuming step %d with a changed config", restored.step)
 
 
-def _check_best_metric(
+def _check_metric_names(
   config: ml_collections.ConfigDict,
   graphdef: nnx.GraphDef,
   abstract: state_lib.TrainState,
   data: Dataset,
   loss_fn: step_lib.LossFn,
 ) -> None:
-  """Raises `ConfigError` when `ckpt.best_metric` is not an eval metric of `loss_fn`."""
-  name = config.ckpt.best_metric.removeprefix("eval/")
-  if not name:
+  """Raises `ConfigError` when a configured metric is not an eval metric of `loss_fn`."""
+  keys = [key for key in ("ckpt.best_metric", "early_stop.metric") if config_lib.get(config, key)]
+  if not keys:
     return
   batch = _abstract_batch(data.eval, config.eval.batch_size)
   batch["mask"] = jax.ShapeDtypeStruct((config.eval.batch_size,), np.int32)
   eval_fn = functools.partial(step_lib.eval_step, graphdef=graphdef, loss_fn=loss_fn)
   names = sorted(set(jax.eval_shape(eval_fn, abstract, batch)) - {"count"})
-  if name not in names:
-    raise config_lib.ConfigError(
-      f"ckpt.best_metric={config.ckpt.best_metric!r} is not an eval metric "
-      f"(eval/{', eval/'.join(names)})"
-    )
+  for key in keys:
+    if config_lib.get(config, key).removeprefix("eval/") not in names:
+      raise config_lib.ConfigError(
+        f"{key}={config_lib.get(config, key)!r} is not an eval metric "
+        f"(eval/{', eval/'.join(names)})"
+      )
 
 
 def _abstract_batch(source: Any, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:

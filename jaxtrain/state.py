@@ -23,6 +23,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
+from jaxtrain import monitor as monitor_lib
 from jaxtrain import sharding
 
 ModelFn = Callable[[nnx.Rngs], nnx.Module]
@@ -38,6 +39,8 @@ class TrainState:
     opt_state: the Optax state for `params`.
     rng: uint32[2] base key; step `n` draws from `fold_in(rng, n)`.
     model_state: nested dict of the model's other variables.
+    skipped: int32, consecutive updates skipped for a non-finite loss or gradient.
+    monitor: the early-stopping and plateau state (`jaxtrain.monitor`).
   """
 
   step: jax.Array
@@ -45,6 +48,8 @@ class TrainState:
   opt_state: optax.OptState
   rng: jax.Array
   model_state: Any
+  skipped: jax.Array
+  monitor: monitor_lib.MonitorState
 
 
 def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, Any, Any]:
@@ -68,6 +73,8 @@ def init_fn(
       opt_state=tx.init(params),
       rng=jax.random.fold_in(key, 1),
       model_state=rest,
+      skipped=jnp.zeros((), jnp.int32),
+      monitor=monitor_lib.init(),
     )
 
   return init

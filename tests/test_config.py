@@ -39,6 +39,16 @@ def test_base_config_is_valid():
     ("precision.policy", "bf16-mixed", "precision.policy='bf16-mixed' is not available yet"),
     ("train.steps", "100", "train.steps='100' must be of type int"),
     ("optim.name", 3, "optim.name=3 must be of type str"),
+    ("early_stop.metric", "loss", "early_stop.metric='loss' must name an eval metric"),
+    ("early_stop.mode", "up", "early_stop.mode='up' must be one of"),
+    ("early_stop.baseline", "high", "early_stop.baseline='high' must be of type float"),
+    ("plateau.factor", 0.5, "plateau.factor=0.5 needs early_stop.metric"),
+    ("plateau.factor", 1.5, "plateau.factor=1.5 must be in (0, 1]"),
+    ("early_stop.restore_best", True, "early_stop.restore_best=True needs early_stop.metric"),
+    ("train.max_skipped", -1, "train.max_skipped=-1 must not be negative"),
+    ("plateau.min_scale", 2.0, "plateau.min_scale=2.0 must be in [0, 1]"),
+    ("early_stop.divergence", float("nan"), "early_stop.divergence=nan must be finite"),
+    ("early_stop.patience", 2**31, "early_stop.patience=2147483648 must be below 2**31"),
   ],
 )
 def test_validate_names_the_key(key, value, message):
@@ -49,6 +59,21 @@ def test_validate_names_the_key(key, value, message):
     config_lib.validate(config, num_devices=8)
   assert message in str(e.value)
   assert "\n" not in str(e.value)
+
+
+def test_restore_best_keeps_the_best_checkpoint_by_the_monitored_metric():
+  config = helpers.tiny_config(
+    **{
+      "early_stop.metric": "eval/accuracy",
+      "early_stop.mode": "max",
+      "early_stop.restore_best": True,
+      "early_stop.baseline": 0.5,
+    }
+  )
+  config_lib.validate(config, num_devices=8)
+  config.ckpt.best_metric = "eval/loss"
+  with pytest.raises(config_lib.ConfigError, match=r"ckpt\.best_metric='eval/loss' with early"):
+    config_lib.validate(config, num_devices=8)
 
 
 def test_unknown_key_is_named():
@@ -90,6 +115,8 @@ def _cli(tmp_path, *overrides):
     ("--config.train.batch_size=60", "train.batch_size"),
     ("--config.mesh.data=3", "mesh"),
     ("--config.ckpt.async=maybe", "ckpt.async"),
+    ("--config.early_stop.baseline=high", "early_stop.baseline"),
+    ("--config.early_stop.metric=eval/bogus", "early_stop.metric"),
   ],
 )
 def test_cli_bad_value_exits_2_with_one_line(tmp_path, override, key):

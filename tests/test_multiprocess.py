@@ -72,17 +72,29 @@ def _lines(workdir):
 
 
 def test_two_processes_match_one(tmp_path, digits):
-  codes, outputs = _launch(tmp_path / "multi")
+  """Also with early stopping: both processes stop at one step and restore the same best."""
+  overrides = {
+    **OVERRIDES,
+    "eval.every_steps": 10,
+    "early_stop.metric": "eval/loss",
+    "early_stop.min_delta": 100.0,  # only the first evaluation improves
+    "early_stop.patience": 1,
+    "early_stop.restore_best": True,
+  }
+  codes, outputs = _launch(tmp_path / "multi", overrides)
   assert codes == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
   run = json.loads((tmp_path / "multi" / "run.json").read_text())
   assert run["environment"]["process_count"] == 2
   assert run["environment"]["device_count"] == 8
+  assert (run["status"], run["final_step"], run["best_step"]) == ("stopped_early", 30, 10)
 
-  config = helpers.tiny_config(**OVERRIDES)
+  config = helpers.tiny_config(**overrides)
   config.model.hidden = (128,)
   jaxtrain.train(
     config, helpers.mlp((128,)), digits, losses.classification, workdir=tmp_path / "single"
   )
+  single_run = json.loads((tmp_path / "single" / "run.json").read_text())
+  assert run["eval"] == pytest.approx(single_run["eval"], abs=1e-5)  # the best step's metrics
   multi, single = _lines(tmp_path / "multi"), _lines(tmp_path / "single")
   assert [(x["step"], x["split"]) for x in multi] == [(x["step"], x["split"]) for x in single]
   for a, b in zip(multi, single, strict=True):

@@ -4,11 +4,13 @@ import functools
 
 import jax
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from jaxtrain import losses, models, sharding
+from jaxtrain import losses, models, monitor, optim, sharding
+from jaxtrain import state as state_lib
 from jaxtrain import step as step_lib
 from tests import helpers
 
@@ -151,3 +153,77 @@ def test_one_vote_stops_every_process(digits):
   state, m = chunk_fn(state, batches, jax.device_put(votes, sharding.vote_sharding(mesh)))
   assert int(m["stop"]) == 1 and m["stop"].sharding.is_fully_replicated
   assert step_lib.compilations(chunk_fn) == 1
+
+
+def _with_nan(batches, index):
+  images = np.array(batches["image"], dtype=np.float32)
+  images[index, 0, 0] = np.nan
+  return {**batches, "image": images}
+
+
+def test_non_finite_batch_is_skipped_on_the_device(digits):
+  """A NaN batch leaves params and optimizer state alone; the others train as if it were absent."""
+  mesh = helpers.mesh((8, 1, 1))
+  batches = helpers.global_batches(digits.train, B, 4)
+  state, step_fn, shardings = helpers.setup(mesh)
+  chunk_fn = step_lib.make_train_chunk(step_fn, shardings, mesh)
+  poisoned = sharding.put_batch(_with_nan(batches, 1), mesh, B, 1)
+  got, m = chunk_fn(state, poisoned, helpers.no_votes(mesh))
+  assert list(np.asarray(m["skipped"])) == [0, 1, 0, 0]
+  assert list(np.asarray(m["skipped_in_a_row"])) == [0, 1, 0, 0]
+  assert int(got.step) == 4 and int(got.skipped) == 0
+
+  state, _, _ = helpers.setup(mesh)
+  single = jax.jit(step_fn)
+  state, _ = single(state, helpers.take(batches, 0))
+  before = jax.device_get(state)
+  after, m = single(state, helpers.take(_with_nan(batches, 1), 1))
+  assert float(m["skipped"]) == 1 and int(after.skipped) == 1
+  assert helpers.max_abs_diff(after.params, before.params) == 0
+  assert helpers.max_abs_diff(after.opt_state, before.opt_state) == 0  # Adam's count too
+  for k in (2, 3):  # the chunk equals the three finite steps (the schedule is constant)
+    after, _ = single(after, helpers.take(batches, k))
+  assert helpers.max_abs_diff(got.params, after.params) < 1e-6
+
+
+def test_skipped_in_a_row_counts_across_chunks(digits):
+  mesh = helpers.mesh((8, 1, 1))
+  batches = helpers.global_batches(digits.train, B, 3)
+  state, step_fn, shardings = helpers.setup(mesh)
+  chunk_fn = step_lib.make_train_chunk(step_fn, shardings, mesh)
+  all_nan = {**batches, "image": np.full_like(batches["image"], np.nan, dtype=np.float32)}
+  start = jax.device_get(state.params)
+  for expected in ([1, 2, 3], [4, 5, 6]):
+    state, m = chunk_fn(state, sharding.put_batch(all_nan, mesh, B, 1), helpers.no_votes(mesh))
+    assert list(np.asarray(m["skipped_in_a_row"])) == expected
+  assert helpers.max_abs_diff(state.params, start) == 0
+
+
+def test_observe_sets_the_lr_multiplier_without_recompiling(digits):
+  """Reduce-on-plateau changes one scalar of the state: the chunk keeps its executable."""
+  mesh = helpers.mesh((8, 1, 1))
+  watch = monitor.MonitorConfig(mode="min", patience=100, plateau_factor=0.5, plateau_patience=0)
+  tx = optim.optimizer("adam", 1e-2, multiplier=True)
+  graphdef, state = state_lib.create_state(helpers.mlp(), tx, seed=0, mesh=mesh)
+  shardings = jax.tree.map(lambda x: x.sharding, state)
+  step_fn = functools.partial(
+    step_lib.train_step,
+    graphdef=graphdef,
+    tx=tx,
+    loss_fn=losses.classification,
+    schedule=optax.constant_schedule(1e-2),
+  )
+  chunk_fn = step_lib.make_train_chunk(step_fn, shardings, mesh)
+  observe = step_lib.make_observe(watch, shardings)
+  chunk = sharding.put_batch(helpers.global_batches(digits.train, B, 2), mesh, B, 1)
+  lrs = []
+  for value in (1.0, 1.0, 1.0):  # improves, then two plateaus: x0.5 each
+    state, m = chunk_fn(state, chunk, helpers.no_votes(mesh))
+    lrs.append(float(m["lr"][-1]))
+    state = observe(state, value)
+  state, m = chunk_fn(state, chunk, helpers.no_votes(mesh))
+  lrs.append(float(m["lr"][-1]))
+  assert lrs == pytest.approx([1e-2, 1e-2, 5e-3, 2.5e-3])
+  assert float(optax.tree_utils.tree_get(state.opt_state, "lr_multiplier")) == 0.25
+  assert step_lib.compilations(chunk_fn) == 1
+  assert step_lib.compilations(observe) == 1
