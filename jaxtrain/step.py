@@ -90,7 +90,8 @@ def _update_if_finite(
 
   `finite` tests one sum over all gradients, which any inf or NaN makes
   non-finite; `cond` then runs one branch, so a finite step pays one reduction
-  and no pass over the state (a `where` over every leaf cost 16% of the MLP step).
+  and no pass over the state (a `where` over every leaf cost 7-8% of the MLP step
+  on CPU; `benchmarks/nonfinite_guard.py`).
   """
 
   def apply(_: None) -> tuple[Any, Any, Any]:

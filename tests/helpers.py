@@ -1,6 +1,9 @@
 """Small builders shared by the tests."""
 
 import functools
+import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -10,6 +13,8 @@ from jaxtrain import losses, models, optim, sharding
 from jaxtrain import state as state_lib
 from jaxtrain import step as step_lib
 from jaxtrain.data import pipeline
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_config(**overrides):
@@ -85,3 +90,16 @@ def max_abs_diff(a, b):
 
 def mesh(shape, n=None):
   return sharding.make_mesh(shape, jax.devices()[:n] if n else None)
+
+
+def digits_cli(workdir, *overrides, timeout=180):
+  """Runs `python -m experiments.digits --workdir=workdir *overrides` and returns the result."""
+  return subprocess.run(
+    [sys.executable, "-m", "experiments.digits", f"--workdir={workdir}", *overrides],
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+    cwd=ROOT,
+    env=dict(os.environ, PYTHONPATH=ROOT),
+    check=False,
+  )

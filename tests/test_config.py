@@ -1,15 +1,9 @@
 """Config validation: each bad value is named in one line, and the CLI exits 2."""
 
-import os
-import subprocess
-import sys
-
 import pytest
 
 from jaxtrain import config as config_lib
 from tests import helpers
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_base_config_is_valid():
@@ -92,19 +86,6 @@ def test_mesh_shape_resolves_minus_one():
   assert config_lib.mesh_shape(config.mesh, 8) == (2, 2, 2)
 
 
-def _cli(tmp_path, *overrides):
-  env = dict(os.environ, PYTHONPATH=ROOT)
-  return subprocess.run(
-    [sys.executable, "-m", "experiments.digits", f"--workdir={tmp_path / 'w'}", *overrides],
-    capture_output=True,
-    text=True,
-    timeout=120,
-    cwd=ROOT,
-    env=env,
-    check=False,
-  )
-
-
 @pytest.mark.parametrize(
   "override,key",
   [
@@ -120,7 +101,7 @@ def _cli(tmp_path, *overrides):
   ],
 )
 def test_cli_bad_value_exits_2_with_one_line(tmp_path, override, key):
-  result = _cli(tmp_path, override)
+  result = helpers.digits_cli(tmp_path / "w", override)
   assert result.returncode == 2, result.stderr[-2000:]
   errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
   assert len(errors) == 1 and key in errors[0], result.stderr[-2000:]

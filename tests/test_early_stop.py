@@ -1,10 +1,7 @@
 """Early stopping, restore_best, reduce-on-plateau and the non-finite limit, end to end."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -14,8 +11,6 @@ import jaxtrain
 from jaxtrain import losses
 from jaxtrain.evaluate import Evaluator
 from tests import helpers
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Digits with Adam 1e-2, evaluated every 10 steps of a 400-step schedule: the
 # accuracy peaks at step 100 (0.958), ties it at 130, and the run stops there.
@@ -201,18 +196,6 @@ def test_max_skipped_fails_the_run_and_keeps_the_good_checkpoint(tmp_path, digit
   assert helpers.max_abs_diff(again.state.params, good.state.params) == 0
 
 
-def _cli(workdir, *overrides):
-  return subprocess.run(
-    [sys.executable, "-m", "experiments.digits", f"--workdir={workdir}", *overrides],
-    capture_output=True,
-    text=True,
-    timeout=180,
-    cwd=ROOT,
-    env=dict(os.environ, PYTHONPATH=ROOT),
-    check=False,
-  )
-
-
 def test_cli_exit_statuses(tmp_path):
   """Stopped early: 0, twice (the rerun stays stopped); too many skips: 1 with one line."""
   stop = [
@@ -224,13 +207,13 @@ def test_cli_exit_statuses(tmp_path):
     "--config.early_stop.patience=0",
   ]
   for attempt in (1, 2):
-    result = _cli(tmp_path / "stop", *stop)
+    result = helpers.digits_cli(tmp_path / "stop", *stop)
     assert result.returncode == 0, result.stderr[-2000:]
     run = _json(tmp_path / "stop" / "run.json")
     assert (run["status"], run["final_step"], run["best_step"]) == ("stopped_early", 100, None)
     assert run["attempt"] == attempt
   nan = ["--config.optim.name=sgd", "--config.optim.lr=1e30", "--config.train.max_skipped=3"]
-  result = _cli(tmp_path / "nan", *nan)
+  result = helpers.digits_cli(tmp_path / "nan", *nan)
   assert result.returncode == 1, result.stderr[-2000:]
   errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
   assert len(errors) == 1 and "train.max_skipped=3" in errors[0]
