@@ -28,6 +28,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval.batch_size = 128
   config.optim.lr = 1e-3
   config.model.hidden = (128,)
+  config.model.dropout = 0.0
   return config
 
 
@@ -39,8 +40,9 @@ def main(argv: list[str]) -> jaxtrain.TrainResult:
   """Trains the digits MLP."""
   del argv
   config = _CONFIG.value
-  model = functools.partial(models.MLP, 64, config.model.hidden, 10)
-  return jaxtrain.train(config, model, data.digits(), losses.classification, workdir=_WORKDIR.value)
+  model = functools.partial(models.MLP, 64, config.model.hidden, 10, dropout=config.model.dropout)
+  loss = functools.partial(losses.classification, label_smoothing=config.loss.label_smoothing)
+  return jaxtrain.train(config, model, data.digits(), loss, workdir=_WORKDIR.value)
 
 
 if __name__ == "__main__":

@@ -42,32 +42,43 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.hidden = (512, 512)
   config.model.channels = (32, 64)
   config.model.dense = 256
+  config.model.dropout = 0.0  # after each hidden activation of the MLP, the CNN's dense layer
   return config
-
-
-_CONFIG = cli.define_config(get_config())
-_WORKDIR = flags.DEFINE_string("workdir", None, "Folder for the run's files.", required=True)
 
 
 def make_model(model_config: ml_collections.ConfigDict) -> functools.partial:
   """Returns the model constructor that `model.name` names."""
   if model_config.name == "mlp":
-    return functools.partial(models.MLP, 28 * 28, model_config.hidden, 10)
+    return functools.partial(
+      models.MLP, 28 * 28, model_config.hidden, 10, dropout=model_config.dropout
+    )
   if model_config.name == "cnn":
     return functools.partial(
-      models.CNN, 28, 10, channels=model_config.channels, dense=model_config.dense
+      models.CNN,
+      28,
+      10,
+      channels=model_config.channels,
+      dense=model_config.dense,
+      dropout=model_config.dropout,
     )
   raise jaxtrain.ConfigError(f"model.name={model_config.name!r} must be one of mlp, cnn")
 
 
-def main(argv: list[str]) -> jaxtrain.TrainResult:
-  """Trains the chosen model on Fashion-MNIST."""
-  del argv
-  config = _CONFIG.value
+def run(config: ml_collections.ConfigDict, workdir: str) -> jaxtrain.TrainResult:
+  """Trains the model that `config.model` names on Fashion-MNIST into `workdir`."""
   model = make_model(config.model)
   dataset = data.fashion_mnist(config.data.dir)
-  return jaxtrain.train(config, model, dataset, losses.classification, workdir=_WORKDIR.value)
+  loss = functools.partial(losses.classification, label_smoothing=config.loss.label_smoothing)
+  return jaxtrain.train(config, model, dataset, loss, workdir=workdir)
 
 
-if __name__ == "__main__":
+def main(argv: list[str]) -> jaxtrain.TrainResult:
+  """Trains with the `--config` and `--workdir` flags."""
+  del argv
+  return run(flags.FLAGS.config, flags.FLAGS.workdir)
+
+
+if __name__ == "__main__":  # flags only when run: other experiments import this module
+  cli.define_config(get_config())
+  flags.DEFINE_string("workdir", None, "Folder for the run's files.", required=True)
   cli.run(main)

@@ -15,6 +15,7 @@ import difflib
 import hashlib
 import json
 import math
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,11 +23,14 @@ import ml_collections
 from ml_collections import config_dict
 
 OPTIMIZERS = ("adam", "adamw", "rmsprop", "adagrad", "sgd", "lion", "adafactor")
-SCHEDULES = ("constant", "cosine", "linear", "rsqrt", "wsd")
+SCHEDULES = ("constant", "cosine", "linear", "rsqrt", "exponential", "piecewise", "wsd")
 POLICIES = ("f32", "bf16-mixed", "bf16", "fp16-mixed")
 SUPPORTED_POLICIES = ("f32",)
 MODES = ("min", "max")
-DECAY_OPTIMIZERS = ("adamw", "lion", "adafactor")  # optim.WEIGHT_DECAY_ARGS
+DECAY_OPTIMIZERS = ("adamw", "lion", "adafactor")  # decoupled weight decay with a mask
+MOMENTUM_OPTIMIZERS = ("sgd", "rmsprop")
+# Parameter paths that weight decay leaves alone by default: biases, norm scales, embeddings.
+NO_DECAY = (r"(^|/)bias$", r"(^|/)scale$", r"(^|/)embedding$")
 
 
 class ConfigError(ValueError):
@@ -60,9 +64,23 @@ def get_config() -> ml_collections.ConfigDict:
       "schedule": "constant",  # one of SCHEDULES
       "warmup_steps": 0,  # linear warm-up from 0 to optim.lr
       "decay_fraction": 0.2,  # wsd: the share of steps spent decaying
+      "decay_rate": 0.01,  # exponential: the factor reached at the last step
+      "boundaries": (),  # piecewise: steps where optim.scales take over
+      "scales": (),  # piecewise: multiples of optim.lr from each boundary on
+      "momentum": 0.0,  # sgd and rmsprop; 0 turns it off
+      "nesterov": False,  # sgd and rmsprop, with momentum
+      "centered": False,  # rmsprop
       "weight_decay": 0.0,  # decoupled; only for DECAY_OPTIMIZERS
+      "no_decay": NO_DECAY,  # regexes of parameter paths weight decay skips
       "clip_norm": 0.0,  # global-norm clipping; 0 turns it off
       "accum_steps": 1,  # micro-batches accumulated per update
+      "freeze": (),  # regexes of parameter paths that are not trained
+      "lr_groups": (),  # "REGEX=MULTIPLIER" learning-rate multipliers by parameter path
+    }
+  )
+  c.loss = ml_collections.ConfigDict(
+    {
+      "label_smoothing": 0.0,  # classification: weight spread evenly over the classes
     }
   )
   c.precision = ml_collections.ConfigDict(
@@ -194,6 +212,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     f"is not available yet (available: {', '.join(SUPPORTED_POLICIES)})",
   )
   _check_monitor(config)
+  _check_optim(config)
   _require(
     o.weight_decay == 0 or o.name in DECAY_OPTIMIZERS,
     "optim.weight_decay",
@@ -222,6 +241,59 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
       f"is not divisible by the {data * fsdp} data-parallel devices "
       f"(mesh.data x mesh.fsdp = {data} x {fsdp})",
     )
+
+
+def _check_optim(config: ml_collections.ConfigDict) -> None:
+  o = config.optim
+  bounds = list(o.boundaries)
+  _require(
+    all(isinstance(b, int) and b > 0 for b in bounds) and bounds == sorted(set(bounds)),
+    "optim.boundaries",
+    config,
+    "must be increasing positive steps",
+  )
+  _require(0 <= o.momentum < 1, "optim.momentum", config, "must be in [0, 1)")
+  for key, ok, problem in (
+    ("optim.momentum", not o.momentum or o.name in MOMENTUM_OPTIMIZERS, "needs sgd or rmsprop"),
+    ("optim.nesterov", not o.nesterov or o.momentum > 0, "needs optim.momentum > 0"),
+    ("optim.centered", not o.centered or o.name == "rmsprop", "needs optim.name='rmsprop'"),
+    ("optim.decay_rate", o.decay_rate > 0, "must be positive"),
+    ("optim.scales", len(o.scales) == len(o.boundaries), "needs one value per optim.boundaries"),
+    ("optim.scales", all(x >= 0 for x in o.scales), "must not be negative"),
+    ("loss.label_smoothing", 0 <= config.loss.label_smoothing < 1, "must be in [0, 1)"),
+  ):
+    _require(ok, key, config, problem)
+  for key in ("optim.no_decay", "optim.freeze"):
+    for pattern in get(config, key):
+      _require(_compiles(pattern), key, config, f"has a bad regular expression {pattern!r}")
+  try:
+    parse_lr_groups(o.lr_groups)
+  except ValueError as e:
+    raise ConfigError(f"optim.lr_groups={o.lr_groups!r}: {e}") from None
+
+
+def _compiles(pattern: Any) -> bool:
+  try:
+    re.compile(pattern)
+  except (re.error, TypeError):
+    return False
+  return True
+
+
+def parse_lr_groups(entries: Any) -> dict[str, float]:
+  """`("^head/=10", ...)` to `{"^head/": 10.0}`; raises ValueError for a bad entry."""
+  groups = {}
+  for entry in entries:
+    pattern, sep, value = str(entry).rpartition("=")
+    if not sep or not pattern or not _compiles(pattern):
+      raise ValueError(f"{entry!r} is not REGEX=MULTIPLIER")
+    try:
+      groups[pattern] = float(value)
+    except ValueError:
+      raise ValueError(f"{entry!r} is not REGEX=MULTIPLIER") from None
+    if groups[pattern] < 0:
+      raise ValueError(f"{entry!r} has a negative multiplier")
+  return groups
 
 
 def _check_monitor(config: ml_collections.ConfigDict) -> None:

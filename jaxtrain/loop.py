@@ -72,6 +72,8 @@ def train(  # noqa: PLR0912, PLR0915 (the loop reads top to bottom by design)
   *,
   workdir: str | pathlib.Path,
   rules: sharding.Rules = sharding.DEFAULT_RULES,
+  tx: optax.GradientTransformation | None = None,
+  schedule: optax.Schedule | None = None,
 ) -> TrainResult:
   """Trains `model` on `data` as `config` says, writing the run into `workdir`.
 
@@ -84,6 +86,11 @@ def train(  # noqa: PLR0912, PLR0915 (the loop reads top to bottom by design)
     workdir: receives `config.json`, `run.json`, `metrics.jsonl` and
       `checkpoints/`; a workdir with checkpoints is resumed.
     rules: the sharding rules table for the state.
+    tx: an Optax transform to train with instead of the one the `optim`
+      section describes (which is then not used).
+    schedule: with `tx`, its learning-rate schedule of the update count, for
+      the `lr` metric; without it, the `learning_rate` hyperparameter of an
+      `optax.inject_hyperparams` state is reported when there is one.
 
   Returns:
     The final state, the model's graph definition, the last eval metrics and
@@ -102,7 +109,7 @@ def train(  # noqa: PLR0912, PLR0915 (the loop reads top to bottom by design)
   logging.info("devices: %s, mesh: %s", jax.devices(), dict(mesh.shape))
   t, k, e = config.train, config.train.steps_per_loop, config.early_stop
   watch = monitor_lib.MonitorConfig.from_config(config)
-  tx, schedule = _optimizer(config)
+  tx, schedule = _optimizer(config, tx, schedule)
   graphdef, abstract = state_lib.abstract_state(model, tx, seed=t.seed, mesh=mesh, rules=rules)
   _check_metric_names(config, graphdef, abstract, data, loss_fn)
   ckpt, restored = _restore(config, workdir, abstract)  # before anything is written
@@ -249,25 +256,14 @@ def train(  # noqa: PLR0912, PLR0915 (the loop reads top to bottom by design)
 
 def _optimizer(
   config: ml_collections.ConfigDict,
-) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """The optimizer and learning-rate schedule that the `optim` section names."""
-  t, o = config.train, config.optim
-  schedule = optim.schedule(
-    o.schedule,
-    lr=o.lr,
-    total_steps=t.steps // o.accum_steps,
-    warmup_steps=o.warmup_steps,
-    decay_fraction=o.decay_fraction,
-  )
-  tx = optim.optimizer(
-    o.name,
-    schedule,
-    weight_decay=o.weight_decay,
-    clip_norm=o.clip_norm,
-    accum_steps=o.accum_steps,
-    multiplier=config.plateau.factor < 1,
-  )
-  return tx, schedule
+  tx: optax.GradientTransformation | None,
+  schedule: optax.Schedule | None,
+) -> tuple[optax.GradientTransformation, optax.Schedule | None]:
+  """The run's transform and schedule: the given ones, or the `optim` section's."""
+  plateau = config.plateau.factor < 1
+  if tx is None:
+    return optim.from_config(config, multiplier=plateau)
+  return (optax.chain(tx, optim.lr_multiplier()) if plateau else tx), schedule
 
 
 def _fresh_state(
@@ -395,7 +391,7 @@ def _build(
     graphdef=graphdef,
     tx=tx,
     loss_fn=loss_fn,
-    schedule=lambda n: schedule(n // accum),
+    schedule=None if schedule is None else lambda n: schedule(n // accum),
   )
   unroll = t.unroll or step_lib.auto_unroll(
     step_fn, state, _abstract_batch(data.train, t.batch_size), t.steps_per_loop

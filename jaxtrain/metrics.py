@@ -107,7 +107,8 @@ class Meter:
     """
     elapsed = max(now - self._start, 1e-9)
     out = {k: v / self._steps for k, v in self._sums.items()}
-    out["lr"] = float(last["lr"][-1])
+    if "lr" in last:
+      out["lr"] = float(last["lr"][-1])
     out["steps_per_sec"] = self._timed / elapsed
     out["samples_per_sec"] = out["steps_per_sec"] * self.batch_size
     out["data_wait_frac"] = self._wait / elapsed

@@ -2,8 +2,9 @@
 
 A loss function has the signature `loss_fn(model, batch, rngs)` and returns a
 dict of per-example arrays `[B]` that includes `"loss"`; `rngs` is an
-`nnx.Rngs` seeded with `fold_in(state.rng, state.step)` in training and `None`
-in evaluation. Per-example values let the eval step mask padded examples and
+`nnx.Rngs` whose `default` stream is `fold_in(state.rng, state.step)` and whose
+`dropout` stream is derived from it (`step_rngs`) in training, and `None` in
+evaluation. Per-example values let the eval step mask padded examples and
 reduce every metric exactly.
 
 Example:
@@ -28,6 +29,7 @@ from jax.sharding import PartitionSpec as P
 from jaxtrain import monitor, sharding
 from jaxtrain.state import TrainState, split_model
 
+DROPOUT_STREAM = 1  # folded into the step's key for the dropout stream
 Batch = dict[str, jax.Array]
 LossFn = Callable[[nnx.Module, Batch, nnx.Rngs | None], dict[str, jax.Array]]
 StepFn = Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]
@@ -40,7 +42,7 @@ def train_step(
   graphdef: nnx.GraphDef,
   tx: optax.GradientTransformation,
   loss_fn: LossFn,
-  schedule: optax.Schedule,
+  schedule: optax.Schedule | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step.
 
@@ -50,7 +52,8 @@ def train_step(
     graphdef: the model's graph definition.
     tx: the optimizer.
     loss_fn: per-example loss and metrics, see the module docstring.
-    schedule: the learning-rate schedule, reported as `lr`.
+    schedule: the learning-rate schedule, reported as `lr`; without one, the
+      `learning_rate` in an `optax.inject_hyperparams` state is, if any.
 
   Returns:
     The new state, and scalar metrics: the batch means of the loss function's
@@ -64,7 +67,7 @@ def train_step(
   def objective(params: Any) -> tuple[jax.Array, tuple[dict[str, jax.Array], Any]]:
     model = nnx.merge(graphdef, params, state.model_state)
     model.train()
-    per_example = loss_fn(model, batch, nnx.Rngs(key))  # built inside the grad trace
+    per_example = loss_fn(model, batch, step_rngs(key))  # built inside the grad trace
     return per_example["loss"].mean(), (per_example, split_model(model)[2])
 
   grad_fn = jax.value_and_grad(objective, has_aux=True)
@@ -72,11 +75,33 @@ def train_step(
   finite = jnp.isfinite(loss) & jnp.isfinite(sum(jnp.sum(g) for g in jax.tree.leaves(grads)))
   new_state = _update_if_finite(finite, state, grads, model_state, tx)
   metrics = {k: v.mean() for k, v in per_example.items()}
-  multiplier = optax.tree_utils.tree_get(state.opt_state, "lr_multiplier", 1.0)
-  metrics["lr"] = jnp.asarray(schedule(state.step) * multiplier, jnp.float32)
+  lr = _learning_rate(state, new_state, schedule)
+  if lr is not None:
+    metrics["lr"] = lr
   metrics["skipped"] = 1.0 - finite.astype(jnp.float32)
   metrics["skipped_in_a_row"] = new_state.skipped
   return new_state, metrics
+
+
+def step_rngs(key: jax.Array) -> nnx.Rngs:
+  """The step's random streams: `default` is `key`, `dropout` its own stream from it."""
+  return nnx.Rngs(default=key, dropout=jax.random.fold_in(key, DROPOUT_STREAM))
+
+
+def _learning_rate(
+  state: TrainState, new_state: TrainState, schedule: optax.Schedule | None
+) -> jax.Array | None:
+  """The step's learning rate times any `lr_multiplier` of the optimizer state, if known."""
+  if schedule is not None:
+    lr = schedule(state.step)
+  else:  # inject_hyperparams records the value its update used in the new state
+    found = optax.tree_utils.tree_get_all_with_path(new_state.opt_state, "learning_rate")
+    values = [v for _, v in found if isinstance(v, jax.Array) and v.ndim == 0]
+    if not values:
+      return None
+    lr = values[0]
+  multiplier = optax.tree_utils.tree_get(state.opt_state, "lr_multiplier", 1.0)
+  return jnp.asarray(lr * multiplier, jnp.float32)
 
 
 def _update_if_finite(

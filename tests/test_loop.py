@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import optax
 import pytest
 
 import jaxtrain
@@ -109,3 +110,30 @@ def test_recompilation_is_reported_and_recorded(tmp_path, caplog, digits):
   assert compiled == [True, False, True]
   assert json.loads((tmp_path / "run.json").read_text())["train_chunk_compilations"] == 2
   assert "train_chunk compiled again at step 10 (2 executables)" in caplog.text
+
+
+def test_config_freeze_and_lr_groups(tmp_path, digits):
+  """optim.freeze keeps the first layer at its initial values; the rest trains."""
+  config = helpers.tiny_config(
+    **{"optim.freeze": ("^hidden/0/",), "optim.lr_groups": ("^head/=0.5",), "optim.lr": 1e-2}
+  )
+  result = jaxtrain.train(config, helpers.mlp(), digits, losses.classification, workdir=tmp_path)
+  mesh = jaxtrain.sharding.make_mesh((8, 1, 1))
+  _, init = jaxtrain.create_state(helpers.mlp(), optax.adam(1e-2), seed=0, mesh=mesh)
+  for name in ("kernel", "bias"):
+    np.testing.assert_array_equal(
+      result.state.params["hidden"][0][name], init.params["hidden"][0][name]
+    )
+    assert helpers.max_abs_diff(result.state.params["head"][name], init.params["head"][name]) > 1e-3
+
+
+def test_custom_tx_reports_its_injected_learning_rate(tmp_path, digits):
+  sched = optax.linear_schedule(1e-2, 1e-3, 40)
+  tx = optax.inject_hyperparams(optax.adam)(learning_rate=sched)
+  config = helpers.tiny_config(**{"train.log_every": 5})
+  result = jaxtrain.train(
+    config, helpers.mlp(), digits, losses.classification, workdir=tmp_path, tx=tx
+  )
+  lr = {x["step"]: x["lr"] for x in _lines(tmp_path, "train")}
+  assert lr == pytest.approx({s: float(sched(s - 1)) for s in range(5, 41, 5)})
+  assert result.eval_metrics["accuracy"] > 0.5

@@ -1,8 +1,9 @@
 """An MLP and a small CNN for image classification (Flax NNX).
 
 Both take `[B, H, W]` or `[B, H, W, C]` float images and return logits
-`[B, num_classes]`. Their call takes `rngs=` for interface uniformity with models
-that use dropout; these two are deterministic.
+`[B, num_classes]`. With `dropout > 0`, dropout follows every hidden activation;
+it draws from the `dropout` stream of the `rngs=` passed to the call, and is off
+after `model.eval()`.
 
 Example:
   >>> model = MLP(in_features=784, hidden=(512, 512), num_classes=10, rngs=nnx.Rngs(0))
@@ -20,17 +21,25 @@ from flax import nnx
 class MLP(nnx.Module):
   """Flatten, then `Linear -> ReLU` per hidden width, then a linear head."""
 
-  def __init__(self, in_features: int, hidden: Sequence[int], num_classes: int, *, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    in_features: int,
+    hidden: Sequence[int],
+    num_classes: int,
+    *,
+    dropout: float = 0.0,
+    rngs: nnx.Rngs,
+  ):
     widths = [in_features, *hidden]
     self.hidden = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in itertools.pairwise(widths)])
     self.head = nnx.Linear(widths[-1], num_classes, rngs=rngs)
+    self.dropout = nnx.Dropout(dropout)
 
   def __call__(self, x: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
     """Returns the logits `[B, num_classes]` of images `x`."""
-    del rngs
     x_BxD = x.reshape(x.shape[0], -1)
     for layer in self.hidden:
-      x_BxD = nnx.relu(layer(x_BxD))
+      x_BxD = self.dropout(nnx.relu(layer(x_BxD)), rngs=rngs)
     return self.head(x_BxD)
 
 
@@ -45,6 +54,7 @@ class CNN(nnx.Module):
     in_channels: int = 1,
     channels: Sequence[int] = (32, 64),
     dense: int = 256,
+    dropout: float = 0.0,
     rngs: nnx.Rngs,
   ):
     widths = [in_channels, *channels]
@@ -54,12 +64,12 @@ class CNN(nnx.Module):
     side = image_size // 2 ** len(channels)
     self.dense = nnx.Linear(side * side * widths[-1], dense, rngs=rngs)
     self.head = nnx.Linear(dense, num_classes, rngs=rngs)
+    self.dropout = nnx.Dropout(dropout)
 
   def __call__(self, x: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
     """Returns the logits `[B, num_classes]` of images `x`."""
-    del rngs
     x_BxHxWxC = x[..., None] if x.ndim == 3 else x
     for conv in self.convs:
       x_BxHxWxC = nnx.avg_pool(nnx.relu(conv(x_BxHxWxC)), window_shape=(2, 2), strides=(2, 2))
     x_BxD = x_BxHxWxC.reshape(x_BxHxWxC.shape[0], -1)
-    return self.head(nnx.relu(self.dense(x_BxD)))
+    return self.head(self.dropout(nnx.relu(self.dense(x_BxD)), rngs=rngs))
