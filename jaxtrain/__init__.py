@@ -5,10 +5,10 @@ The public surface:
   TrainState, TrainResult     the state pytree and what `train` returns
   ConfigError, DataError      bad input, reported in one line (exit status 2)
   NonFiniteError              too many non-finite updates in a row
-  config, data, losses, models, monitor, optim, sharding, step   the modules
+  config, data, losses, models, monitor, optim, precision, sharding, step   the modules
 """
 
-from jaxtrain import config, data, losses, models, monitor, optim, sharding, step
+from jaxtrain import config, data, losses, models, monitor, optim, precision, sharding, step
 from jaxtrain.config import ConfigError
 from jaxtrain.data.sources import DataError
 from jaxtrain.loop import NonFiniteError, TrainResult, train
@@ -28,6 +28,7 @@ __all__ = [
   "models",
   "monitor",
   "optim",
+  "precision",
   "sharding",
   "step",
   "train",

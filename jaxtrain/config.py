@@ -25,7 +25,6 @@ from ml_collections import config_dict
 OPTIMIZERS = ("adam", "adamw", "rmsprop", "adagrad", "sgd", "lion", "adafactor")
 SCHEDULES = ("constant", "cosine", "linear", "rsqrt", "exponential", "piecewise", "wsd")
 POLICIES = ("f32", "bf16-mixed", "bf16", "fp16-mixed")
-SUPPORTED_POLICIES = ("f32",)
 MODES = ("min", "max")
 DECAY_OPTIMIZERS = ("adamw", "lion", "adafactor")  # decoupled weight decay with a mask
 MOMENTUM_OPTIMIZERS = ("sgd", "rmsprop")
@@ -85,7 +84,9 @@ def get_config() -> ml_collections.ConfigDict:
   )
   c.precision = ml_collections.ConfigDict(
     {
-      "policy": "f32",  # one of POLICIES
+      "policy": "f32",  # one of POLICIES; see jaxtrain.precision
+      "f32_modules": (),  # regexes of module paths kept in float32 under any policy
+      "loss_scale_period": 2000,  # fp16-mixed: finite steps before the loss scale doubles
     }
   )
   c.mesh = ml_collections.ConfigDict(
@@ -206,11 +207,13 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     "must name an eval metric, like eval/accuracy",
   )
   _require(
-    config.precision.policy in SUPPORTED_POLICIES,
-    "precision.policy",
+    config.precision.loss_scale_period > 0,
+    "precision.loss_scale_period",
     config,
-    f"is not available yet (available: {', '.join(SUPPORTED_POLICIES)})",
+    "must be positive",
   )
+  for pattern in config.precision.f32_modules:
+    _require(_compiles(pattern), "precision.f32_modules", config, f"has a bad regex {pattern!r}")
   _check_monitor(config)
   _check_optim(config)
   _require(

@@ -17,7 +17,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxtrain import sharding
+from jaxtrain import precision, sharding
 from jaxtrain import step as step_lib
 from jaxtrain.data import pipeline
 from jaxtrain.state import TrainState
@@ -39,8 +39,11 @@ class Evaluator:
     batch_size: int,
     shardings: TrainState,
     mesh: Mesh,
+    policy: precision.Policy = precision.POLICIES["f32"],
   ):
-    eval_fn = functools.partial(step_lib.eval_step, graphdef=graphdef, loss_fn=loss_fn)
+    eval_fn = functools.partial(
+      step_lib.eval_step, graphdef=graphdef, loss_fn=loss_fn, policy=policy
+    )
     self._accumulate = step_lib.make_eval_accumulate(eval_fn, shardings, mesh)
     # Zero sums made on the devices (XLA drops the unused eval computation).
     self._zeros = jax.jit(

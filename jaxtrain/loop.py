@@ -26,7 +26,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxtrain import checkpoint, metrics, optim, record, sharding
+from jaxtrain import checkpoint, metrics, optim, precision, record, sharding
 from jaxtrain import config as config_lib
 from jaxtrain import monitor as monitor_lib
 from jaxtrain import state as state_lib
@@ -110,7 +110,12 @@ def train(  # noqa: PLR0912, PLR0915 (the loop reads top to bottom by design)
   t, k, e = config.train, config.train.steps_per_loop, config.early_stop
   watch = monitor_lib.MonitorConfig.from_config(config)
   tx, schedule = _optimizer(config, tx, schedule)
-  graphdef, abstract = state_lib.abstract_state(model, tx, seed=t.seed, mesh=mesh, rules=rules)
+  policy = precision.get_policy(
+    config.precision.policy, config.precision.f32_modules, config.precision.loss_scale_period
+  )
+  graphdef, abstract = state_lib.abstract_state(
+    model, tx, seed=t.seed, mesh=mesh, rules=rules, policy=policy
+  )
   _check_metric_names(config, graphdef, abstract, data, loss_fn)
   ckpt, restored = _restore(config, workdir, abstract)  # before anything is written
   step = restored.step if restored else 0
@@ -161,7 +166,9 @@ def train(  # noqa: PLR0912, PLR0915 (the loop reads top to bottom by design)
     preemption = checkpoint.PreemptionWatch(mesh)
     writer = metrics.JsonlWriter(workdir / "metrics.jsonl" if is_main else None)
     progress = metrics.Progress(t.steps, step, is_main)
-    state = _start_state(config, model, tx, abstract=abstract, watch=watch, restored=restored)
+    state = _start_state(
+      config, model, tx, abstract=abstract, watch=watch, restored=restored, policy=policy
+    )
     train_chunk, evaluate, prefetch = _build(
       config,
       data,
@@ -172,6 +179,7 @@ def train(  # noqa: PLR0912, PLR0915 (the loop reads top to bottom by design)
       schedule=schedule,
       mesh=mesh,
       restored=restored,
+      policy=policy,
     )
     observe = step_lib.make_observe(watch, jax.tree.map(lambda x: x.sharding, abstract))
     pending, stop, deferred = None, False, None
@@ -269,12 +277,14 @@ def _optimizer(
 def _fresh_state(
   model: state_lib.ModelFn,
   tx: optax.GradientTransformation,
+  *,
   seed: int,
   abstract: state_lib.TrainState,
   watch: monitor_lib.MonitorConfig,
+  policy: precision.Policy,
 ) -> state_lib.TrainState:
   """The initial state, with the monitor set up for the configured mode and baseline."""
-  state = state_lib.init_state(model, tx, seed=seed, abstract=abstract)
+  state = state_lib.init_state(model, tx, seed=seed, abstract=abstract, policy=policy)
   return state.replace(monitor=_fresh_monitor(abstract, watch))
 
 
@@ -295,10 +305,13 @@ def _start_state(
   abstract: state_lib.TrainState,
   watch: monitor_lib.MonitorConfig,
   restored: checkpoint.Restored | None,
+  policy: precision.Policy,
 ) -> state_lib.TrainState:
   """The restored state, or a fresh one; the monitor restarts if what it watches changed."""
   if not restored:
-    return _fresh_state(model, tx, config.train.seed, abstract, watch)
+    return _fresh_state(
+      model, tx, seed=config.train.seed, abstract=abstract, watch=watch, policy=policy
+    )
   if restored.meta.get("monitor") == _monitor_key(config):
     return restored.state
   if config.early_stop.metric:
@@ -381,6 +394,7 @@ def _build(
   schedule: optax.Schedule,
   mesh: Mesh,
   restored: checkpoint.Restored | None,
+  policy: precision.Policy,
 ) -> tuple[Any, Evaluator, pipeline.Prefetcher]:
   """The compiled chunk, the evaluator and the prefetching data stream."""
   t = config.train
@@ -392,6 +406,7 @@ def _build(
     tx=tx,
     loss_fn=loss_fn,
     schedule=None if schedule is None else lambda n: schedule(n // accum),
+    policy=policy,
   )
   unroll = t.unroll or step_lib.auto_unroll(
     step_fn, state, _abstract_batch(data.train, t.batch_size), t.steps_per_loop
@@ -410,7 +425,13 @@ def _build(
   if restored and restored.data_state is not None:
     chunks.set_state(restored.data_state)
   evaluator = Evaluator(
-    graphdef, loss_fn, data.eval, batch_size=config.eval.batch_size, shardings=shardings, mesh=mesh
+    graphdef,
+    loss_fn,
+    data.eval,
+    batch_size=config.eval.batch_size,
+    shardings=shardings,
+    mesh=mesh,
+    policy=policy,
   )
   prefetch = pipeline.Prefetcher(
     chunks, lambda c: sharding.put_batch(c, mesh, t.batch_size, leading_dims=1)

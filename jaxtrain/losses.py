@@ -51,3 +51,19 @@ def classification(
     "loss": loss_B,
     "accuracy": (jnp.argmax(logits_BxC, -1) == labels_B).astype(jnp.float32),
   }
+
+
+def next_token(
+  model: nnx.Module, batch: dict[str, jax.Array], rngs: nnx.Rngs | None
+) -> dict[str, jax.Array]:
+  """Next-token cross-entropy of a language model over `batch["tokens"]` `[B, T]`.
+
+  The model sees tokens `0..T-2` and predicts `1..T-1`. Returns per example the
+  mean `loss` over its positions (in nats) and `bits_per_byte` (the same in
+  bits, which for byte-level tokens is bits per byte).
+  """
+  tokens_BxT = batch["tokens"]
+  logits_BxTxV = model(tokens_BxT[:, :-1], rngs=rngs).astype(jnp.float32)
+  nll_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, tokens_BxT[:, 1:])
+  loss_B = nll_BxT.mean(axis=-1)
+  return {"loss": loss_B, "bits_per_byte": loss_B / jnp.log(2.0)}

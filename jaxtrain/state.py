@@ -24,7 +24,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jaxtrain import monitor as monitor_lib
-from jaxtrain import sharding
+from jaxtrain import precision, sharding
 
 ModelFn = Callable[[nnx.Rngs], nnx.Module]
 
@@ -41,6 +41,8 @@ class TrainState:
     model_state: nested dict of the model's other variables.
     skipped: int32, consecutive updates skipped for a non-finite loss or gradient.
     monitor: the early-stopping and plateau state (`jaxtrain.monitor`).
+    loss_scale: the dynamic loss scale (`jaxtrain.precision`); used by policies
+      with loss scaling, constant otherwise.
   """
 
   step: jax.Array
@@ -50,6 +52,7 @@ class TrainState:
   model_state: Any
   skipped: jax.Array
   monitor: monitor_lib.MonitorState
+  loss_scale: precision.LossScale
 
 
 def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, Any, Any]:
@@ -59,14 +62,22 @@ def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, Any, Any]:
 
 
 def init_fn(
-  model_fn: ModelFn, tx: optax.GradientTransformation, seed: int
+  model_fn: ModelFn,
+  tx: optax.GradientTransformation,
+  seed: int,
+  policy: precision.Policy = precision.POLICIES["f32"],
 ) -> Callable[[], TrainState]:
-  """Returns a function of no arguments that builds the initial state."""
+  """Returns a function of no arguments that builds the initial state.
+
+  The parameters are stored in the policy's `param_dtype`, and the optimizer
+  state is made for them.
+  """
 
   def init() -> TrainState:
     key = jax.random.PRNGKey(seed)
     model = model_fn(rngs=nnx.Rngs(jax.random.fold_in(key, 0)))
     _, params, rest = split_model(model)
+    params = policy.cast_to_param(params)
     return TrainState(
       step=jnp.zeros((), jnp.int32),
       params=params,
@@ -75,6 +86,7 @@ def init_fn(
       model_state=rest,
       skipped=jnp.zeros((), jnp.int32),
       monitor=monitor_lib.init(),
+      loss_scale=precision.loss_scale_init(),
     )
 
   return init
@@ -93,6 +105,7 @@ def abstract_state(
   seed: int,
   mesh: Mesh,
   rules: sharding.Rules = sharding.DEFAULT_RULES,
+  policy: precision.Policy = precision.POLICIES["f32"],
 ) -> tuple[nnx.GraphDef, TrainState]:
   """Returns the model's graph definition and the state's shapes and shardings.
 
@@ -106,13 +119,14 @@ def abstract_state(
     seed: the run's seed.
     mesh: the device mesh.
     rules: the sharding rules table, applied to every leaf of the state.
+    policy: the precision policy, whose `param_dtype` the parameters take.
 
   Returns:
     The graph definition, and a `TrainState` of `jax.ShapeDtypeStruct`s whose
     `sharding` is set.
   """
   with jax.set_mesh(mesh):
-    shapes = jax.eval_shape(init_fn(model_fn, tx, seed))
+    shapes = jax.eval_shape(init_fn(model_fn, tx, seed, policy))
     shardings = sharding.tree_shardings(shapes, mesh, rules)
     graphdef = graphdef_of(model_fn)
   abstract = jax.tree.map(
@@ -122,7 +136,12 @@ def abstract_state(
 
 
 def init_state(
-  model_fn: ModelFn, tx: optax.GradientTransformation, *, seed: int, abstract: TrainState
+  model_fn: ModelFn,
+  tx: optax.GradientTransformation,
+  *,
+  seed: int,
+  abstract: TrainState,
+  policy: precision.Policy = precision.POLICIES["f32"],
 ) -> TrainState:
   """Creates the initial state directly in the layout of `abstract`.
 
@@ -132,7 +151,7 @@ def init_state(
   shardings = jax.tree.map(lambda x: x.sharding, abstract)
   mesh = jax.tree.leaves(shardings)[0].mesh
   with jax.set_mesh(mesh):
-    return jax.jit(init_fn(model_fn, tx, seed), out_shardings=shardings)()
+    return jax.jit(init_fn(model_fn, tx, seed, policy), out_shardings=shardings)()
 
 
 def create_state(
@@ -142,14 +161,17 @@ def create_state(
   seed: int,
   mesh: Mesh,
   rules: sharding.Rules = sharding.DEFAULT_RULES,
+  policy: precision.Policy = precision.POLICIES["f32"],
 ) -> tuple[nnx.GraphDef, TrainState]:
   """`abstract_state` (same arguments), then `init_state`: the state, born sharded.
 
   Returns:
     The model's graph definition and the sharded state.
   """
-  graphdef, abstract = abstract_state(model_fn, tx, seed=seed, mesh=mesh, rules=rules)
-  return graphdef, init_state(model_fn, tx, seed=seed, abstract=abstract)
+  graphdef, abstract = abstract_state(
+    model_fn, tx, seed=seed, mesh=mesh, rules=rules, policy=policy
+  )
+  return graphdef, init_state(model_fn, tx, seed=seed, abstract=abstract, policy=policy)
 
 
 def merge_model(graphdef: nnx.GraphDef, state: TrainState) -> nnx.Module:

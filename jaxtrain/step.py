@@ -26,7 +26,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxtrain import monitor, sharding
+from jaxtrain import monitor, precision, sharding
 from jaxtrain.state import TrainState, split_model
 
 DROPOUT_STREAM = 1  # folded into the step's key for the dropout stream
@@ -43,6 +43,7 @@ def train_step(
   tx: optax.GradientTransformation,
   loss_fn: LossFn,
   schedule: optax.Schedule | None = None,
+  policy: precision.Policy = precision.POLICIES["f32"],
 ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step.
 
@@ -54,6 +55,8 @@ def train_step(
     loss_fn: per-example loss and metrics, see the module docstring.
     schedule: the learning-rate schedule, reported as `lr`; without one, the
       `learning_rate` in an `optax.inject_hyperparams` state is, if any.
+    policy: the precision policy (`jaxtrain.precision`); with loss scaling,
+      `loss_scale` joins the metrics.
 
   Returns:
     The new state, and scalar metrics: the batch means of the loss function's
@@ -64,23 +67,50 @@ def train_step(
   """
   key = jax.random.fold_in(state.rng, state.step)
 
-  def objective(params: Any) -> tuple[jax.Array, tuple[dict[str, jax.Array], Any]]:
-    model = nnx.merge(graphdef, params, state.model_state)
+  scaling = policy.loss_scaling
+
+  def objective(params: Any) -> tuple[jax.Array, tuple[Any, ...]]:
+    model = _model(graphdef, params, state.model_state, policy)
     model.train()
-    per_example = loss_fn(model, batch, step_rngs(key))  # built inside the grad trace
-    return per_example["loss"].mean(), (per_example, split_model(model)[2])
+    per_example = loss_fn(model, policy.cast_to_compute(batch), step_rngs(key))
+    loss = per_example["loss"].astype(jnp.float32).mean()
+    model_state = _like(split_model(model)[2], state.model_state)
+    return precision.scale_loss(state.loss_scale, loss) if scaling else loss, (
+      loss,
+      per_example,
+      model_state,
+    )
 
   grad_fn = jax.value_and_grad(objective, has_aux=True)
-  (loss, (per_example, model_state)), grads = grad_fn(state.params)
-  finite = jnp.isfinite(loss) & jnp.isfinite(sum(jnp.sum(g) for g in jax.tree.leaves(grads)))
+  (_, (loss, per_example, model_state)), grads = grad_fn(state.params)
+  if scaling:
+    grads = _like(precision.unscale(state.loss_scale, grads), state.params)
+  finite = jnp.isfinite(loss) & precision.all_finite(grads)
   new_state = _update_if_finite(finite, state, grads, model_state, tx)
-  metrics = {k: v.mean() for k, v in per_example.items()}
+  metrics = {k: v.astype(jnp.float32).mean() for k, v in per_example.items()}
+  if scaling:
+    metrics["loss_scale"] = state.loss_scale.scale
+    new_state = new_state.replace(
+      loss_scale=precision.adjust(state.loss_scale, finite, period=policy.loss_scale_period)
+    )
   lr = _learning_rate(state, new_state, schedule)
   if lr is not None:
     metrics["lr"] = lr
   metrics["skipped"] = 1.0 - finite.astype(jnp.float32)
   metrics["skipped_in_a_row"] = new_state.skipped
   return new_state, metrics
+
+
+def _model(graphdef: nnx.GraphDef, params: Any, model_state: Any, policy: precision.Policy) -> Any:
+  """The NNX model with the parameters cast for computing and its modules set to the policy."""
+  model = nnx.merge(graphdef, policy.compute_params(params), model_state)
+  policy.apply_to_model(model)
+  return model
+
+
+def _like(tree: Any, reference: Any) -> Any:
+  """`tree` with each leaf cast to the dtype of the matching leaf of `reference`."""
+  return jax.tree.map(lambda x, r: x.astype(r.dtype) if x.dtype != r.dtype else x, tree, reference)
 
 
 def step_rngs(key: jax.Array) -> nnx.Rngs:
@@ -136,7 +166,12 @@ def _update_if_finite(
 
 
 def eval_step(
-  state: TrainState, batch: Batch, *, graphdef: nnx.GraphDef, loss_fn: LossFn
+  state: TrainState,
+  batch: Batch,
+  *,
+  graphdef: nnx.GraphDef,
+  loss_fn: LossFn,
+  policy: precision.Policy = precision.POLICIES["f32"],
 ) -> dict[str, jax.Array]:
   """Sums of the per-example metrics over the real examples of `batch`.
 
@@ -146,14 +181,16 @@ def eval_step(
       the padding of the last partial batch.
     graphdef: the model's graph definition.
     loss_fn: per-example loss and metrics.
+    policy: the precision policy.
 
   Returns:
     A dict of masked sums, plus `count`, the number of real examples.
   """
-  model = nnx.merge(graphdef, state.params, state.model_state)
+  model = _model(graphdef, state.params, state.model_state, policy)
   model.eval()
   mask = batch["mask"].astype(jnp.float32)
-  sums = {k: jnp.sum(v.astype(jnp.float32) * mask) for k, v in loss_fn(model, batch, None).items()}
+  per_example = loss_fn(model, policy.cast_to_compute(batch), None)
+  sums = {k: jnp.sum(v.astype(jnp.float32) * mask) for k, v in per_example.items()}
   sums["count"] = jnp.sum(mask)
   return sums
 

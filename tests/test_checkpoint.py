@@ -40,17 +40,19 @@ def _save_steps(directory, mesh, steps, **kwargs):
   return states
 
 
-def _largest_file(folder):
-  return max((p for p in folder.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+def _largest_data_file(step_dir):
+  """The largest file of array data in a step's state (Orbax keeps them in `d/` folders)."""
+  files = [p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"]
+  return max(files, key=lambda p: p.stat().st_size)
 
 
 def _truncate(step_dir):
-  f = _largest_file(step_dir / "state")
+  f = _largest_data_file(step_dir)
   f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
 
 
 def _zero(step_dir):
-  f = _largest_file(step_dir / "state")
+  f = _largest_data_file(step_dir)
   raw = bytearray(f.read_bytes())
   n = min(4096, len(raw) // 2)
   raw[len(raw) // 4 : len(raw) // 4 + n] = bytes(n)
@@ -58,7 +60,7 @@ def _zero(step_dir):
 
 
 def _delete(step_dir):
-  _largest_file(step_dir / "state").unlink()
+  _largest_data_file(step_dir).unlink()
 
 
 def _torn_data_json(step_dir):
