@@ -255,6 +255,13 @@ def _check_optim(config: ml_collections.ConfigDict) -> None:
     config,
     "must be increasing positive steps",
   )
+  _require(
+    all(isinstance(x, int | float) and not isinstance(x, bool) and x >= 0 for x in o.scales),
+    "optim.scales",
+    config,
+    "must be non-negative numbers",
+  )
+  _check_schedule_length(config)
   _require(0 <= o.momentum < 1, "optim.momentum", config, "must be in [0, 1)")
   for key, ok, problem in (
     ("optim.momentum", not o.momentum or o.name in MOMENTUM_OPTIMIZERS, "needs sgd or rmsprop"),
@@ -262,7 +269,6 @@ def _check_optim(config: ml_collections.ConfigDict) -> None:
     ("optim.centered", not o.centered or o.name == "rmsprop", "needs optim.name='rmsprop'"),
     ("optim.decay_rate", o.decay_rate > 0, "must be positive"),
     ("optim.scales", len(o.scales) == len(o.boundaries), "needs one value per optim.boundaries"),
-    ("optim.scales", all(x >= 0 for x in o.scales), "must not be negative"),
     ("loss.label_smoothing", 0 <= config.loss.label_smoothing < 1, "must be in [0, 1)"),
   ):
     _require(ok, key, config, problem)
@@ -273,6 +279,30 @@ def _check_optim(config: ml_collections.ConfigDict) -> None:
     parse_lr_groups(o.lr_groups)
   except ValueError as e:
     raise ConfigError(f"optim.lr_groups={o.lr_groups!r}: {e}") from None
+
+
+def _check_schedule_length(config: ml_collections.ConfigDict) -> None:
+  """The warm-up, and a schedule's own phases, must fit in the run's updates."""
+  o = config.optim
+  updates = config.train.steps // o.accum_steps
+  _require(
+    o.warmup_steps < updates, "optim.warmup_steps", config, f"must be below the {updates} updates"
+  )
+  if o.schedule == "wsd":
+    decay = max(round(updates * o.decay_fraction), 1)
+    _require(
+      o.warmup_steps + decay <= updates,
+      "optim.decay_fraction",
+      config,
+      f"leaves no room: warm-up {o.warmup_steps} + decay {decay} exceed the {updates} updates",
+    )
+  if o.schedule == "piecewise" and o.boundaries:
+    _require(
+      o.boundaries[0] >= o.warmup_steps,
+      "optim.boundaries",
+      config,
+      f"must start at or after optim.warmup_steps={o.warmup_steps}",
+    )
 
 
 def _compiles(pattern: Any) -> bool:
@@ -294,8 +324,8 @@ def parse_lr_groups(entries: Any) -> dict[str, float]:
       groups[pattern] = float(value)
     except ValueError:
       raise ValueError(f"{entry!r} is not REGEX=MULTIPLIER") from None
-    if groups[pattern] < 0:
-      raise ValueError(f"{entry!r} has a negative multiplier")
+    if not 0 <= groups[pattern] < math.inf:
+      raise ValueError(f"{entry!r} needs a finite, non-negative multiplier")
   return groups
 
 

@@ -116,6 +116,10 @@ def train(  # noqa: PLR0912, PLR0915 (the loop reads top to bottom by design)
   graphdef, abstract = state_lib.abstract_state(
     model, tx, seed=t.seed, mesh=mesh, rules=rules, policy=policy
   )
+  if len(optax.tree_utils.tree_get_all_with_path(abstract.opt_state, "lr_multiplier")) > 1:
+    raise config_lib.ConfigError(
+      "plateau.factor < 1 adds an optim.lr_multiplier(); the given tx must not hold one"
+    )
   _check_metric_names(config, graphdef, abstract, data, loss_fn)
   ckpt, restored = _restore(config, workdir, abstract)  # before anything is written
   step = restored.step if restored else 0
@@ -236,7 +240,8 @@ def train(  # noqa: PLR0912, PLR0915 (the loop reads top to bottom by design)
         status = "preempted"
         break
     ckpt.wait()
-    reasons = {"preempted": "SIGTERM: checkpoint saved; rerun to resume"}
+    kept = f"the newest checkpoint is step {saved}" if saved else "no checkpoint was saved"
+    reasons = {"preempted": f"SIGTERM: {kept}; rerun to resume"}
     if verdict:
       reasons["stopped_early"] = _stop_reason(e.metric, verdict)
     fields = {"final_step": step, "reason": reasons.get(status), "skipped_steps": skipped}
@@ -267,10 +272,18 @@ def _optimizer(
   tx: optax.GradientTransformation | None,
   schedule: optax.Schedule | None,
 ) -> tuple[optax.GradientTransformation, optax.Schedule | None]:
-  """The run's transform and schedule: the given ones, or the `optim` section's."""
+  """The run's transform, and its schedule as a function of the step (for the `lr` metric).
+
+  The `optim` section's schedule counts updates, `optim.accum_steps` steps each;
+  a given `tx` and `schedule` are taken as they are.
+  """
   plateau = config.plateau.factor < 1
   if tx is None:
-    return optim.from_config(config, multiplier=plateau)
+    if schedule is not None:
+      raise ValueError("train(schedule=...) describes a given tx; pass tx= too")
+    tx, sched = optim.from_config(config, multiplier=plateau)
+    accum = config.optim.accum_steps
+    return tx, lambda n: sched(n // accum)
   return (optax.chain(tx, optim.lr_multiplier()) if plateau else tx), schedule
 
 
@@ -399,13 +412,12 @@ def _build(
   """The compiled chunk, the evaluator and the prefetching data stream."""
   t = config.train
   shardings = jax.tree.map(lambda x: x.sharding, state)
-  accum = config.optim.accum_steps
   step_fn = functools.partial(
     step_lib.train_step,
     graphdef=graphdef,
     tx=tx,
     loss_fn=loss_fn,
-    schedule=None if schedule is None else lambda n: schedule(n // accum),
+    schedule=schedule,
     policy=policy,
   )
   unroll = t.unroll or step_lib.auto_unroll(

@@ -82,7 +82,7 @@ def schedule(
   Example:
     >>> sched = schedule("piecewise", lr=0.1, total_steps=300, boundaries=(100, 200),
     ...                  scales=(0.1, 0.01))
-    >>> float(sched(150))
+    >>> round(float(sched(150)), 6)
     0.01
   """
   after = max(total_steps - warmup_steps, 1)
@@ -163,7 +163,9 @@ def base(
     name: one of `OPTIMIZERS`.
     learning_rate: a number or a schedule of the update count.
     weight_decay: decoupled weight decay (`DECAY_OPTIMIZERS` only), on the
-      parameters whose paths match none of `no_decay`.
+      parameters whose paths match none of `no_decay`. As in Optax, adamw and
+      lion scale it by the learning rate; adafactor's `weight_decay_rate` is
+      added after the learning rate, unscaled.
     no_decay: regular expressions of the paths weight decay leaves alone.
     momentum: for sgd and rmsprop; 0 turns it off.
     nesterov: Nesterov momentum, for sgd and rmsprop.

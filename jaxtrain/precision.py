@@ -8,11 +8,17 @@ with a `dtype` attribute is set to it, so both the reference models and user
 models compute in it. The gradients come back in the parameter dtype through
 the casts. Kept in float32 whatever the policy:
 - normalisation statistics (Flax's norms compute them in at least float32);
-- softmax and the loss: `jaxtrain.losses` casts logits to `output_dtype`
-  (float32) before any reduction, and the reference attention takes its softmax
-  in float32;
-- modules whose path matches `f32_modules` (a per-module override): their
-  parameters are not cast and their `dtype` is float32.
+- the loss: `jaxtrain.losses` cast logits to float32 before any reduction,
+  and the step casts the per-example outputs to `output_dtype`;
+- the reference Transformer's attention softmax (a user model's softmax is its
+  own business);
+- modules whose path (such as `hidden/0` or `head`) matches `f32_modules`, a
+  per-module override: their parameters are not cast and their `dtype` is
+  float32.
+
+The floating arrays of a batch are cast to the compute dtype too; keep targets
+that need more precision integer, or recast them in the loss function (and
+note float16's maximum, 65504).
 
 | policy | params, optimizer state | compute | loss | loss scaling |
 | --- | --- | --- | --- | --- |
@@ -69,11 +75,16 @@ class Policy:
     return _cast(tree, self.output_dtype)
 
   def compute_params(self, params: Any) -> Any:
-    """The parameters for the forward pass: in `compute_dtype`, but `f32_modules` in float32."""
+    """The parameters for the forward pass: in `compute_dtype`, but `f32_modules` in float32.
+
+    A parameter is kept in float32 when the path of its module (its own path
+    without the last key, such as `hidden/0` for `hidden/0/kernel`) matches.
+    """
     patterns = [re.compile(p) for p in self.f32_modules]
 
     def cast(path: tuple[Any, ...], x: Any) -> Any:
-      keep = any(p.search(sharding.path_str(path)) for p in patterns)
+      module = sharding.path_str(path[:-1])
+      keep = any(p.search(module) for p in patterns)
       return _cast(x, jnp.float32 if keep else self.compute_dtype)
 
     return jax.tree.map_with_path(cast, params)

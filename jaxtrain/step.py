@@ -62,7 +62,8 @@ def train_step(
     The new state, and scalar metrics: the batch means of the loss function's
     values, `lr` (times any `lr_multiplier` in the optimizer state), `skipped`
     (1 when a non-finite loss or gradient left the state unchanged) and
-    `skipped_in_a_row`. (A gradient norm is left out: XLA computes it in a pass
+    `skipped_in_a_row` (the non-finite updates in a row; a loss-scale overflow
+    is skipped but not counted there). (A gradient norm is left out: XLA computes it in a pass
     of its own over the gradients, 20% more memory traffic for the reference MLP.)
   """
   key = jax.random.fold_in(state.rng, state.step)
@@ -86,8 +87,12 @@ def train_step(
   if scaling:
     grads = _like(precision.unscale(state.loss_scale, grads), state.params)
   finite = jnp.isfinite(loss) & precision.all_finite(grads)
+  # A loss-scale overflow (finite loss, scale still above 1) is routine: the
+  # step is skipped and the scale lowered, but it does not count as a failure.
+  overflow = scaling & jnp.isfinite(loss) & (state.loss_scale.scale > 1.0)
   new_state = _update_if_finite(finite, state, grads, model_state, tx)
-  metrics = {k: v.astype(jnp.float32).mean() for k, v in per_example.items()}
+  new_state = new_state.replace(skipped=jnp.where(finite | overflow, 0, state.skipped + 1))
+  metrics = {k: v.mean() for k, v in policy.cast_to_output(per_example).items()}
   if scaling:
     metrics["loss_scale"] = state.loss_scale.scale
     new_state = new_state.replace(
@@ -161,7 +166,6 @@ def _update_if_finite(
     params=params,
     opt_state=opt_state,
     model_state=model_state,
-    skipped=jnp.where(finite, 0, state.skipped + 1),
   )
 
 
@@ -190,6 +194,7 @@ def eval_step(
   model.eval()
   mask = batch["mask"].astype(jnp.float32)
   per_example = loss_fn(model, policy.cast_to_compute(batch), None)
+  per_example = policy.cast_to_output(per_example)
   sums = {k: jnp.sum(v.astype(jnp.float32) * mask) for k, v in per_example.items()}
   sums["count"] = jnp.sum(mask)
   return sums

@@ -53,6 +53,9 @@ def test_base_config_is_valid():
     ("optim.lr_groups", ("head=x",), "'head=x' is not REGEX=MULTIPLIER"),
     ("optim.schedule", "step", "optim.schedule='step' must be one of"),
     ("loss.label_smoothing", 1.0, "loss.label_smoothing=1.0 must be in [0, 1)"),
+    ("optim.warmup_steps", 40, "optim.warmup_steps=40 must be below the 40 updates"),
+    ("optim.scales", ("x",), "optim.scales=('x',) must be non-negative numbers"),
+    ("optim.lr_groups", ("head=inf",), "'head=inf' needs a finite, non-negative multiplier"),
     ("early_stop.divergence", float("nan"), "early_stop.divergence=nan must be finite"),
     ("early_stop.patience", 2**31, "early_stop.patience=2147483648 must be below 2**31"),
   ],
@@ -79,6 +82,20 @@ def test_restore_best_keeps_the_best_checkpoint_by_the_monitored_metric():
   config_lib.validate(config, num_devices=8)
   config.ckpt.best_metric = "eval/loss"
   with pytest.raises(config_lib.ConfigError, match=r"ckpt\.best_metric='eval/loss' with early"):
+    config_lib.validate(config, num_devices=8)
+
+
+def test_schedule_phases_must_fit_the_run():
+  config = helpers.tiny_config(
+    **{"optim.schedule": "wsd", "optim.warmup_steps": 35, "optim.decay_fraction": 0.2}
+  )
+  with pytest.raises(config_lib.ConfigError, match=r"warm-up 35 \+ decay 8 exceed the 40"):
+    config_lib.validate(config, num_devices=8)
+  config = helpers.tiny_config(
+    **{"optim.schedule": "piecewise", "optim.warmup_steps": 10, "optim.boundaries": (5,)}
+  )
+  config.optim.scales = (0.1,)
+  with pytest.raises(config_lib.ConfigError, match=r"must start at or after optim.warmup_steps"):
     config_lib.validate(config, num_devices=8)
 
 

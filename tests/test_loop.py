@@ -137,3 +137,19 @@ def test_custom_tx_reports_its_injected_learning_rate(tmp_path, digits):
   lr = {x["step"]: x["lr"] for x in _lines(tmp_path, "train")}
   assert lr == pytest.approx({s: float(sched(s - 1)) for s in range(5, 41, 5)})
   assert result.eval_metrics["accuracy"] > 0.5
+
+
+def test_custom_tx_misuse_is_refused(tmp_path, digits):
+  config = helpers.tiny_config(**{"early_stop.metric": "eval/loss", "plateau.factor": 0.5})
+  tx = jaxtrain.optim.optimizer("adam", 1e-3, multiplier=True)
+  with pytest.raises(jaxtrain.ConfigError, match="must not hold one"):
+    jaxtrain.train(config, helpers.mlp(), digits, losses.classification, workdir=tmp_path, tx=tx)
+  with pytest.raises(ValueError, match="pass tx= too"):
+    jaxtrain.train(
+      helpers.tiny_config(),
+      helpers.mlp(),
+      digits,
+      losses.classification,
+      workdir=tmp_path,
+      schedule=optax.constant_schedule(1e-3),
+    )

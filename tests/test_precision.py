@@ -173,3 +173,46 @@ def test_transformer_trains_in_bf16_mixed():
   assert dots and all(d == ("bfloat16", "bfloat16") for d in dots)
   assert float(metrics["loss"]) < 0.3 * first
   assert float(metrics["bits_per_byte"]) == pytest.approx(float(metrics["loss"]) / np.log(2))
+
+
+def _sgd_step(policy, digits):
+  mesh = helpers.mesh((1, 1, 1), n=1)
+  tx = optax.sgd(0.1)
+  graphdef, state = state_lib.create_state(helpers.mlp(), tx, seed=0, mesh=mesh, policy=policy)
+  step_fn = functools.partial(
+    step_lib.train_step, graphdef=graphdef, tx=tx, loss_fn=losses.classification, policy=policy
+  )
+  return state, jax.jit(step_fn), helpers.take(helpers.global_batches(digits.train, B, 1), 0)
+
+
+def test_fp16_mixed_update_matches_f32_through_the_scaling(digits):
+  """SGD is not scale-invariant: a scale left in, or unscaled twice, would show."""
+  start, f32_step, batch = _sgd_step(precision.get_policy("f32"), digits)
+  want, _ = f32_step(start, batch)
+  state, fp16_step, _ = _sgd_step(precision.get_policy("fp16-mixed"), digits)
+  got, metrics = fp16_step(state, batch)
+  assert float(metrics["skipped"]) == 0
+  moved = helpers.max_abs_diff(want.params, start.params)
+  assert moved > 1e-3
+  assert helpers.max_abs_diff(got.params, want.params) < 0.01 * moved
+
+
+def test_a_scale_overflow_is_skipped_but_not_counted_as_a_failure(digits):
+  state, step_fn, batch = _sgd_step(precision.get_policy("fp16-mixed"), digits)
+  state = state.replace(loss_scale=precision.loss_scale_init(2.0**40))  # overflows fp16
+  before = jax.device_get(state.params)
+  state, metrics = step_fn(state, batch)
+  assert float(metrics["skipped"]) == 1 and np.isfinite(float(metrics["loss"]))
+  assert int(metrics["skipped_in_a_row"]) == 0  # routine for loss scaling, not a failure
+  assert float(state.loss_scale.scale) == 2.0**39
+  assert helpers.max_abs_diff(state.params, before) == 0
+
+
+def test_f32_modules_match_module_paths(digits):
+  policy = precision.get_policy("bf16-mixed", f32_modules=("^hidden/0$",))
+  state, step_fn, batch = _setup(policy, digits)
+  compute = policy.compute_params(state.params)
+  assert compute["hidden"][0]["kernel"].dtype == jnp.float32
+  assert compute["head"]["kernel"].dtype == jnp.bfloat16
+  dots = _dots(step_fn, state, batch)
+  assert dots.count(("float32", "float32")) == 2  # the first layer's forward and kernel grad
