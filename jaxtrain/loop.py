@@ -31,7 +31,7 @@ from jaxtrain import config as config_lib
 from jaxtrain import monitor as monitor_lib
 from jaxtrain import state as state_lib
 from jaxtrain import step as step_lib
-from jaxtrain.data import pipeline
+from jaxtrain.data import checks, pipeline
 from jaxtrain.data.sources import Dataset
 from jaxtrain.evaluate import Evaluator
 
@@ -99,11 +99,14 @@ def train(  # noqa: PLR0912, PLR0915 (the loop reads top to bottom by design)
   Raises:
     ConfigError: for an invalid config, an unusable workdir, or a checkpoint
       whose data order the config contradicts, before anything is written.
+    DataError: for an empty source or a record whose fields, shapes or dtypes
+      differ from the first train record's, before anything is written.
     CheckpointError: when a checkpoint cannot be written; training stops.
     NonFiniteError: after `train.max_skipped` non-finite updates in a row;
       nothing is saved after them.
   """
   config_lib.validate(config, jax.device_count())
+  checks.check_dataset(data)  # a bad record stops the run here, before anything is written
   workdir = record.prepare_workdir(workdir)
   mesh = sharding.make_mesh(config_lib.mesh_shape(config.mesh, jax.device_count()))
   logging.info("devices: %s, mesh: %s", jax.devices(), dict(mesh.shape))

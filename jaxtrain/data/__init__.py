@@ -1,6 +1,8 @@
 """Data sources and Grain pipelines."""
 
+from jaxtrain.data.checks import check_dataset, check_source
 from jaxtrain.data.pipeline import Prefetcher, eval_batches, train_chunks
+from jaxtrain.data.records import RecordSource, write_records
 from jaxtrain.data.sources import (
   ArraySource,
   DataError,
@@ -11,17 +13,25 @@ from jaxtrain.data.sources import (
   fashion_mnist,
   read_idx,
 )
+from jaxtrain.data.text import ByteTextSource, byte_text, python_stdlib
 
 __all__ = [
   "ArraySource",
+  "ByteTextSource",
   "DataError",
   "Dataset",
   "Prefetcher",
+  "RecordSource",
   "Source",
+  "byte_text",
+  "check_dataset",
   "check_labels",
+  "check_source",
   "digits",
   "eval_batches",
   "fashion_mnist",
+  "python_stdlib",
   "read_idx",
   "train_chunks",
+  "write_records",
 ]

@@ -1,0 +1,96 @@
+"""Data checks that run before anything is compiled: one line naming source, record, field.
+
+Every record of a source must have the fields, shapes and dtypes of its first
+record (of the train source's, for an eval source), and integer labels must lie
+in `[0, num_classes)`. Array-backed sources are checked with whole-array
+operations; other sources record by record, once, at start.
+
+Example:
+  >>> check_dataset(ds, num_classes={"label": 10})   # raises DataError on bad data
+"""
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from jaxtrain.data.sources import DataError, Dataset, Source
+
+Spec = dict[str, tuple[tuple[int, ...], np.dtype]]
+
+
+def spec_of(record: Mapping[str, Any]) -> Spec:
+  """The field names, shapes and dtypes of one record."""
+  return {k: (np.shape(v), np.asarray(v).dtype) for k, v in record.items()}
+
+
+def check_source(
+  source: Source, *, like: Spec | None = None, num_classes: Mapping[str, int] | None = None
+) -> Spec:
+  """Raises `DataError` at the first bad record of `source`; returns its spec.
+
+  Args:
+    source: the source to check.
+    like: the spec every record must have; the first record's by default.
+    num_classes: integer fields whose values must lie in `[0, n)`.
+
+  Returns:
+    The spec the records have.
+  """
+  name = getattr(source, "name", type(source).__name__)
+  if len(source) == 0:
+    raise DataError(f"source {name}: is empty")
+  spec = like or spec_of(source[0])
+  arrays = getattr(source, "arrays", None)
+  if arrays is not None:
+    _check_arrays(name, arrays, spec)
+  elif not hasattr(source, "read"):  # record by record, once
+    for i in range(len(source)):
+      _check_record(name, i, source[i], spec)
+  for field, n in (num_classes or {}).items():
+    _check_labels(name, source, field, n, arrays)
+  return spec
+
+
+def check_dataset(data: Dataset, num_classes: Mapping[str, int] | None = None) -> Spec:
+  """Checks the train source, then the eval source against the train records' spec."""
+  spec = check_source(data.train, num_classes=num_classes)
+  check_source(data.eval, like=spec, num_classes=num_classes)
+  return spec
+
+
+def _describe(shape: tuple[int, ...], dtype: np.dtype) -> str:
+  return f"shape {tuple(shape)} dtype {np.dtype(dtype).name}"
+
+
+def _check_record(name: str, index: int, record: Mapping[str, Any], spec: Spec) -> None:
+  if set(record) != set(spec):
+    raise DataError(
+      f"source {name}: record {index} has fields {sorted(record)}, expected {sorted(spec)}"
+    )
+  for field, (shape, dtype) in spec.items():
+    value = np.asarray(record[field])
+    if value.shape != shape or value.dtype != dtype:
+      raise DataError(
+        f"source {name}: record {index} field {field} has {_describe(value.shape, value.dtype)}, "
+        f"expected {_describe(shape, dtype)}"
+      )
+
+
+def _check_arrays(name: str, arrays: Mapping[str, np.ndarray], spec: Spec) -> None:
+  _check_record(name, 0, {k: v[0] for k, v in arrays.items()}, spec)
+
+
+def _check_labels(
+  name: str, source: Source, field: str, n: int, arrays: Mapping[str, np.ndarray] | None
+) -> None:
+  if arrays is not None:
+    values = arrays[field]
+  else:
+    values = np.array([np.asarray(source[i][field]) for i in range(len(source))])
+  outside = ((values < 0) | (values >= n)).reshape(len(values), -1).any(axis=1)
+  bad = np.flatnonzero(outside)
+  if bad.size:
+    i = int(bad[0])
+    shown = values[i] if values.ndim == 1 else f"{values[i].min()}..{values[i].max()}"
+    raise DataError(f"source {name}: record {i} field {field}={shown} is outside [0, {n})")

@@ -1,0 +1,145 @@
+"""Byte-text windows, ArrayRecord files and their converter, and the up-front data checks."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import jaxtrain
+from jaxtrain import data, losses
+from jaxtrain.data import checks, records, text
+from tests import helpers
+
+
+def test_byte_windows_overlap_by_one_byte():
+  raw = np.frombuffer(b"abcdefghijk", np.uint8)
+  source = text.ByteTextSource("t", raw, length=4)
+  assert len(source) == 2  # 11 bytes: windows at 0 and 4 (each 5 bytes); 8 + 5 > 11
+  assert bytes(source[0]["tokens"].astype(np.uint8)) == b"abcde"
+  assert bytes(source[1]["tokens"].astype(np.uint8)) == b"efghi"
+  batch = source.read(np.array([1, 0, 1]))["tokens"]
+  assert batch.shape == (3, 5) and batch.dtype == np.int32
+  np.testing.assert_array_equal(batch[0], source[1]["tokens"])
+  with pytest.raises(IndexError):
+    source.read(np.array([2]))
+
+
+def test_python_stdlib_is_offline_and_deterministic():
+  a = text.python_stdlib(length=64, limit_bytes=200_000)
+  b = text.python_stdlib(length=64, limit_bytes=200_000)
+  assert len(a.train) > 2500 and len(a.eval) > 100
+  np.testing.assert_array_equal(
+    a.train.read(np.arange(50))["tokens"], b.train.read(np.arange(50))["tokens"]
+  )
+  tokens = a.train.read(np.arange(len(a.train)))["tokens"]
+  assert tokens.min() >= 0 and tokens.max() < text.VOCAB
+
+
+def test_a_missing_text_file_is_one_line(tmp_path):
+  with pytest.raises(data.DataError, match=r"text file .*nope\.txt: No such file"):
+    text.byte_text("t", [tmp_path / "nope.txt"], length=8)
+
+
+def test_records_round_trip(tmp_path):
+  rows = [
+    {"image": np.full((2, 3), i, np.float32), "label": np.int32(i), "name": np.array(b"x%d" % i)}
+    for i in range(5)
+  ]
+  assert records.write_records(tmp_path / "r.array_record", rows) == 5
+  source = records.RecordSource(tmp_path / "r.array_record")
+  assert len(source) == 5
+  for i in (0, 4):
+    got = source[i]
+    assert got.keys() == rows[i].keys()
+    for k in got:
+      np.testing.assert_array_equal(got[k], rows[i][k])
+      assert got[k].dtype == np.asarray(rows[i][k]).dtype
+
+
+def test_record_source_errors(tmp_path):
+  with pytest.raises(data.DataError, match=r"missing ArrayRecord file\(s\) \['.*absent"):
+    records.RecordSource(tmp_path / "absent.array_record")
+  records.write_records(tmp_path / "empty.array_record", [])
+  with pytest.raises(data.DataError, match="is empty"):
+    records.RecordSource(tmp_path / "empty.array_record")
+
+
+def test_converter_command(tmp_path):
+  np.savez(tmp_path / "a.npz", image=np.zeros((7, 4), np.float32), label=np.arange(7))
+  (tmp_path / "t.txt").write_bytes(b"0123456789" * 10)
+  run = lambda *args: subprocess.run(  # noqa: E731
+    [sys.executable, "-m", "jaxtrain.data.convert", *args],
+    capture_output=True, text=True, timeout=120, check=False, cwd=helpers.ROOT,
+  )  # fmt: skip
+  out = run(f"--npz={tmp_path / 'a.npz'}", f"--out={tmp_path / 'a.array_record'}")
+  assert out.returncode == 0 and "wrote 7 records" in out.stdout, out.stderr[-2000:]
+  source = records.RecordSource(tmp_path / "a.array_record")
+  np.testing.assert_array_equal([int(source[i]["label"]) for i in range(7)], np.arange(7))
+  out = run(f"--text={tmp_path / '*.txt'}", "--length=16", f"--out={tmp_path / 't.array_record'}")
+  assert out.returncode == 0 and "wrote 6 records" in out.stdout, out.stderr[-2000:]  # 101 bytes
+  assert (
+    bytes(records.RecordSource(tmp_path / "t.array_record")[1]["tokens"].astype(np.uint8))
+    == ((b"0123456789" * 10 + b"\n")[16:33])
+  )
+  out = run(f"--text={tmp_path / '*.none'}", f"--out={tmp_path / 'x.array_record'}")
+  assert out.returncode == 2 and out.stderr.strip().startswith("error: --text")
+
+
+def _digits_records(tmp_path, digits, bad=None):
+  rows = [digits.train[i] for i in range(64)]
+  if bad:
+    index, field, value = bad
+    rows[index] = {**rows[index], field: value}
+  records.write_records(tmp_path / "train.array_record", rows)
+  return data.Dataset("d", records.RecordSource(tmp_path / "train.array_record"), digits.eval)
+
+
+WRONG_SHAPE = "record 7 field image has shape (8, 9) dtype float32, expected shape (8, 8)"
+
+
+@pytest.mark.parametrize(
+  "bad,message",
+  [
+    ((7, "image", np.zeros((8, 9), np.float32)), WRONG_SHAPE),
+    ((9, "image", np.zeros((8, 8), np.float64)), "record 9 field image has shape (8, 8) dtype f"),
+    ((3, "label", np.int32(12)), "record 3 field label=12 is outside [0, 10)"),
+  ],
+)
+def test_a_bad_record_is_named(tmp_path, digits, bad, message):
+  ds = _digits_records(tmp_path, digits, bad)
+  with pytest.raises(data.DataError) as e:
+    checks.check_dataset(ds, num_classes={"label": 10})
+  assert message in str(e.value) and "train.array_record" in str(e.value)
+  assert "\n" not in str(e.value)
+
+
+def test_train_stops_on_bad_data_before_writing(tmp_path, digits):
+  ds = _digits_records(tmp_path, digits, (5, "image", np.zeros((8, 9), np.float32)))
+  config = helpers.tiny_config()
+  with pytest.raises(data.DataError, match="record 5 field image"):
+    jaxtrain.train(config, helpers.mlp(), ds, losses.classification, workdir=tmp_path / "w")
+  assert not (tmp_path / "w").exists()
+  empty = data.Dataset("e", digits.train, data.ArraySource("x", image=np.zeros((1, 8, 8))))
+  with pytest.raises(data.DataError, match="fields \\['image'\\], expected \\['image', 'label'\\]"):
+    jaxtrain.train(config, helpers.mlp(), empty, losses.classification, workdir=tmp_path / "w")
+
+
+def test_a_record_source_trains_like_the_arrays(tmp_path, digits):
+  """The same 64 records from memory and from an ArrayRecord file give the same run."""
+  arrays = data.ArraySource(
+    "mem", **{k: np.stack([digits.train[i][k] for i in range(64)]) for k in ("image", "label")}
+  )
+  from_file = _digits_records(tmp_path, digits)
+  config = helpers.tiny_config(**{"train.steps": 20, "eval.every_steps": 20})
+  runs = [
+    jaxtrain.train(
+      config,
+      helpers.mlp(),
+      data.Dataset("d", src, digits.eval),
+      losses.classification,
+      workdir=tmp_path / name,
+    )
+    for name, src in (("mem", arrays), ("file", from_file.train))
+  ]
+  assert helpers.max_abs_diff(runs[0].state.params, runs[1].state.params) == 0
