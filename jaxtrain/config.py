@@ -101,6 +101,9 @@ def get_config() -> ml_collections.ConfigDict:
       "name": "",  # set by the experiment; recorded in run.json
       "dir": "",  # where to look for dataset files first
       "workers": 0,  # Grain worker processes; 0 reads in the training process
+      "crop_padding": 0,  # train images: random crop after this much zero padding; 0: off
+      "flip": False,  # train images: random horizontal flip
+      "normalize": False,  # images: (x - mean) / std of the train images, train and eval
     }
   )
   c.ckpt = ml_collections.ConfigDict(
@@ -191,6 +194,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     "plateau.min_scale",
     "train.max_skipped",
     "data.workers",
+    "data.crop_padding",
   ):
     _require(get(config, key) >= 0, key, config, "must not be negative")
   _require(o.lr > 0, "optim.lr", config, "must be positive")

@@ -40,6 +40,7 @@ class Evaluator:
     shardings: TrainState,
     mesh: Mesh,
     policy: precision.Policy = precision.POLICIES["f32"],
+    transform: Any = None,
   ):
     eval_fn = functools.partial(
       step_lib.eval_step, graphdef=graphdef, loss_fn=loss_fn, policy=policy
@@ -51,7 +52,10 @@ class Evaluator:
       out_shardings=NamedSharding(mesh, P()),
     )
     self._batches = pipeline.eval_batches(
-      source, batch_size=batch_size, rows=sharding.process_rows(mesh, batch_size)
+      source,
+      batch_size=batch_size,
+      rows=sharding.process_rows(mesh, batch_size),
+      transform=transform,
     )
     self._put = functools.partial(sharding.put_batch, mesh=mesh, batch_size=batch_size)
 

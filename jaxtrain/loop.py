@@ -31,7 +31,7 @@ from jaxtrain import config as config_lib
 from jaxtrain import monitor as monitor_lib
 from jaxtrain import state as state_lib
 from jaxtrain import step as step_lib
-from jaxtrain.data import checks, pipeline
+from jaxtrain.data import checks, pipeline, transforms
 from jaxtrain.data.sources import Dataset
 from jaxtrain.evaluate import Evaluator
 
@@ -427,6 +427,7 @@ def _build(
     step_fn, state, _abstract_batch(data.train, t.batch_size), t.steps_per_loop
   )
   logging.info("train_chunk: %d steps per dispatch, unroll %d", t.steps_per_loop, unroll)
+  train_tf, eval_tf = _transforms(config.data, data)
   chunks = iter(
     pipeline.train_chunks(
       data.train,
@@ -435,6 +436,7 @@ def _build(
       steps_per_loop=t.steps_per_loop,
       workers=config.data.workers,
       rows=sharding.process_rows(mesh, t.batch_size),
+      transform=train_tf,
     )
   )
   if restored and restored.data_state is not None:
@@ -447,11 +449,22 @@ def _build(
     shardings=shardings,
     mesh=mesh,
     policy=policy,
+    transform=eval_tf,
   )
   prefetch = pipeline.Prefetcher(
     chunks, lambda c: sharding.put_batch(c, mesh, t.batch_size, leading_dims=1)
   )
   return step_lib.make_train_chunk(step_fn, shardings, mesh, unroll), evaluator, prefetch
+
+
+def _transforms(
+  d: ml_collections.ConfigDict, data: Dataset
+) -> tuple[transforms.Augment | None, transforms.Augment | None]:
+  """The train and eval image transforms that the `data` section asks for, if any."""
+  mean, std = transforms.image_stats(data.train) if d.normalize else (0.0, 1.0)
+  train = transforms.Augment(padding=d.crop_padding, flip=d.flip, mean=mean, std=std)
+  evaluation = transforms.Augment(mean=mean, std=std)
+  return (train if train.active else None), (evaluation if evaluation.active else None)
 
 
 def _restore(

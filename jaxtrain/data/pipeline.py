@@ -45,10 +45,17 @@ class TrainChunks:
   """
 
   def __init__(
-    self, source: Source, *, batch_size: int, seed: int, rows: tuple[int, int], steps_per_loop: int
+    self,
+    source: Source,
+    *,
+    batch_size: int,
+    seed: int,
+    rows: tuple[int, int],
+    steps_per_loop: int,
+    transform: Callable[..., dict[str, np.ndarray]] | None = None,
   ):
     self.source, self.batch_size, self.seed = source, batch_size, seed
-    self.rows, self.steps_per_loop = rows, steps_per_loop
+    self.rows, self.steps_per_loop, self.transform = rows, steps_per_loop, transform
     self._orders: dict[int, np.ndarray] = {}
 
   def order(self, epoch: int) -> np.ndarray:
@@ -61,28 +68,40 @@ class TrainChunks:
 
   def indices(self, first: int, count: int) -> np.ndarray:
     """Returns `[count, rows]` source indices of global batches `first, ..., first+count-1`."""
-    lo, hi = self.rows
-    starts = (first + np.arange(count))[:, None] * self.batch_size
-    epoch, offset = np.divmod(starts + np.arange(lo, hi), len(self.source))
+    epoch, offset = np.divmod(self.positions(first, count), len(self.source))
     out = np.empty(epoch.shape, np.int64)
     for e in np.unique(epoch):
       where = epoch == e
       out[where] = self.order(int(e))[offset[where]]
     return out
 
+  def positions(self, first: int, count: int) -> np.ndarray:
+    """The `[count, rows]` positions in the endless stream of those batches' records."""
+    lo, hi = self.rows
+    return (first + np.arange(count))[:, None] * self.batch_size + np.arange(lo, hi)
+
   def __call__(self, c: int) -> dict[str, np.ndarray]:
-    """Returns chunk `c` as `[K, rows, ...]` arrays."""
-    idx = self.indices(c * self.steps_per_loop, self.steps_per_loop)
-    return {
-      k: v.reshape(*idx.shape, *v.shape[1:]) for k, v in read(self.source, idx.ravel()).items()
-    }
+    """Returns chunk `c` as `[K, rows, ...]` arrays, transformed if a transform is set."""
+    first = c * self.steps_per_loop
+    idx = self.indices(first, self.steps_per_loop)
+    batch = read(self.source, idx.ravel())
+    if self.transform is not None:  # seeded by stream position: any worker, same result
+      positions = self.positions(first, self.steps_per_loop).ravel()
+      batch = self.transform(batch, seed=self.seed, positions=positions)
+    return {k: v.reshape(*idx.shape, *v.shape[1:]) for k, v in batch.items()}
 
 
 class EvalBatch:
   """Maps an eval batch number to this process's rows, padded and masked."""
 
-  def __init__(self, source: Source, batch_size: int, rows: tuple[int, int]):
-    self.source, self.batch_size, self.rows = source, batch_size, rows
+  def __init__(
+    self,
+    source: Source,
+    batch_size: int,
+    rows: tuple[int, int],
+    transform: Callable[..., dict[str, np.ndarray]] | None = None,
+  ):
+    self.source, self.batch_size, self.rows, self.transform = source, batch_size, rows, transform
 
   def __call__(self, j: int) -> dict[str, np.ndarray]:
     """Returns this process's rows of eval batch `j`, with `mask`."""
@@ -90,6 +109,8 @@ class EvalBatch:
     positions = np.arange(j * self.batch_size + lo, j * self.batch_size + hi)
     mask = positions < len(self.source)
     batch = read(self.source, np.where(mask, positions, 0))
+    if self.transform is not None:
+      batch = self.transform(batch, seed=0, positions=positions)
     batch["mask"] = mask.astype(np.int32)
     return batch
 
@@ -102,6 +123,7 @@ def train_chunks(
   steps_per_loop: int,
   rows: tuple[int, int],
   workers: int = 0,
+  transform: Callable[..., dict[str, np.ndarray]] | None = None,
 ) -> grain.IterDataset:
   """The endless training stream, as `[K, rows, ...]` chunks.
 
@@ -112,12 +134,19 @@ def train_chunks(
     steps_per_loop: `K`, the batches stacked into one chunk.
     rows: this process's rows `[lo, hi)` of each global batch.
     workers: Grain worker processes; 0 reads in this process.
+    transform: `transform(batch, seed=, positions=) -> batch`, such as
+      `transforms.Augment`, applied to each read batch; picklable with workers.
 
   Returns:
     A checkpointable Grain dataset; `iter()` it.
   """
   chunks = TrainChunks(
-    source, batch_size=batch_size, seed=seed, rows=rows, steps_per_loop=steps_per_loop
+    source,
+    batch_size=batch_size,
+    seed=seed,
+    rows=rows,
+    steps_per_loop=steps_per_loop,
+    transform=transform,
   )
   ds = grain.MapDataset.range(2**62).map(chunks)
   # Read in the caller's thread (the Prefetcher's): one data thread competes less with XLA.
@@ -129,7 +158,13 @@ def train_chunks(
   return it
 
 
-def eval_batches(source: Source, *, batch_size: int, rows: tuple[int, int]) -> grain.MapDataset:
+def eval_batches(
+  source: Source,
+  *,
+  batch_size: int,
+  rows: tuple[int, int],
+  transform: Callable[..., dict[str, np.ndarray]] | None = None,
+) -> grain.MapDataset:
   """One pass over `source` in order, every example exactly once.
 
   The last global batch is padded to `batch_size`; its `mask` is 0 on padding.
@@ -138,12 +173,13 @@ def eval_batches(source: Source, *, batch_size: int, rows: tuple[int, int]) -> g
     source: the eval source.
     batch_size: the global eval batch size.
     rows: this process's rows `[lo, hi)` of each global batch.
+    transform: applied to each batch (for example normalisation, never random).
 
   Returns:
     A Grain dataset of `ceil(len(source) / batch_size)` batches.
   """
   num_batches = -(-len(source) // batch_size)
-  return grain.MapDataset.range(num_batches).map(EvalBatch(source, batch_size, rows))
+  return grain.MapDataset.range(num_batches).map(EvalBatch(source, batch_size, rows, transform))
 
 
 class Prefetcher:
