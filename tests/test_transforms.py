@@ -89,3 +89,19 @@ def test_negative_padding_is_refused(value):
   config = helpers.tiny_config(**{"data.crop_padding": value})
   with pytest.raises(jaxtrain.ConfigError, match=r"data\.crop_padding=-1 must not be negative"):
     jaxtrain.config.validate(config, num_devices=8)
+
+
+def test_resume_mid_epoch_with_workers_sees_the_same_batches(tmp_path, digits):
+  """Two Grain workers and augmentation: stop at step 20 (of a 45-step epoch), resume to 60."""
+  base = {"data.workers": 2, "data.crop_padding": 1, "eval.every_steps": 20, "ckpt.every_steps": 20}
+  run = lambda steps, workdir, **extra: jaxtrain.train(  # noqa: E731
+    helpers.tiny_config(**{**base, "train.steps": steps, **extra}),
+    helpers.mlp(), digits, losses.classification, workdir=workdir,
+  )  # fmt: skip
+  whole = run(60, tmp_path / "whole")
+  run(20, tmp_path / "resumed")
+  resumed = run(60, tmp_path / "resumed")
+  in_process = run(60, tmp_path / "in_process", **{"data.workers": 0})
+  assert json.loads((tmp_path / "resumed" / "run.json").read_text())["resumed_from"] == 20
+  assert helpers.max_abs_diff(resumed.state.params, whole.state.params) == 0
+  assert helpers.max_abs_diff(in_process.state.params, whole.state.params) == 0

@@ -1,0 +1,129 @@
+"""Input pipeline rates against what training consumes.
+
+1. Fashion-MNIST with augmentation (crop after 2 pixels of padding, flip): the
+   pipeline's standalone rate (samples/s, reading chunks as fast as it can with
+   `--workers` Grain workers), then a full-speed CNN run with the same pipeline,
+   its samples/s and its `data_wait_frac` (the share of the loop's time spent
+   waiting for data).
+2. Byte-level text (this Python's standard library, windows of 256): the
+   pipeline's standalone rate against the samples/s a small Transformer's train
+   step consumes (vocabulary 256, width 128, 2 blocks, batch 32).
+
+    python benchmarks/input_pipeline.py
+    python benchmarks/input_pipeline.py --steps 300 --workers 2
+"""
+
+import functools
+import json
+import pathlib
+import tempfile
+import time
+
+import jax
+import numpy as np
+import optax
+from absl import app, flags
+
+import jaxtrain
+from jaxtrain import cli, data, losses, models, sharding
+from jaxtrain import state as state_lib
+from jaxtrain import step as step_lib
+from jaxtrain.data import pipeline, transforms
+
+_STEPS = flags.DEFINE_integer("steps", 300, "CNN training steps (after 20 of warm-up).")
+_WORKERS = flags.DEFINE_integer("workers", 2, "Grain worker processes for the image pipeline.")
+_K = 10
+_BATCH = 128
+
+
+def standalone_rate(source, batch_size, chunks, workers, transform=None):
+  """Samples/s of reading `chunks` chunks of `_K` batches, after one to warm up."""
+  it = iter(
+    pipeline.train_chunks(
+      source,
+      batch_size=batch_size,
+      seed=0,
+      steps_per_loop=_K,
+      rows=(0, batch_size),
+      workers=workers,
+      transform=transform,
+    )
+  )
+  next(it)
+  start = time.perf_counter()
+  for _ in range(chunks):
+    next(it)
+  seconds = time.perf_counter() - start
+  if hasattr(it, "close"):
+    it.close()
+  return chunks * _K * batch_size / seconds
+
+
+def cnn_run(dataset, steps, workers):
+  """A full-speed CNN run with augmentation; its samples/s and data_wait_frac after warm-up."""
+  from experiments import fashion_mnist  # noqa: PLC0415
+
+  config = fashion_mnist.get_config()
+  config.model.name = "cnn"
+  config.train.steps = 20 + steps
+  config.train.log_every = 10
+  config.eval.every_steps = 0
+  config.ckpt.every_steps = 0
+  config.mesh.data = 1
+  config.data.workers = workers
+  config.data.crop_padding, config.data.flip = 2, True
+  model = fashion_mnist.make_model(config.model)
+  with tempfile.TemporaryDirectory() as workdir:
+    jaxtrain.train(config, model, dataset, losses.classification, workdir=workdir)
+    lines = [json.loads(x) for x in (pathlib.Path(workdir) / "metrics.jsonl").open()]
+  lines = [x for x in lines if x["split"] == "train" and x["step"] > 20]
+  return np.median([x["samples_per_sec"] for x in lines]), np.mean(
+    [x["data_wait_frac"] for x in lines]
+  )
+
+
+def transformer_rate(batch_size=32, length=256, steps=20):
+  """Samples/s the small Transformer's jitted train step consumes."""
+  mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+  tx = optax.adam(1e-3)
+  model = functools.partial(models.Transformer, 256, length, 128, 2, 4)
+  graphdef, state = state_lib.create_state(model, tx, seed=0, mesh=mesh)
+  step = jax.jit(
+    functools.partial(step_lib.train_step, graphdef=graphdef, tx=tx, loss_fn=losses.next_token),
+    donate_argnums=0,
+  )
+  batch = {"tokens": np.zeros((batch_size, length + 1), np.int32)}
+  state, m = step(state, batch)
+  jax.block_until_ready(m)
+  start = time.perf_counter()
+  for _ in range(steps):
+    state, m = step(state, batch)
+  jax.block_until_ready(m)
+  return steps * batch_size / (time.perf_counter() - start)
+
+
+def main(argv):
+  del argv
+  cli.quiet_orbax_logs()
+  if jax.device_count() != 1:
+    raise app.UsageError("measures one device: expose one device")
+  fashion = data.fashion_mnist()
+  augment = transforms.Augment(padding=2, flip=True)
+  rate = standalone_rate(fashion.train, _BATCH, 30, _WORKERS.value, augment)
+  consumed, wait = cnn_run(fashion, _STEPS.value, _WORKERS.value)
+  print(f"image pipeline, {_WORKERS.value} workers, crop+flip: {rate:,.0f} samples/s standalone")
+  print(
+    f"CNN training consumes {consumed:,.0f} samples/s: pipeline/consumption {rate / consumed:.1f}x,"
+    f" data_wait_frac {wait:.4f}"
+  )
+  text = data.python_stdlib(length=256)
+  text_rate = standalone_rate(text.train, 32, 50, 0)
+  step_rate = transformer_rate()
+  print(
+    f"byte text pipeline: {text_rate:,.0f} samples/s standalone; Transformer step consumes "
+    f"{step_rate:,.0f} samples/s: ratio {text_rate / step_rate:.1f}x"
+  )
+
+
+if __name__ == "__main__":
+  app.run(main)
