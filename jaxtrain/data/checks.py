@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxtrain.data.sources import DataError, Dataset, Source
+from jaxtrain.data.sources import DataError, Dataset, Source, check_labels
 
 Spec = dict[str, tuple[tuple[int, ...], np.dtype]]
 
@@ -48,7 +48,7 @@ def check_source(
     for i in range(len(source)):
       _check_record(name, i, source[i], spec)
   for field, n in (num_classes or {}).items():
-    _check_labels(name, source, field, n, arrays)
+    check_labels(source, n, field)
   return spec
 
 
@@ -79,18 +79,3 @@ def _check_record(name: str, index: int, record: Mapping[str, Any], spec: Spec) 
 
 def _check_arrays(name: str, arrays: Mapping[str, np.ndarray], spec: Spec) -> None:
   _check_record(name, 0, {k: v[0] for k, v in arrays.items()}, spec)
-
-
-def _check_labels(
-  name: str, source: Source, field: str, n: int, arrays: Mapping[str, np.ndarray] | None
-) -> None:
-  if arrays is not None:
-    values = arrays[field]
-  else:
-    values = np.array([np.asarray(source[i][field]) for i in range(len(source))])
-  outside = ((values < 0) | (values >= n)).reshape(len(values), -1).any(axis=1)
-  bad = np.flatnonzero(outside)
-  if bad.size:
-    i = int(bad[0])
-    shown = values[i] if values.ndim == 1 else f"{values[i].min()}..{values[i].max()}"
-    raise DataError(f"source {name}: record {i} field {field}={shown} is outside [0, {n})")

@@ -86,14 +86,25 @@ class Dataset(NamedTuple):
   eval: Source
 
 
-def check_labels(source: ArraySource, num_classes: int, field: str = "label") -> None:
-  """Raises `DataError` naming the first record whose label is out of range."""
-  labels = source.arrays[field]
-  bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+def check_labels(source: Source, num_classes: int, field: str = "label") -> None:
+  """Raises `DataError` naming the first record with a label outside `[0, num_classes)`.
+
+  Labels may be scalars or arrays (one per position); array-backed sources are
+  checked with whole-array operations, others record by record.
+  """
+  name = getattr(source, "name", type(source).__name__)
+  arrays = getattr(source, "arrays", None)
+  if arrays is not None:
+    values = arrays[field]
+  else:
+    values = np.array([np.asarray(source[i][field]) for i in range(len(source))])
+  outside = ((values < 0) | (values >= num_classes)).reshape(len(values), -1).any(axis=1)
+  bad = np.flatnonzero(outside)
   if bad.size:
     i = int(bad[0])
+    shown = values[i] if values.ndim == 1 else f"{values[i].min()}..{values[i].max()}"
     raise DataError(
-      f"source {source.name}: record {i} field {field}={labels[i]} is outside [0, {num_classes})"
+      f"source {name}: record {i} field {field}={shown} is outside [0, {num_classes})"
     )
 
 
