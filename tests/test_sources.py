@@ -1,10 +1,12 @@
 """Byte-text windows, ArrayRecord files and their converter, and the up-front data checks."""
 
+import io
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+from array_record.python import array_record_module
 
 import jaxtrain
 from jaxtrain import data, losses
@@ -55,6 +57,41 @@ def test_records_round_trip(tmp_path):
     for k in got:
       np.testing.assert_array_equal(got[k], rows[i][k])
       assert got[k].dtype == np.asarray(rows[i][k]).dtype
+
+
+def test_record_batch_read_and_the_npz_format(tmp_path):
+  """`read` stacks what `[i]` returns; records in the earlier np.savez format still decode."""
+  rows = [{"image": np.full((2, 3), i, np.uint8), "label": np.int64(i)} for i in range(6)]
+  writer = array_record_module.ArrayRecordWriter(str(tmp_path / "old.array_record"), "group_size:1")
+  for row in rows:
+    buffer = io.BytesIO()
+    np.savez(buffer, **row)
+    writer.write(buffer.getvalue())
+  writer.close()
+  records.write_records(tmp_path / "new.array_record", rows)
+  for name in ("old", "new"):
+    source = records.RecordSource(tmp_path / f"{name}.array_record")
+    batch = source.read(np.array([4, 1, 4]))
+    np.testing.assert_array_equal(batch["label"], [4, 1, 4])
+    np.testing.assert_array_equal(batch["image"], np.stack([rows[i]["image"] for i in (4, 1, 4)]))
+    assert batch["image"].dtype == np.uint8 and source[2]["image"].flags.writeable
+
+
+def test_record_decode_errors(tmp_path):
+  raw = records.encode({"x": np.arange(3, dtype=np.int16)})
+  with pytest.raises(ValueError, match="2 bytes past the fields"):
+    records.decode(raw + b"ab")
+  with pytest.raises(ValueError, match="not a record"):
+    records.decode(b"junk" + raw)
+  with pytest.raises(data.DataError, match="field x: dtype object"):
+    records.encode({"x": np.array([None])})
+  writer = array_record_module.ArrayRecordWriter(str(tmp_path / "bad.array_record"), "group_size:1")
+  for payload in (raw, raw[:-1]):
+    writer.write(payload)
+  writer.close()
+  source = records.RecordSource(tmp_path / "bad.array_record")
+  with pytest.raises(data.DataError, match=r"bad\.array_record: record 1 cannot be decoded"):
+    source.read(np.array([0, 1]))
 
 
 def test_record_source_errors(tmp_path):

@@ -3,7 +3,8 @@
 Every record of a source must have the fields, shapes and dtypes of its first
 record (of the train source's, for an eval source), and integer labels must lie
 in `[0, num_classes)`. Array-backed sources are checked with whole-array
-operations; other sources record by record, once, at start.
+operations, sources with a batch `read` a batch at a time (a batch that does not
+fit is then searched record by record), others record by record; once, at start.
 
 Example:
   >>> check_dataset(ds, num_classes={"label": 10})   # raises DataError on bad data
@@ -17,6 +18,7 @@ import numpy as np
 from jaxtrain.data.sources import DataError, Dataset, Source, check_labels
 
 Spec = dict[str, tuple[tuple[int, ...], np.dtype]]
+READ_BATCH = 4096  # records per `read` when checking a source that has one
 
 
 def spec_of(record: Mapping[str, Any]) -> Spec:
@@ -44,7 +46,13 @@ def check_source(
   arrays = getattr(source, "arrays", None)
   if arrays is not None:
     _check_arrays(name, arrays, spec)
-  elif not hasattr(source, "read"):  # record by record, once
+  elif hasattr(source, "read"):
+    for first in range(0, len(source), READ_BATCH):
+      indices = np.arange(first, min(first + READ_BATCH, len(source)))
+      if not _batch_fits(source, indices, spec):
+        for i in indices:
+          _check_record(name, int(i), source[int(i)], spec)
+  else:
     for i in range(len(source)):
       _check_record(name, i, source[i], spec)
   for field, n in (num_classes or {}).items():
@@ -75,6 +83,15 @@ def _check_record(name: str, index: int, record: Mapping[str, Any], spec: Spec) 
         f"source {name}: record {index} field {field} has {_describe(value.shape, value.dtype)}, "
         f"expected {_describe(shape, dtype)}"
       )
+
+
+def _batch_fits(source: Source, indices: np.ndarray, spec: Spec) -> bool:
+  """Whether one `read` of `indices` stacks to the spec's fields, shapes and dtypes."""
+  try:
+    batch = source.read(indices)
+  except ValueError:  # records that do not stack, or one that does not decode
+    return False
+  return {k: (v.shape[1:], v.dtype) for k, v in batch.items()} == spec
 
 
 def _check_arrays(name: str, arrays: Mapping[str, np.ndarray], spec: Spec) -> None:

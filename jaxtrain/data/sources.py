@@ -90,12 +90,20 @@ def check_labels(source: Source, num_classes: int, field: str = "label") -> None
   """Raises `DataError` naming the first record with a label outside `[0, num_classes)`.
 
   Labels may be scalars or arrays (one per position); array-backed sources are
-  checked with whole-array operations, others record by record.
+  checked with whole-array operations, sources with a batch `read` a batch at
+  a time, others record by record.
   """
   name = getattr(source, "name", type(source).__name__)
   arrays = getattr(source, "arrays", None)
   if arrays is not None:
     values = arrays[field]
+  elif hasattr(source, "read"):
+    step = 4096
+    reads = (
+      source.read(np.arange(i, min(i + step, len(source))))[field]
+      for i in range(0, len(source), step)
+    )
+    values = np.concatenate(list(reads))
   else:
     values = np.array([np.asarray(source[i][field]) for i in range(len(source))])
   outside = ((values < 0) | (values >= num_classes)).reshape(len(values), -1).any(axis=1)
