@@ -1,7 +1,7 @@
 """Checkpoints: one Orbax step per resume bundle, with corrupt-step fallback.
 
-A bundle holds the `TrainState`, the data iterator's state as it was when the
-last trained chunk was drawn, and a JSON record: config hash, mesh, package
+A bundle holds the `TrainState`, the data stream's state after the last
+trained chunk (the loop saves `{"next_batch": step}`), and a JSON record: config hash, mesh, package
 versions, the loop's partial metric sums, and a checksum of every state leaf.
 Saves are asynchronous by default. Restoring walks from the newest step down:
 a step that fails to read, or whose checksums disagree, is reported in one
@@ -51,11 +51,11 @@ class Restored(NamedTuple):
 
 
 class IteratorState:
-  """A data iterator's recorded state, in the form Grain's Orbax handler saves.
+  """A data stream's state (any JSON value), in the form Grain's Orbax handler saves.
 
-  The training iterator runs ahead of the loop, so its live state is not the
-  one to save; this holds the state recorded when the last trained chunk was
-  drawn. Grain's handler writes one JSON file per process.
+  The training stream runs ahead of the loop, so its live state is not the one
+  to save; this holds the state after the last trained chunk. Grain's handler
+  writes one JSON file per process.
   """
 
   def __init__(self, state: Any = None):

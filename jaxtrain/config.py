@@ -100,7 +100,8 @@ def get_config() -> ml_collections.ConfigDict:
     {
       "name": "",  # set by the experiment; recorded in run.json
       "dir": "",  # where to look for dataset files first
-      "workers": 0,  # Grain worker processes; 0 reads in the training process
+      "workers": 0,  # Grain worker processes; 0 reads in the training process; -1: auto
+      "max_workers": 0,  # the most workers=-1 starts; 0: this process's CPUs less one, at most 8
       "crop_padding": 0,  # train images: random crop after this much zero padding; 0: off
       "flip": False,  # train images: random horizontal flip
       "normalize": False,  # images: (x - mean) / std of the train images, train and eval
@@ -193,10 +194,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     "plateau.cooldown",
     "plateau.min_scale",
     "train.max_skipped",
-    "data.workers",
+    "data.max_workers",
     "data.crop_padding",
   ):
     _require(get(config, key) >= 0, key, config, "must not be negative")
+  _require(config.data.workers >= -1, "data.workers", config, "must be a count, or -1 for auto")
   _require(o.lr > 0, "optim.lr", config, "must be positive")
   _require(0 <= o.decay_fraction <= 1, "optim.decay_fraction", config, "must be in [0, 1]")
   _check_choice(config, "optim.name", OPTIMIZERS)

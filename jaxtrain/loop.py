@@ -16,6 +16,7 @@ import functools
 import logging
 import pathlib
 import time
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -36,7 +37,8 @@ from jaxtrain.data.sources import Dataset
 from jaxtrain.evaluate import Evaluator
 
 # Config keys that fix which batches a step sees; a resumed run must keep them.
-DATA_ORDER_KEYS = ("train.batch_size", "train.steps_per_loop", "train.seed", "data.workers")
+# (`data.workers` and `train.steps_per_loop` may change: batch `g` is the same anyway.)
+DATA_ORDER_KEYS = ("train.batch_size", "train.seed")
 
 
 class NonFiniteError(RuntimeError):
@@ -176,7 +178,7 @@ def train(  # noqa: PLR0912, PLR0915 (the loop reads top to bottom by design)
     state = _start_state(
       config, model, tx, abstract=abstract, watch=watch, restored=restored, policy=policy
     )
-    train_chunk, evaluate, prefetch = _build(
+    train_chunk, evaluate, stream = _build(
       config,
       data,
       loss_fn,
@@ -185,24 +187,34 @@ def train(  # noqa: PLR0912, PLR0915 (the loop reads top to bottom by design)
       tx=tx,
       schedule=schedule,
       mesh=mesh,
-      restored=restored,
       policy=policy,
     )
+    prefetch = stream(_start_batch(restored), max(config.data.workers, 0))
+    tuner = pipeline.AutoWorkers(config.data.max_workers) if config.data.workers < 0 else None
     observe = step_lib.make_observe(watch, jax.tree.map(lambda x: x.sharding, abstract))
     pending, stop, deferred = None, False, None
     verdict = monitor_lib.summary(state.monitor, watch) if e.metric else None
     if verdict and verdict["reason"]:  # restored from a run the monitor stopped: it stays so
       status = "stopped_early"
-    data_state = restored.data_state if restored else None
     meter.start_clock(time.perf_counter())
     while step < t.steps and not (verdict and verdict["reason"]):
-      chunk, wait, data_state = prefetch.next()
+      chunk, wait = prefetch.next()
+      timed = tuner is not None and tuner.timing
+      if timed:  # time the devices alone: from a finished state to finished metrics
+        jax.block_until_ready(state)
       start = time.perf_counter()
       with jax.transfer_guard("disallow"):  # nothing moves implicitly in the hot loop
         state, chunk_metrics = train_chunk(state, chunk, preemption.votes())
       step += k
-      if _compiled(train_chunk, step, run):  # compiling is not training time
+      compiled = _compiled(train_chunk, step, run)
+      if compiled:  # compiling is not training time
         meter.exclude(time.perf_counter() - start)
+      if timed:
+        jax.block_until_ready(chunk_metrics)
+        chosen = tuner.add(time.perf_counter() - start, compiled, prefetch.timings())
+        if chosen:
+          prefetch = _switch_workers(prefetch, stream, step, chosen, run)
+      data_state = {"next_batch": step}  # the stream's state after this chunk
       if pending:
         stop = finish(*pending)  # every process reads the same vote: all stop here
       if deferred:  # taken at the last boundary; saved while this chunk runs
@@ -409,10 +421,13 @@ def _build(
   tx: optax.GradientTransformation,
   schedule: optax.Schedule,
   mesh: Mesh,
-  restored: checkpoint.Restored | None,
   policy: precision.Policy,
-) -> tuple[Any, Evaluator, pipeline.Prefetcher]:
-  """The compiled chunk, the evaluator and the prefetching data stream."""
+) -> tuple[Any, Evaluator, Callable[[int, int], pipeline.Prefetcher]]:
+  """The compiled chunk, the evaluator, and `stream(start_batch, workers)`.
+
+  `stream` starts the prefetching training stream at a global batch, with a
+  number of Grain workers; the batches do not depend on that number.
+  """
   t = config.train
   shardings = jax.tree.map(lambda x: x.sharding, state)
   step_fn = functools.partial(
@@ -428,19 +443,21 @@ def _build(
   )
   logging.info("train_chunk: %d steps per dispatch, unroll %d", t.steps_per_loop, unroll)
   train_tf, eval_tf = _transforms(config.data, data)
-  chunks = iter(
-    pipeline.train_chunks(
+
+  def stream(start_batch: int, workers: int) -> pipeline.Prefetcher:
+    chunks = pipeline.train_chunks(
       data.train,
       batch_size=t.batch_size,
       seed=t.seed,
       steps_per_loop=t.steps_per_loop,
-      workers=config.data.workers,
+      workers=workers,
       rows=sharding.process_rows(mesh, t.batch_size),
       transform=train_tf,
+      start_batch=start_batch,
     )
-  )
-  if restored and restored.data_state is not None:
-    chunks.set_state(restored.data_state)
+    put = lambda c: sharding.put_batch(c, mesh, t.batch_size, leading_dims=1)  # noqa: E731
+    return pipeline.Prefetcher(iter(chunks), put)
+
   evaluator = Evaluator(
     graphdef,
     loss_fn,
@@ -451,10 +468,38 @@ def _build(
     policy=policy,
     transform=eval_tf,
   )
-  prefetch = pipeline.Prefetcher(
-    chunks, lambda c: sharding.put_batch(c, mesh, t.batch_size, leading_dims=1)
+  return step_lib.make_train_chunk(step_fn, shardings, mesh, unroll), evaluator, stream
+
+
+def _start_batch(restored: checkpoint.Restored | None) -> int:
+  """The first global batch to read: the restored step's, as its data state records."""
+  if not restored:
+    return 0
+  if isinstance(restored.data_state, dict) and "next_batch" in restored.data_state:
+    return int(restored.data_state["next_batch"])
+  return restored.step  # a state saved by Grain itself: batch g is trained at step g
+
+
+def _switch_workers(
+  prefetch: pipeline.Prefetcher,
+  stream: Callable[[int, int], pipeline.Prefetcher],
+  step: int,
+  measured: dict[str, Any],
+  run: record.RunRecord,
+) -> pipeline.Prefetcher:
+  """Restarts the stream at `step` with the workers `AutoWorkers` chose; records why."""
+  logging.info(
+    "data.workers=-1: %d Grain workers (a chunk reads in %.4f s, puts in %.4f s, trains in %.4f s)",
+    measured["workers"],
+    measured["read_s"],
+    measured["put_s"],
+    measured["train_s"],
   )
-  return step_lib.make_train_chunk(step_fn, shardings, mesh, unroll), evaluator, prefetch
+  run.update(data_workers={"at_step": step, **measured})
+  if not measured["workers"]:
+    return prefetch
+  prefetch.close()  # the chunks it read ahead are read again by the workers
+  return stream(step, measured["workers"])
 
 
 def _transforms(
@@ -545,12 +590,20 @@ def _bundle_meta(
 
 def _check_resumable(config: ml_collections.ConfigDict, restored: checkpoint.Restored) -> None:
   """Raises `ConfigError` when the config changes which batches the next steps see."""
-  for key, saved in restored.meta["data_order"].items():
+  saved_order = restored.meta["data_order"]
+  for key in (key for key in DATA_ORDER_KEYS if key in saved_order):
+    saved = saved_order[key]
     if config_lib.get(config, key) != saved:
       raise config_lib.ConfigError(
         f"{key}={config_lib.get(config, key)!r} differs from {saved!r} in the checkpoint at "
         f"step {restored.step}; keep it to resume, or use another workdir"
       )
+  k = config.train.steps_per_loop
+  if restored.step % k:
+    raise config_lib.ConfigError(
+      f"train.steps_per_loop={k} does not divide the checkpoint's step {restored.step}; "
+      "pick one that does to resume"
+    )
   if restored.meta["config_hash"] != config_lib.config_hash(config):
     logging.warning("resuming step %d with a changed config", restored.step)
 

@@ -4,6 +4,7 @@ import functools
 import os
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -103,3 +104,20 @@ def digits_cli(workdir, *overrides, timeout=180):
     env=dict(os.environ, PYTHONPATH=ROOT),
     check=False,
   )
+
+
+class SlowSource:
+  """A source that reads records one by one, each after `latency` seconds, like a remote disk.
+
+  It has no vectorised `read`, so the pipeline takes the record-by-record path.
+  """
+
+  def __init__(self, source, latency):
+    self.source, self.latency, self.name = source, latency, f"slow {source.name}"
+
+  def __len__(self):
+    return len(self.source)
+
+  def __getitem__(self, index):
+    time.sleep(self.latency)
+    return self.source[index]

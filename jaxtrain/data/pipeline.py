@@ -8,6 +8,11 @@ reads only its rows `[lo, hi)` of each global batch, the rows its devices hold.
 Reading works on whole batches of indices, so the per-record cost of Python is
 paid once per batch.
 
+A batch is a pure function of its number, so the stream's whole state is the
+next batch number: a run resumes, or changes its number of Grain workers, by
+starting a new stream there (`start_batch`). `AutoWorkers` picks that number
+from the measured rates of reading and of training.
+
 Example:
   >>> it = iter(train_chunks(source, batch_size=128, seed=0, steps_per_loop=10,
   ...                        rows=(0, 128)))
@@ -15,7 +20,10 @@ Example:
   (10, 128, 28, 28)
 """
 
+import math
+import os
 import queue
+import statistics
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -39,9 +47,9 @@ def read(source: Source, indices: np.ndarray) -> dict[str, np.ndarray]:
 class TrainChunks:
   """Maps a chunk number to this process's rows of `K` consecutive global batches.
 
-  Chunk `c` holds global batches `c*K ... c*K + K-1`, read with one vectorised
-  `read` and shaped `[K, rows, ...]`, so the host copies each example once.
-  Picklable, so Grain worker processes can run it.
+  Chunk `c` holds global batches `start + c*K ... start + c*K + K-1`, read with
+  one vectorised `read` and shaped `[K, rows, ...]`, so the host copies each
+  example once. Picklable, so Grain worker processes can run it.
   """
 
   def __init__(
@@ -53,9 +61,11 @@ class TrainChunks:
     rows: tuple[int, int],
     steps_per_loop: int,
     transform: Callable[..., dict[str, np.ndarray]] | None = None,
+    start: int = 0,
   ):
     self.source, self.batch_size, self.seed = source, batch_size, seed
     self.rows, self.steps_per_loop, self.transform = rows, steps_per_loop, transform
+    self.start = start
     self._orders: dict[int, np.ndarray] = {}
 
   def order(self, epoch: int) -> np.ndarray:
@@ -82,7 +92,7 @@ class TrainChunks:
 
   def __call__(self, c: int) -> dict[str, np.ndarray]:
     """Returns chunk `c` as `[K, rows, ...]` arrays, transformed if a transform is set."""
-    first = c * self.steps_per_loop
+    first = self.start + c * self.steps_per_loop
     idx = self.indices(first, self.steps_per_loop)
     batch = read(self.source, idx.ravel())
     if self.transform is not None:  # seeded by stream position: any worker, same result
@@ -124,8 +134,9 @@ def train_chunks(
   rows: tuple[int, int],
   workers: int = 0,
   transform: Callable[..., dict[str, np.ndarray]] | None = None,
+  start_batch: int = 0,
 ) -> grain.IterDataset:
-  """The endless training stream, as `[K, rows, ...]` chunks.
+  """The endless training stream from global batch `start_batch`, as `[K, rows, ...]` chunks.
 
   Args:
     source: the training source.
@@ -136,9 +147,10 @@ def train_chunks(
     workers: Grain worker processes; 0 reads in this process.
     transform: `transform(batch, seed=, positions=) -> batch`, such as
       `transforms.Augment`, applied to each read batch; picklable with workers.
+    start_batch: the first global batch; a resumed run passes its step.
 
   Returns:
-    A checkpointable Grain dataset; `iter()` it.
+    A Grain dataset; `iter()` it.
   """
   chunks = TrainChunks(
     source,
@@ -147,6 +159,7 @@ def train_chunks(
     rows=rows,
     steps_per_loop=steps_per_loop,
     transform=transform,
+    start=start_batch,
   )
   ds = grain.MapDataset.range(2**62).map(chunks)
   # Read in the caller's thread (the Prefetcher's): one data thread competes less with XLA.
@@ -185,32 +198,39 @@ def eval_batches(
 class Prefetcher:
   """Puts chunks on the devices from a background thread, ahead of the loop.
 
-  `next()` returns the next device chunk, the seconds the caller waited for it
-  (the loop reports them as `data_wait_frac`), and the iterator's state right
-  after that chunk was drawn: the state to checkpoint once the chunk is
-  trained, since the iterator itself runs ahead.
+  `next()` returns the next device chunk and the seconds the caller waited for
+  it (the loop reports them as `data_wait_frac`). The thread times, for each
+  chunk, drawing it from the iterator and putting it on the devices
+  (`timings()`), which is what `AutoWorkers` compares with training.
   """
 
   def __init__(self, chunks: Iterator[Any], put: Callable[[Any], Any], size: int = 2):
     self._queue: queue.Queue = queue.Queue(maxsize=size)
     self._stop = threading.Event()
+    self._timings: list[tuple[float, float]] = []
     self._thread = threading.Thread(target=self._fill, args=(chunks, put), daemon=True)
     self._thread.start()
 
   def _fill(self, chunks: Iterator[Any], put: Callable[[Any], Any]) -> None:
     try:
-      for chunk in chunks:
-        state = chunks.get_state() if hasattr(chunks, "get_state") else None
-        if not self._offer((put(chunk), state, None)):
+      while True:
+        start = time.perf_counter()
+        chunk = next(chunks, None)
+        if chunk is None:
+          break
+        drawn = time.perf_counter()
+        on_device = put(chunk)
+        self._timings.append((drawn - start, time.perf_counter() - drawn))
+        if not self._offer((on_device, None)):
           return
-      self._offer((None, None, StopIteration()))
+      self._offer((None, StopIteration()))
     except Exception as e:  # re-raised in the loop's thread by next()
-      self._offer((None, None, e))
+      self._offer((None, e))
     finally:
       if hasattr(chunks, "close"):  # Grain iterators with workers stop them here
         chunks.close()
 
-  def _offer(self, item: tuple[Any, Any, BaseException | None]) -> bool:
+  def _offer(self, item: tuple[Any, BaseException | None]) -> bool:
     while not self._stop.is_set():
       try:
         self._queue.put(item, timeout=0.1)
@@ -219,15 +239,106 @@ class Prefetcher:
         continue
     return False
 
-  def next(self) -> tuple[Any, float, Any]:
-    """Returns the next device chunk, the seconds waited, and the data state after it."""
+  def next(self) -> tuple[Any, float]:
+    """Returns the next device chunk and the seconds waited for it."""
     start = time.perf_counter()
-    chunk, state, error = self._queue.get()
+    chunk, error = self._queue.get()
     if error is not None:
       raise error
-    return chunk, time.perf_counter() - start, state
+    return chunk, time.perf_counter() - start
+
+  def timings(self) -> list[tuple[float, float]]:
+    """The `(read, put)` seconds of each chunk prepared so far, in order."""
+    return list(self._timings)
 
   def close(self) -> None:
     """Stops the background thread."""
     self._stop.set()
     self._thread.join(timeout=5)
+
+
+# Auto mode wants chunks to arrive this many times faster than they train...
+HEADROOM = 1.5
+# ... and, when no worker count can do that, starts workers only for this speed-up.
+MIN_GAIN = 1.25
+
+
+def worker_limit() -> int:
+  """The most workers auto mode starts by default: this process's CPUs less one, 1 to 8."""
+  try:
+    cpus = len(os.sched_getaffinity(0))
+  except AttributeError:  # not Linux
+    cpus = os.cpu_count() or 1
+  return max(1, min(8, cpus - 1))
+
+
+def choose_workers(read_s: float, put_s: float, train_s: float, limit: int) -> int:
+  """The fewest Grain workers with which chunks arrive `HEADROOM` times faster than they train.
+
+  Without workers the prefetch thread reads and puts each chunk, `read_s +
+  put_s`; with `n`, the workers read `n` chunks at once and the thread puts
+  them, taken as `read_s / n + put_s` (a worker also costs a transfer between
+  processes, so one worker is never faster than the thread). When no count up
+  to `limit` meets the target, `limit` workers (or as many as keep pace with
+  the put) start only if they make chunks arrive `MIN_GAIN` times sooner.
+
+  Args:
+    read_s: seconds to read and transform one chunk in one process.
+    put_s: seconds to put one chunk on the devices.
+    train_s: seconds the devices take to train on one chunk.
+    limit: the most workers to choose.
+
+  Returns:
+    0 when the thread alone keeps ahead or workers would not help enough;
+    else a count in `[2, limit]`.
+  """
+  budget = train_s / HEADROOM  # seconds each chunk may take to arrive
+  if read_s + put_s <= budget:
+    return 0
+  if put_s < budget:
+    n = math.ceil(read_s / (budget - put_s))
+    if n <= limit:
+      return n
+  n = limit if put_s < budget else min(limit, math.ceil(read_s / put_s))
+  gain = (read_s + put_s) / (read_s / n + put_s)
+  return n if gain >= MIN_GAIN else 0
+
+
+class AutoWorkers:
+  """`data.workers=-1`: times a few chunks of training, then picks the worker count once.
+
+  The loop times `probes` chunks after the first compiled one, each from a
+  finished state to its finished metrics, so `train_s` is the devices' time.
+  The prefetch thread's timings give the rest; `choose_workers` decides.
+  """
+
+  def __init__(self, limit: int = 0, probes: int = 3):
+    self.limit = limit or worker_limit()
+    self.probes, self.train_times = probes, []
+    self.measured: dict[str, float | int] | None = None
+
+  @property
+  def timing(self) -> bool:
+    """Whether the loop should time its next chunk."""
+    return self.measured is None
+
+  def add(
+    self, train_s: float, compiled: bool, timings: list[tuple[float, float]]
+  ) -> dict[str, float | int] | None:
+    """Records a timed chunk; returns the decision and its measurements once made."""
+    if compiled:  # a compilation is not the training rate
+      return None
+    self.train_times.append(train_s)
+    if len(self.train_times) < self.probes:
+      return None
+    steady = timings[1:] or timings  # the first read also opens files
+    read_s = statistics.median(r for r, _ in steady)
+    put_s = statistics.median(p for _, p in steady)
+    train_s = statistics.median(self.train_times)
+    self.measured = {
+      "workers": choose_workers(read_s, put_s, train_s, self.limit),
+      "read_s": read_s,
+      "put_s": put_s,
+      "train_s": train_s,
+    }
+    return self.measured
