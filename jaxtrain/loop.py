@@ -33,7 +33,7 @@ from jaxtrain import monitor as monitor_lib
 from jaxtrain import state as state_lib
 from jaxtrain import step as step_lib
 from jaxtrain.data import checks, pipeline, transforms
-from jaxtrain.data.sources import Dataset
+from jaxtrain.data.sources import DataError, Dataset
 from jaxtrain.evaluate import Evaluator
 
 # Config keys that fix which batches a step sees; a resumed run must keep them.
@@ -487,19 +487,30 @@ def _switch_workers(
   measured: dict[str, Any],
   run: record.RunRecord,
 ) -> pipeline.Prefetcher:
-  """Restarts the stream at `step` with the workers `AutoWorkers` chose; records why."""
+  """Restarts the stream at `step` with the workers `AutoWorkers` chose; records why.
+
+  Each process decides from its own timings (the batches do not depend on it);
+  `run.json` records process 0's choice.
+  """
+  workers = measured["workers"]
   logging.info(
     "data.workers=-1: %d Grain workers (a chunk reads in %.4f s, puts in %.4f s, trains in %.4f s)",
-    measured["workers"],
+    workers,
     measured["read_s"],
     measured["put_s"],
     measured["train_s"],
   )
-  run.update(data_workers={"at_step": step, **measured})
-  if not measured["workers"]:
-    return prefetch
-  prefetch.close()  # the chunks it read ahead are read again by the workers
-  return stream(step, measured["workers"])
+  if workers:
+    try:
+      started = stream(step, workers)
+    except DataError as error:  # not picklable: reading stays in this process
+      logging.warning("%s", error)
+      workers, started = 0, None
+    if started:
+      prefetch.close()  # the chunks it read ahead are read again by the workers
+      prefetch = started
+  run.update(data_workers={"at_step": step, **measured, "workers": workers})
+  return prefetch
 
 
 def _transforms(

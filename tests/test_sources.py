@@ -83,6 +83,10 @@ def test_record_decode_errors(tmp_path):
     records.decode(raw + b"ab")
   with pytest.raises(ValueError, match="not a record"):
     records.decode(b"junk" + raw)
+  with pytest.raises(ValueError, match="a torn header: 5 bytes"):
+    records.decode(raw[:5])
+  with pytest.raises(data.DataError, match=r"field p: dtype .* cannot be stored"):
+    records.encode({"p": np.zeros(2, [("a", "<i4"), ("b", "<f8")])})
   with pytest.raises(data.DataError, match="field x: dtype object"):
     records.encode({"x": np.array([None])})
   writer = array_record_module.ArrayRecordWriter(str(tmp_path / "bad.array_record"), "group_size:1")
@@ -126,8 +130,8 @@ def test_converter_command(tmp_path):
 def _digits_records(tmp_path, digits, bad=None):
   rows = [digits.train[i] for i in range(64)]
   if bad:
-    index, field, value = bad
-    rows[index] = {**rows[index], field: value}
+    index, field, value = bad  # a value of None drops the field
+    rows[index] = {k: v for k, v in {**rows[index], field: value}.items() if v is not None}
   records.write_records(tmp_path / "train.array_record", rows)
   return data.Dataset("d", records.RecordSource(tmp_path / "train.array_record"), digits.eval)
 
@@ -141,6 +145,9 @@ WRONG_SHAPE = "record 7 field image has shape (8, 9) dtype float32, expected sha
     ((7, "image", np.zeros((8, 9), np.float32)), WRONG_SHAPE),
     ((9, "image", np.zeros((8, 8), np.float64)), "record 9 field image has shape (8, 8) dtype f"),
     ((3, "label", np.int32(12)), "record 3 field label=12 is outside [0, 10)"),
+    ((11, "label", np.int16(3)), "record 11 field label has shape () dtype int16"),
+    ((13, "extra", np.float32(0)), "record 13 has fields ['extra', 'image', 'label']"),
+    ((15, "label", None), "record 15 has fields ['image'], expected ['image', 'label']"),
   ],
 )
 def test_a_bad_record_is_named(tmp_path, digits, bad, message):

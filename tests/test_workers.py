@@ -17,7 +17,8 @@ from tests import helpers
   ("read_s", "put_s", "train_s", "limit", "want"),
   [
     (0.010, 0.002, 0.030, 8, 0),  # 12 ms <= 30 / 1.5 ms: the thread keeps ahead
-    (0.018, 0.002, 0.030, 8, 0),  # exactly at the budget
+    (0.750, 0.250, 1.500, 8, 0),  # exactly at the budget
+    (0.000, 0.030, 0.030, 8, 0),  # bound by the put alone, with nothing to read
     (0.050, 0.002, 0.030, 8, 3),  # 50 / (20 - 2) = 2.8
     (0.500, 0.000, 0.030, 8, 8),  # capped by the limit
     (0.500, 0.000, 0.030, 1, 0),  # one worker reads no faster than the thread
@@ -65,11 +66,23 @@ def test_auto_workers_start_workers_for_a_slow_source_and_keep_the_batches(tmp_p
 
 def test_auto_workers_keep_a_fast_source_in_process(tmp_path, digits):
   """A vectorised in-memory read keeps ahead of a 1024-wide MLP's training: no worker starts."""
-  config = helpers.tiny_config(**{"data.workers": -1})
+  config = helpers.tiny_config(**{"data.workers": -1, "data.max_workers": 8})
   model = helpers.mlp((1024, 1024))
   jaxtrain.train(config, model, digits, losses.classification, workdir=tmp_path)
   chosen = json.loads((tmp_path / "run.json").read_text())["data_workers"]
   assert chosen["workers"] == 0 and chosen["read_s"] + chosen["put_s"] < chosen["train_s"]
+
+
+def test_a_source_workers_cannot_take_is_refused_or_kept_in_process(tmp_path, digits):
+  """Explicit workers: one DataError before training; auto: a warning, and no workers."""
+  slow = helpers.SlowSource(digits.train, 3e-4)
+  slow.hook = lambda: None  # a lambda cannot be pickled
+  unpicklable = Dataset(digits.name, slow, digits.eval)
+  with pytest.raises(jaxtrain.DataError, match=r"data\.workers=2: the source or transform cannot"):
+    _run(unpicklable, tmp_path / "explicit", **{"data.workers": 2})
+  _run(unpicklable, tmp_path / "auto", **{"data.workers": -1, "data.max_workers": 2})
+  chosen = json.loads((tmp_path / "auto" / "run.json").read_text())["data_workers"]
+  assert chosen["workers"] == 0 and chosen["read_s"] > chosen["train_s"]
 
 
 def test_resume_with_other_workers_and_chunk_size_sees_the_same_batches(tmp_path, digits):
@@ -83,7 +96,7 @@ def test_resume_with_other_workers_and_chunk_size_sees_the_same_batches(tmp_path
   )
   record = json.loads((tmp_path / "resumed" / "run.json").read_text())
   assert record["resumed_from"] == 20
-  assert helpers.max_abs_diff(resumed.state.params, whole.state.params) < 1e-6
+  assert helpers.max_abs_diff(resumed.state.params, whole.state.params) == 0
 
 
 def test_resume_refuses_a_chunk_size_that_misses_the_step(tmp_path, digits):

@@ -5,6 +5,8 @@ record (of the train source's, for an eval source), and integer labels must lie
 in `[0, num_classes)`. Array-backed sources are checked with whole-array
 operations, sources with a batch `read` a batch at a time (a batch that does not
 fit is then searched record by record), others record by record; once, at start.
+A batch `read` must keep each record's dtype (`RecordSource.read` checks them);
+`np.stack` alone would promote a narrower one unseen.
 
 Example:
   >>> check_dataset(ds, num_classes={"label": 10})   # raises DataError on bad data
@@ -15,10 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from jaxtrain.data.sources import DataError, Dataset, Source, check_labels
+from jaxtrain.data.sources import READ_BATCH, DataError, Dataset, Source, check_labels
 
 Spec = dict[str, tuple[tuple[int, ...], np.dtype]]
-READ_BATCH = 4096  # records per `read` when checking a source that has one
 
 
 def spec_of(record: Mapping[str, Any]) -> Spec:
@@ -89,7 +90,7 @@ def _batch_fits(source: Source, indices: np.ndarray, spec: Spec) -> bool:
   """Whether one `read` of `indices` stacks to the spec's fields, shapes and dtypes."""
   try:
     batch = source.read(indices)
-  except ValueError:  # records that do not stack, or one that does not decode
+  except (ValueError, KeyError):  # records that do not stack, or one that does not decode
     return False
   return {k: (v.shape[1:], v.dtype) for k, v in batch.items()} == spec
 

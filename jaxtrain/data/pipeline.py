@@ -20,8 +20,11 @@ Example:
   (10, 128, 28, 28)
 """
 
+import collections
+import logging
 import math
 import os
+import pickle
 import queue
 import statistics
 import threading
@@ -33,7 +36,7 @@ import grain
 import numpy as np
 from absl import flags
 
-from jaxtrain.data.sources import Source
+from jaxtrain.data.sources import DataError, Source
 
 
 def read(source: Source, indices: np.ndarray) -> dict[str, np.ndarray]:
@@ -165,6 +168,13 @@ def train_chunks(
   # Read in the caller's thread (the Prefetcher's): one data thread competes less with XLA.
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
   if workers:
+    try:  # Grain would fail later, in its own thread, with a long traceback
+      pickle.dumps(chunks)
+    except Exception as e:
+      raise DataError(
+        f"data.workers={workers}: the source or transform cannot be sent to worker "
+        f"processes ({type(e).__name__}: {e}); use data.workers=0"
+      ) from e
     if not flags.FLAGS.is_parsed():  # Grain workers read absl flags (notebooks, tests)
       flags.FLAGS.mark_as_parsed()
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
@@ -207,7 +217,7 @@ class Prefetcher:
   def __init__(self, chunks: Iterator[Any], put: Callable[[Any], Any], size: int = 2):
     self._queue: queue.Queue = queue.Queue(maxsize=size)
     self._stop = threading.Event()
-    self._timings: list[tuple[float, float]] = []
+    self._timings: collections.deque = collections.deque(maxlen=64)
     self._thread = threading.Thread(target=self._fill, args=(chunks, put), daemon=True)
     self._thread.start()
 
@@ -248,13 +258,15 @@ class Prefetcher:
     return chunk, time.perf_counter() - start
 
   def timings(self) -> list[tuple[float, float]]:
-    """The `(read, put)` seconds of each chunk prepared so far, in order."""
+    """The `(read, put)` seconds of the last 64 chunks prepared, in order."""
     return list(self._timings)
 
   def close(self) -> None:
     """Stops the background thread."""
     self._stop.set()
     self._thread.join(timeout=5)
+    if self._thread.is_alive():  # still inside one read; it stops after it
+      logging.warning("the prefetch thread is still reading a chunk; it stops once that is done")
 
 
 # Auto mode wants chunks to arrive this many times faster than they train...
@@ -299,7 +311,7 @@ def choose_workers(read_s: float, put_s: float, train_s: float, limit: int) -> i
     n = math.ceil(read_s / (budget - put_s))
     if n <= limit:
       return n
-  n = limit if put_s < budget else min(limit, math.ceil(read_s / put_s))
+  n = limit if put_s < budget else min(limit, max(1, math.ceil(read_s / put_s)))
   gain = (read_s + put_s) / (read_s / n + put_s)
   return n if gain >= MIN_GAIN else 0
 

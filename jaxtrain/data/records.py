@@ -1,8 +1,8 @@
 """ArrayRecord files of dict records, and a command that writes them.
 
 Each record is one dict of numpy arrays: a small JSON header (each field's
-name, dtype and shape) then the fields' raw bytes, so any field names, fixed-size
-dtypes and shapes round-trip exactly, and decoding costs microseconds. Records
+name, dtype and shape) then the fields' raw bytes, so any field names, shapes
+and numeric, bool, bytes or str dtypes round-trip exactly, and decoding costs microseconds. Records
 stored as `np.savez` bytes, the earlier format, are still read. `RecordSource`
 reads them by index, or a batch at once, through Grain's `ArrayRecordDataSource`.
 
@@ -45,8 +45,11 @@ def encode(record: dict[str, Any]) -> bytes:
   """One record's bytes: `MAGIC`, the header's length and JSON header, then each field's bytes."""
   arrays = {k: np.asarray(v) for k, v in record.items()}  # tobytes() writes C order
   for name, array in arrays.items():
-    if array.dtype.hasobject:
-      raise DataError(f"record field {name}: dtype object cannot be stored; use a numeric dtype")
+    if array.dtype.hasobject or array.dtype.names:
+      raise DataError(
+        f"record field {name}: dtype {array.dtype} cannot be stored; use one array per field "
+        "of a numeric, bool, bytes or str dtype"
+      )
   header = json.dumps([[k, a.dtype.str, a.shape] for k, a in arrays.items()]).encode()
   return b"".join(
     [MAGIC, struct.pack("<I", len(header)), header, *(a.tobytes() for a in arrays.values())]
@@ -60,8 +63,10 @@ def decode(raw: bytes, copy: bool = True) -> dict[str, np.ndarray]:
       return {k: f[k] for k in f.files}
   if raw[:4] != MAGIC:
     raise ValueError(f"not a record: starts with {raw[:4]!r}")
-  (size,) = struct.unpack_from("<I", raw, 4)
+  size = struct.unpack_from("<I", raw, 4)[0] if len(raw) >= 8 else len(raw)
   offset, out = 8 + size, {}
+  if offset > len(raw):
+    raise ValueError(f"a torn header: {len(raw)} bytes in all")
   for name, dtype, shape, count in _layout(bytes(raw[8:offset])):
     array = np.frombuffer(raw, dtype, count, offset).reshape(shape)
     out[name] = array.copy() if copy else array
@@ -87,6 +92,10 @@ def write_records(path: str | pathlib.Path, records: Iterable[dict[str, Any]]) -
   return count
 
 
+def _layout_of(record: dict[str, np.ndarray]) -> list[tuple[str, str, tuple[int, ...]]]:
+  return [(k, v.dtype.str, v.shape) for k, v in record.items()]
+
+
 class RecordSource:
   """A random-access source over ArrayRecord files written by `write_records`."""
 
@@ -108,13 +117,25 @@ class RecordSource:
     return self._decode(self._source[index], index)
 
   def read(self, indices: np.ndarray) -> dict[str, np.ndarray]:
-    """Returns the records at `indices`, read in one call and stacked."""
+    """Returns the records at `indices`, read in one call and stacked.
+
+    Raises:
+      DataError: a record cannot be decoded, or its fields, shapes or dtypes
+        differ from the first one's.
+    """
     raws = self._source.__getitems__([int(i) for i in indices])
     records = [self._decode(raw, int(i), copy=False) for raw, i in zip(raws, indices, strict=True)]
+    layout = _layout_of(records[0])
+    for i, record in zip(indices, records, strict=True):
+      if _layout_of(record) != layout:
+        raise DataError(
+          f"source {self.name}: record {i} has fields {_layout_of(record)}, record "
+          f"{indices[0]} {layout}"
+        )
     return {k: np.stack([r[k] for r in records]) for k in records[0]}
 
   def _decode(self, raw: bytes, index: int, copy: bool = True) -> dict[str, np.ndarray]:
     try:
       return decode(raw, copy)
-    except (ValueError, OSError, KeyError, TypeError) as e:
+    except (ValueError, OSError, KeyError, TypeError, struct.error) as e:
       raise DataError(f"source {self.name}: record {index} cannot be decoded ({e})") from e

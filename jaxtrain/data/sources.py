@@ -22,6 +22,8 @@ from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
+READ_BATCH = 4096  # records per `read` when a whole source is checked
+
 
 class DataError(ValueError):
   """The data is missing or malformed; the message names the source and field."""
@@ -98,7 +100,7 @@ def check_labels(source: Source, num_classes: int, field: str = "label") -> None
   if arrays is not None:
     values = arrays[field]
   elif hasattr(source, "read"):
-    step = 4096
+    step = READ_BATCH
     reads = (
       source.read(np.arange(i, min(i + step, len(source))))[field]
       for i in range(0, len(source), step)
