@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxtrain.data.sources import READ_BATCH, DataError, Dataset, Source, check_labels
+from jaxtrain.data.sources import DataError, Dataset, Source, check_labels, index_batches
 
 Spec = dict[str, tuple[tuple[int, ...], np.dtype]]
 
@@ -48,8 +48,7 @@ def check_source(
   if arrays is not None:
     _check_arrays(name, arrays, spec)
   elif hasattr(source, "read"):
-    for first in range(0, len(source), READ_BATCH):
-      indices = np.arange(first, min(first + READ_BATCH, len(source)))
+    for indices in index_batches(len(source)):
       if not _batch_fits(source, indices, spec):
         for i in indices:
           _check_record(name, int(i), source[int(i)], spec)

@@ -17,12 +17,18 @@ import pathlib
 import shutil
 import tempfile
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
 READ_BATCH = 4096  # records per `read` when a whole source is checked
+
+
+def index_batches(length: int, size: int = READ_BATCH) -> Iterator[np.ndarray]:
+  """The indices `0 ... length-1` in consecutive arrays of at most `size`."""
+  for first in range(0, length, size):
+    yield np.arange(first, min(first + size, length))
 
 
 class DataError(ValueError):
@@ -100,12 +106,7 @@ def check_labels(source: Source, num_classes: int, field: str = "label") -> None
   if arrays is not None:
     values = arrays[field]
   elif hasattr(source, "read"):
-    step = READ_BATCH
-    reads = (
-      source.read(np.arange(i, min(i + step, len(source))))[field]
-      for i in range(0, len(source), step)
-    )
-    values = np.concatenate(list(reads))
+    values = np.concatenate([source.read(i)[field] for i in index_batches(len(source))])
   else:
     values = np.array([np.asarray(source[i][field]) for i in range(len(source))])
   outside = ((values < 0) | (values >= num_classes)).reshape(len(values), -1).any(axis=1)
