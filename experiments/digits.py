@@ -1,17 +1,16 @@
 """An MLP on scikit-learn's bundled 8x8 digits: the offline quick start.
 
-    python -m experiments.digits --workdir /tmp/digits
+    python -m experiments.digits --workdir runs/digits
 
 Runs in well under a minute on a laptop CPU and reaches about 97% test accuracy.
-A quicker variant:
+A quicker variant, in a workdir of its own:
 
-    python -m experiments.digits --workdir /tmp/digits --config.train.steps=200
+    python -m experiments.digits --workdir runs/digits_200 --config.train.steps=200
 """
 
 import functools
 
 import ml_collections
-from absl import flags
 
 import jaxtrain
 from jaxtrain import cli, data, losses, models
@@ -32,17 +31,26 @@ def get_config() -> ml_collections.ConfigDict:
   return config
 
 
-_CONFIG = cli.define_config(get_config())
-_WORKDIR = flags.DEFINE_string("workdir", None, "Folder for the run's files.", required=True)
+MODEL_HELP = {
+  "hidden": "widths of the MLP's hidden layers",
+  "dropout": "dropout rate after each hidden activation, in [0, 1)",
+}
+_FLAGS = cli.define_flags(get_config(), MODEL_HELP)
 
 
 def main(argv: list[str]) -> jaxtrain.TrainResult:
   """Trains the digits MLP."""
   del argv
-  config = _CONFIG.value
+  config = _FLAGS.config.value
+  if config.data.dir:
+    raise jaxtrain.ConfigError(
+      f"data.dir={config.data.dir!r}: the digits come with scikit-learn; leave data.dir empty"
+    )
   model = functools.partial(models.MLP, 64, config.model.hidden, 10, dropout=config.model.dropout)
   loss = functools.partial(losses.classification, label_smoothing=config.loss.label_smoothing)
-  return jaxtrain.train(config, model, data.digits(), loss, workdir=_WORKDIR.value)
+  return jaxtrain.train(
+    config, model, data.digits(), loss, workdir=_FLAGS.workdir.value, resume=_FLAGS.resume.value
+  )
 
 
 if __name__ == "__main__":

@@ -1,17 +1,17 @@
 """An MLP or a CNN on Fashion-MNIST (60,000 train, 10,000 test images).
 
-    python -m experiments.fashion_mnist --workdir /tmp/fmnist_mlp
-    python -m experiments.fashion_mnist --workdir /tmp/fmnist_cnn --config.model.name=cnn
+    python -m experiments.fashion_mnist --workdir runs/fmnist_mlp
+    python -m experiments.fashion_mnist --workdir runs/fmnist_cnn --config.model.name=cnn
 
 The data comes from `--config.data.dir`, the Debian package
 `dataset-fashion-mnist`, or a checked download. A quick variant:
 
-    python -m experiments.fashion_mnist --workdir /tmp/fmnist --config.train.steps=500
+    python -m experiments.fashion_mnist --workdir runs/fmnist_500 --config.train.steps=500
 
 A deliberately long schedule (50 epochs) that the monitor stops early, ending with
 the best evaluation's weights (BUILD_NOTES.md has the numbers):
 
-    python -m experiments.fashion_mnist --workdir /tmp/fmnist_es \
+    python -m experiments.fashion_mnist --workdir runs/fmnist_es \
       --config.train.steps=23400 --config.eval.every_steps=470 \
       --config.early_stop.metric=eval/accuracy --config.early_stop.mode=max \
       --config.early_stop.patience=5 --config.early_stop.min_delta=0.001 \
@@ -64,21 +64,31 @@ def make_model(model_config: ml_collections.ConfigDict) -> functools.partial:
   raise jaxtrain.ConfigError(f"model.name={model_config.name!r} must be one of mlp, cnn")
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> jaxtrain.TrainResult:
+MODEL_HELP = {
+  "name": "mlp (784-512-512-10) or cnn (2 conv blocks + a dense layer)",
+  "hidden": "mlp: widths of the hidden layers",
+  "channels": "cnn: channels of the two conv blocks",
+  "dense": "cnn: width of the dense layer",
+  "dropout": "dropout after each hidden activation (mlp) or the dense layer (cnn)",
+}
+
+
+def run(
+  config: ml_collections.ConfigDict, workdir: str, resume: str = "auto"
+) -> jaxtrain.TrainResult:
   """Trains the model that `config.model` names on Fashion-MNIST into `workdir`."""
   model = make_model(config.model)
   dataset = data.fashion_mnist(config.data.dir)
   loss = functools.partial(losses.classification, label_smoothing=config.loss.label_smoothing)
-  return jaxtrain.train(config, model, dataset, loss, workdir=workdir)
+  return jaxtrain.train(config, model, dataset, loss, workdir=workdir, resume=resume)
 
 
 def main(argv: list[str]) -> jaxtrain.TrainResult:
-  """Trains with the `--config` and `--workdir` flags."""
+  """Trains with the `--config`, `--workdir` and `--resume` flags."""
   del argv
-  return run(flags.FLAGS.config, flags.FLAGS.workdir)
+  return run(flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.resume)
 
 
 if __name__ == "__main__":  # flags only when run: other experiments import this module
-  cli.define_config(get_config())
-  flags.DEFINE_string("workdir", None, "Folder for the run's files.", required=True)
+  cli.define_flags(get_config(), MODEL_HELP)
   cli.run(main)

@@ -21,6 +21,7 @@ from absl import flags
 
 from experiments import fashion_mnist
 from jaxtrain import cli
+from jaxtrain import workdir as workdir_lib
 
 # Learning rates tried for each optimizer, and its other settings.
 GRID = {
@@ -49,8 +50,9 @@ def get_config() -> ml_collections.ConfigDict:
   return config
 
 
-_CONFIG = cli.define_config(get_config())
-_WORKDIR = flags.DEFINE_string("workdir", None, "Folder for all the runs.", required=True)
+_FLAGS = cli.define_flags(
+  get_config(), fashion_mnist.MODEL_HELP, workdir_help="Folder for all the runs, one each."
+)
 _OPTIMIZERS = flags.DEFINE_list("optimizers", list(GRID), "Optimizers to compare.")
 _TARGET = flags.DEFINE_float("target", 0.88, "The test accuracy whose first step is reported.")
 
@@ -61,7 +63,7 @@ def run_one(base: ml_collections.ConfigDict, name: str, lr: float, workdir: path
   config.optim.name, config.optim.lr = name, lr
   for key, value in SETTINGS.get(name, {}).items():
     config.optim[key] = value
-  fashion_mnist.run(config, str(workdir))
+  fashion_mnist.run(config, str(workdir), _FLAGS.resume.value)
   lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
   return {"lr": lr, "evals": [x for x in lines if x["split"] == "eval"]}
 
@@ -101,15 +103,16 @@ def table(rows: list[dict], target: float, config: ml_collections.ConfigDict) ->
 def main(argv: list[str]) -> str:
   """Runs the grid and writes `table.md`."""
   del argv
-  root = pathlib.Path(_WORKDIR.value)
+  root = workdir_lib.resolve(_FLAGS.workdir.value)
   unknown = sorted(set(_OPTIMIZERS.value) - set(GRID))
   if unknown:
     cli.fail(f"--optimizers: unknown {', '.join(unknown)} (known: {', '.join(GRID)})")
   rows = []
   for name in _OPTIMIZERS.value:
-    runs = [run_one(_CONFIG.value, name, lr, root / name / f"lr_{lr:g}") for lr in GRID[name]]
+    runs = [run_one(_FLAGS.config.value, name, lr, root / name / f"lr_{lr:g}")
+            for lr in GRID[name]]  # fmt: skip
     rows.append(summarize(name, runs, _TARGET.value))
-  text = table(rows, _TARGET.value, _CONFIG.value)
+  text = table(rows, _TARGET.value, _FLAGS.config.value)
   (root / "table.md").write_text(text)
   print(text)
   return text

@@ -2,24 +2,43 @@
 
 The public surface:
   train                       run a training job into a workdir
+  build, Parts                the pieces `train` runs (state, chunk, evaluator, batches)
   TrainState, TrainResult     the state pytree and what `train` returns
   ConfigError, DataError      bad input, reported in one line (exit status 2)
+  CheckpointError             a checkpoint that cannot be written or read
   NonFiniteError              too many non-finite updates in a row
-  config, data, losses, models, monitor, optim, precision, sharding, step   the modules
+  config, data, losses, models, monitor, optim, precision, sharding, step, workdir
+                              the modules
 """
 
-from jaxtrain import config, data, losses, models, monitor, optim, precision, sharding, step
+from jaxtrain import (
+  config,
+  data,
+  losses,
+  models,
+  monitor,
+  optim,
+  precision,
+  sharding,
+  step,
+  workdir,
+)
+from jaxtrain.checkpoint import CheckpointError
 from jaxtrain.config import ConfigError
 from jaxtrain.data.sources import DataError
 from jaxtrain.loop import NonFiniteError, TrainResult, train
+from jaxtrain.parts import Parts, build
 from jaxtrain.state import TrainState, create_state, merge_model
 
 __all__ = [
+  "CheckpointError",
   "ConfigError",
   "DataError",
   "NonFiniteError",
+  "Parts",
   "TrainResult",
   "TrainState",
+  "build",
   "config",
   "create_state",
   "data",
@@ -32,4 +51,5 @@ __all__ = [
   "sharding",
   "step",
   "train",
+  "workdir",
 ]

@@ -1,8 +1,9 @@
 """Checkpoints: one Orbax step per resume bundle, with corrupt-step fallback.
 
 A bundle holds the `TrainState`, the data stream's state after the last
-trained chunk (the loop saves `{"next_batch": step}`), and a JSON record: config hash, mesh, package
-versions, the loop's partial metric sums, and a checksum of every state leaf.
+trained chunk (the loop saves `{"next_batch": step}`), and a JSON record: the
+config, mesh, package versions, the loop's partial metric sums, and a checksum
+of every state leaf.
 Saves are asynchronous by default. Restoring walks from the newest step down:
 a step that fails to read, or whose checksums disagree, is reported in one
 line, moved aside as `<step>.corrupt`, and the previous step is tried. No
@@ -19,21 +20,19 @@ import itertools
 import json
 import logging
 import pathlib
-import signal
-import threading
+import shutil
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import grain
 import jax
 import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh
 from orbax.checkpoint import checkpoint_managers
 
 from jaxtrain import config as config_lib
-from jaxtrain import record, sharding
+from jaxtrain import logs, record, sharding
 from jaxtrain.state import TrainState
 
 
@@ -51,11 +50,9 @@ class Restored(NamedTuple):
 
 
 class IteratorState:
-  """A data stream's state (any JSON value), in the form Grain's Orbax handler saves.
+  """A data stream's state (any JSON value) as Grain's Orbax handler saves it: a file a process.
 
-  The training stream runs ahead of the loop, so its live state is not the one
-  to save; this holds the state after the last trained chunk. Grain's handler
-  writes one JSON file per process.
+  The stream runs ahead of the loop; this holds its state after the last trained chunk.
   """
 
   def __init__(self, state: Any = None):
@@ -129,10 +126,7 @@ def bundle(
   chunk runs (one extra copy of the state lives on the devices meanwhile).
   Both the copy and the checksums are dispatched now, ahead of the next chunk.
   """
-  if copy:
-    state, sums = _copy_and_checksums(state)
-  else:
-    sums = _checksums(state)
+  state, sums = _copy_and_checksums(state) if copy else (state, _checksums(state))
   return Bundle(step, state, sums, data_state, meta, metrics)
 
 
@@ -162,7 +156,6 @@ class Checkpointer:
     best_mode: str = "min",
   ):
     self.directory = pathlib.Path(directory)
-    self.best_metric = best_metric
     try:  # fail now, not at the first save: training must not run without checkpoints
       record.check_writable(self.directory)
       if jax.process_index() == 0:
@@ -182,10 +175,6 @@ class Checkpointer:
     An error of an earlier asynchronous save is raised here too.
     """
     step, metrics = b.step, b.metrics
-    if self.best_metric and metrics is not None and self.best_metric not in metrics:
-      raise CheckpointError(
-        f"ckpt.best_metric={self.best_metric!r} is not one of the eval metrics {sorted(metrics)}"
-      )
     meta = {
       **b.meta,
       "step": step,
@@ -204,60 +193,63 @@ class Checkpointer:
 
   def check(self) -> None:
     """Raises `CheckpointError` if a background save has failed; never blocks."""
-    try:
-      self._manager.check_for_errors()
-    except Exception as e:
-      raise CheckpointError(f"checkpoint save failed: {e}") from e
+    _as_checkpoint_error(self._manager.check_for_errors)
 
   def wait(self) -> None:
     """Blocks until the last save is on disk; raises `CheckpointError` if it failed."""
-    try:
-      self._manager.wait_until_finished()
-    except Exception as e:
-      raise CheckpointError(f"checkpoint save failed: {e}") from e
+    _as_checkpoint_error(self._manager.wait_until_finished)
 
-  def restore(self, abstract: TrainState) -> Restored | None:
+  def restore(
+    self, abstract: TrainState, accept: Callable[[dict[str, Any], int], None] | None = None
+  ) -> Restored | None:
     """Restores the newest readable step into the layout of `abstract`.
 
-    A step is unreadable when its record, this process's iterator state or its
-    arrays cannot be read, or its checksums disagree: it is reported, renamed
-    `<step>.corrupt`, and the next older step is tried. A readable step saved for
-    another state structure or process count is not corrupt; it raises.
+    A step whose record, iterator state or arrays cannot be read, or whose
+    checksums disagree, is reported in one line, renamed `<step>.corrupt`, and
+    the next older step is tried. A readable step of another state structure
+    or process count is not corrupt; it raises.
 
     Args:
       abstract: the state's `jax.ShapeDtypeStruct`s, each with the sharding to
         restore onto (which may differ from the one saved).
+      accept: called as `accept(record, step)` with the newest readable step's
+        record before its arrays are read; it raises to refuse resuming.
 
     Returns:
-      The bundle, or None when the folder holds no step.
+      The bundle, or None when the folder holds no step, readable or set aside.
 
     Raises:
       ConfigError: the newest readable step does not fit `abstract` or the
-        process count.
-      CheckpointError: every step was unreadable.
+        process count, or `accept` refused it.
+      CheckpointError: no step is readable, now or at an earlier restore.
     """
-    set_aside = []
-    for step in sorted(self._manager.all_steps(), reverse=True):
-      meta, problem = self._read_meta(step)
-      if _everywhere(problem is None):
-        _check_fits(meta, abstract, step)
-        restored, problem = self._read_all(step, abstract, meta)
-        if _everywhere(problem is None):
+    with logs.quiet_failed_reads():
+      for step in sorted(self._manager.all_steps(), reverse=True):
+        restored, problem = self._read(step, abstract, accept)
+        if restored:
           return restored
-      problem = problem or "unreadable in another process"
-      logging.warning(
-        "checkpoint step %d is unreadable, using an older one: %s",
-        step,
-        " ".join(problem.split())[:300],
-      )
-      self._set_aside(step)
-      set_aside.append(step)
-    if set_aside:
+        name = self._set_aside(step)
+        logging.warning(
+          "checkpoint step %d is unreadable (%s); set aside as %s, trying an older step",
+          step,
+          logs.brief(problem, 160),
+          name,
+        )
+    if self.corrupt_folders():
       raise CheckpointError(
-        f"no readable checkpoint in {self.directory} (set aside: {set_aside}); move the "
-        "folder away to start afresh"
+        f"no readable checkpoint in {self.directory}: every step is set aside as unreadable "
+        f"({', '.join(self.corrupt_folders())}); starting afresh would replace this run's "
+        "records, so move those folders out of checkpoints/ first"
       )
     return None
+
+  def steps(self) -> list[int]:
+    """The steps on disk, oldest first (their folders may still prove unreadable)."""
+    return sorted(self._manager.all_steps())
+
+  def corrupt_folders(self) -> list[str]:
+    """The folders of steps set aside as unreadable, by name."""
+    return sorted(p.name for p in self.directory.glob("*.corrupt*") if p.name[0].isdigit())
 
   def restore_step(self, step: int, abstract: TrainState) -> Restored:
     """Restores one given step, such as the best, into the layout of `abstract`.
@@ -265,15 +257,28 @@ class Checkpointer:
     Raises:
       CheckpointError: the step is missing or unreadable; nothing is renamed.
     """
+    with logs.quiet_failed_reads():
+      restored, problem = self._read(step, abstract)
+    if not restored:
+      raise CheckpointError(f"checkpoint step {step} is unreadable: {logs.brief(problem, 160)}")
+    return restored
+
+  def _read(
+    self,
+    step: int,
+    abstract: TrainState,
+    accept: Callable[[dict[str, Any], int], None] | None = None,
+  ) -> tuple[Restored | None, str | None]:
+    """Reads one step in every process: the bundle, or why it is unreadable."""
     meta, problem = self._read_meta(step)
-    restored = None
-    if _everywhere(problem is None):
+    if sharding.everywhere(problem is None):
+      if accept:
+        accept(meta, step)
       _check_fits(meta, abstract, step)
       restored, problem = self._read_all(step, abstract, meta)
-    if not _everywhere(problem is None):
-      problem = problem or "unreadable in another process"
-      raise CheckpointError(f"checkpoint step {step} is unreadable: {' '.join(problem.split())}")
-    return restored
+      if sharding.everywhere(problem is None):
+        return restored, None
+    return None, problem or "unreadable in another process"
 
   def _read_meta(self, step: int) -> tuple[dict[str, Any] | None, str | None]:
     """Reads a step's record and checks this process's iterator state, with no collective."""
@@ -304,25 +309,27 @@ class Checkpointer:
       return None, f"{type(e).__name__}: {e}"
     return Restored(step, out.state, data.state, meta), None
 
-  def _set_aside(self, step: int) -> None:
-    """Renames a bad step folder out of Orbax's sight; nothing is deleted."""
-    if jax.process_index() == 0:
-      source = self.directory / str(step)
-      target = self.directory / f"{step}.corrupt"
-      n = 1
-      while target.exists():
-        n += 1
-        target = self.directory / f"{step}.corrupt{n}"
-      if source.exists():
-        source.rename(target)
+  def _set_aside(self, step: int) -> str:
+    """Renames a bad step folder out of Orbax's sight; returns its new name. Nothing is deleted."""
+    source = self.directory / str(step)
+    target = self.directory / f"{step}.corrupt"
+    n = 1
+    while target.exists():
+      n += 1
+      target = self.directory / f"{step}.corrupt{n}"
+    if jax.process_index() == 0 and source.exists():
+      source.rename(target)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f"jaxtrain_set_aside_{step}")
     self._manager.reload()
+    return target.name
 
-  def close(self) -> None:
+  def close(self, abandon: bool = False) -> None:
     """Waits for pending saves and releases the manager; reports, never raises.
 
-    Call `wait` first where a failed save must stop the run.
+    Call `wait` first where a failed save must stop the run. With `abandon`
+    (a run stopped at once), the folders of saves that never finished are
+    removed too.
     """
     try:
       self._manager.wait_until_finished()
@@ -330,6 +337,16 @@ class Checkpointer:
       logging.error("checkpoint save failed: %s", e)
     finally:
       self._manager.close()
+    if abandon and jax.process_index() == 0:
+      for tmp in self.directory.glob("*.orbax-checkpoint-tmp*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _as_checkpoint_error(fn: Callable[[], Any]) -> None:
+  try:
+    fn()
+  except Exception as e:
+    raise CheckpointError(f"checkpoint save failed: {e}") from e
 
 
 def _options(
@@ -381,43 +398,3 @@ def _check_fits(meta: dict[str, Any], abstract: TrainState, step: int) -> None:
       f"the checkpoint at step {step} holds another model or optimizer state (saved {old}, "
       f"this run {new}); keep the model and optimizer to resume, or use another workdir"
     )
-
-
-def _everywhere(ok: bool) -> bool:
-  """True when `ok` holds in every process (each reads its own shards)."""
-  if jax.process_count() == 1:
-    return ok
-  return bool(np.all(multihost_utils.process_allgather(np.array(ok))))
-
-
-class PreemptionWatch:
-  """Turns SIGTERM into a vote to save and stop, counted in the compiled chunk.
-
-  Each process installs a SIGTERM handler that sets its vote; `votes()` is
-  passed to every chunk, which returns the maximum over all processes as
-  `metrics["stop"]`. Every process reads that value from the same chunk, so all
-  stop at the same step, even when the notice reaches only one of them, and no
-  process ever waits for another outside the compiled computation.
-  """
-
-  def __init__(self, mesh: Mesh):
-    self._flag = threading.Event()
-    self._votes = {v: sharding.votes(mesh, v) for v in (0, 1)}  # made once, no per-chunk copy
-    self._previous = None
-    if threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
-
-  def _on_sigterm(self, signum: int, frame: Any) -> None:
-    del signum, frame
-    logging.warning("SIGTERM: saving a checkpoint within two chunks, then stopping")
-    self._flag.set()
-
-  def votes(self) -> jax.Array:
-    """This process's vote, as the chunk's `votes` input."""
-    return self._votes[int(self._flag.is_set())]
-
-  def close(self) -> None:
-    """Puts back the SIGTERM handler that was there before."""
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-      self._previous = None

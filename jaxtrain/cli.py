@@ -1,25 +1,30 @@
-"""The command-line entry shared by experiments: absl flags, exit statuses.
+"""The command-line entry shared by experiments: absl flags, help, exit statuses.
 
-`define_config` declares `--config` with its overrides checked, and `run(main)`
-runs `main` under `absl.app.run`. A bad flag, config value or dataset ends the
+`define_flags` declares `--config` (its overrides checked against the config's
+keys), `--workdir` and `--resume`; `run(main)` runs `main` under
+`absl.app.run`. A bad flag, config value, model, loss or dataset ends the
 process with one line on stderr and exit status 2, before anything is compiled
-or written. A run stopped by SIGTERM after its checkpoint exits with status 3;
-a checkpoint that cannot be written, or `train.max_skipped` non-finite updates
-in a row, end it with one line and status 1. A run the early-stopping monitor
-stopped exits with status 0, like a completed one.
+or written. A run stopped by SIGTERM after its checkpoint exits with status 3,
+one stopped by Ctrl-C with 130; a checkpoint that cannot be written, or
+`train.max_skipped` non-finite updates in a row, end it with one line and
+status 1. A run the early-stopping monitor stopped exits with status 0, like a
+completed one. `--help` prints the experiment's docstring, its flags and every
+config key with its default and meaning.
 
 Example (an experiment module):
-  >>> _CONFIG = cli.define_config(get_config())
+  >>> FLAGS = cli.define_flags(get_config(), model_help={"hidden": "hidden widths"})
+  >>> def main(argv):
+  ...   return jaxtrain.train(FLAGS.config.value, ..., workdir=FLAGS.workdir.value,
+  ...                         resume=FLAGS.resume.value)
   >>> if __name__ == "__main__":
   ...   cli.run(main)
 """
 
 import keyword
-import logging
-import os
 import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import ml_collections
@@ -28,7 +33,7 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from jaxtrain import config as config_lib
-from jaxtrain import sharding
+from jaxtrain import logs, parts, sharding, workdir
 from jaxtrain.checkpoint import CheckpointError
 from jaxtrain.data.sources import DataError
 from jaxtrain.loop import NonFiniteError
@@ -37,71 +42,119 @@ USAGE_ERRORS = (config_lib.ConfigError, DataError)
 EXIT_FAILED = 1  # training failed, e.g. a checkpoint could not be written
 EXIT_USAGE = 2  # bad config, flag or data: nothing was compiled or written
 EXIT_PREEMPTED = 3  # SIGTERM: a checkpoint was saved; rerun the command to resume
-_OVERRIDE = re.compile(r"^--config\.([^=]+)=(.*)$", re.DOTALL)
+EXIT_INTERRUPTED = 130  # Ctrl-C, as shells report SIGINT
+HELP_FLAGS = ("--help", "-h", "-help", "--helpshort", "-?")
+_OVERRIDE = re.compile(r"^--config\.([^=]+)(=(.*))?$", re.DOTALL)
 _keyword_overrides: list[tuple[str, str]] = []
+_help: dict[str, Any] = {}
 
 
-def define_config(config: ml_collections.ConfigDict) -> flags.FlagHolder:
-  """Defines the locked `--config` flag with default `config`.
+class RunFlags(NamedTuple):
+  """The flags `define_flags` declares; each `.value` is set once flags are parsed."""
 
-  `config_flags` reads the `--config.KEY=VALUE` overrides as the flag is
-  defined, so they are checked here first: an unknown key exits with status 2.
-  Keys whose last part is a Python keyword (`ckpt.async`) cannot go through
-  `config_flags`; they are set after parsing, with the key's type.
+  config: flags.FlagHolder
+  workdir: flags.FlagHolder
+  resume: flags.FlagHolder
+
+
+def define_flags(
+  config: ml_collections.ConfigDict,
+  model_help: Mapping[str, str] | None = None,
+  workdir_help: str = "Folder for the run's files; relative, . and ~ paths work.",
+) -> RunFlags:
+  """Defines `--config` with default `config`, `--workdir` and `--resume`.
 
   Args:
     config: the experiment's config, with every default.
+    model_help: a one-line meaning for each `model.*` key, for `--help`.
+    workdir_help: the help of `--workdir`.
+
+  Returns:
+    The flag holders.
+  """
+  holder = define_config(config, model_help)
+  return RunFlags(
+    holder,
+    flags.DEFINE_string("workdir", None, workdir_help, required=True),
+    flags.DEFINE_enum(
+      "resume",
+      "auto",
+      workdir.RESUME_MODES,
+      "With checkpoints in the workdir: auto resumes unless the config changed a key a "
+      "resume may not change; never refuses; force resumes and records the changes.",
+    ),
+  )
+
+
+def define_config(
+  config: ml_collections.ConfigDict, model_help: Mapping[str, str] | None = None
+) -> flags.FlagHolder:
+  """Defines the locked `--config` flag with default `config`.
+
+  `config_flags` reads the `--config.KEY=VALUE` (or `--config.KEY VALUE`)
+  overrides as the flag is defined, so they are checked here first: an unknown
+  key exits with status 2. Keys whose last part is a Python keyword
+  (`ckpt.async`) cannot go through `config_flags`; they are set after
+  parsing, with the key's type.
+
+  Args:
+    config: the experiment's config, with every default.
+    model_help: a one-line meaning for each `model.*` key, for `--help`.
 
   Returns:
     The flag holder; `.value` is the resolved config once flags are parsed.
   """
+  _help.update(config=config, model=dict(model_help or {}))
   known = [key for key, _ in config_lib.flatten(config)]
-  kept = []
-  for arg in sys.argv:
+  kept, args = [], iter(sys.argv)
+  for arg in args:
     match = _OVERRIDE.match(arg)
     if match and match.group(1) not in known:
       fail(config_lib.unknown_key_message(match.group(1), known))
     if match and any(keyword.iskeyword(part) for part in match.group(1).split(".")):
-      _keyword_overrides.append((match.group(1), match.group(2)))
+      value = match.group(3) if match.group(2) else next(args, "")
+      _keyword_overrides.append((match.group(1), value))
     else:
       kept.append(arg)
   sys.argv[:] = kept
   return config_flags.DEFINE_config_dict("config", config, lock_config=True)
 
 
-def run(main: Callable[[list[str]], None]) -> None:
-  """Runs `main` under absl with jaxtrain's flag parsing and exit statuses."""
+def run(main: Callable[[list[str]], Any]) -> None:
+  """Runs `main` under absl with jaxtrain's help, flag parsing, logging and exit statuses."""
+  if any(arg in HELP_FLAGS for arg in sys.argv[1:]):
+    print(usage())
+    sys.exit(0)
 
   def guarded(argv: list[str]) -> None:
-    quiet_orbax_logs()
+    if not flags.FLAGS["verbosity"].present:  # INFO lines only when asked for
+      absl_logging.set_verbosity(absl_logging.WARNING)
+    logs.quiet_orbax_logs()
     try:
       sharding.initialize_distributed()
       if "config" in flags.FLAGS:  # fail before the experiment loads any data
-        config_lib.validate(flags.FLAGS.config, jax.device_count())
+        parts.validate(flags.FLAGS.config, jax.device_count())
       result = main(argv)
     except USAGE_ERRORS as e:
       fail(str(e))
     except (CheckpointError, NonFiniteError, OSError) as e:  # saved steps are intact
       fail(str(e), EXIT_FAILED)
-    if getattr(result, "status", None) == "preempted":
-      sys.exit(EXIT_PREEMPTED)
+    except KeyboardInterrupt:
+      fail("stopped at once by Ctrl-C; rerun the same command to resume", EXIT_INTERRUPTED)
+    _exit_for(result)
 
-  app.run(guarded, flags_parser=parse_flags)
-
-
-def quiet_orbax_logs() -> None:
-  """Drops Orbax's informational log lines (about thirty for every checkpoint).
-
-  Also its warning on each save without metrics when a best metric is tracked:
-  periodic saves between evaluations have none, by design.
-  """
-  absl_logging.get_absl_handler().addFilter(_not_orbax_noise)
+  try:
+    app.run(guarded, flags_parser=parse_flags)
+  except KeyboardInterrupt:  # before main started: while importing or parsing
+    fail("stopped by Ctrl-C before training started", EXIT_INTERRUPTED)
 
 
-def _not_orbax_noise(record: logging.LogRecord) -> bool:
-  if f"{os.sep}orbax{os.sep}" not in record.pathname:
-    return True
-  return record.levelno >= logging.WARNING and "did not provide metrics" not in str(record.msg)
+def _exit_for(result: Any) -> None:
+  status = getattr(result, "status", None)
+  codes = {"preempted": EXIT_PREEMPTED, "interrupted": EXIT_INTERRUPTED}
+  if status in codes:
+    print(f"{status}: {result.reason}", file=sys.stderr, flush=True)
+    sys.exit(codes[status])
 
 
 def fail(message: str, status: int = EXIT_USAGE) -> None:
@@ -132,3 +185,27 @@ def _apply_override(config: ml_collections.ConfigDict, key: str, text: str) -> N
   except (TypeError, ValueError) as e:
     fail(f"bad flag: --config.{key}={text}: {e}")
   node[leaf] = value
+
+
+def usage() -> str:
+  """The experiment's docstring, its flags, and every config key with default and meaning."""
+  main = sys.modules["__main__"]
+  lines = [(main.__doc__ or "").strip(), "", "flags:"]
+  module = flags.FLAGS.find_module_defining_flag("workdir") or sys.argv[0]
+  for flag in flags.FLAGS.get_flags_for_module(module):
+    default = f" (default: {flag.default!r})" if flag.default is not None else ""
+    lines.append(f"  --{flag.name}: {' '.join(flag.help.split())}{default}")
+  lines += ["", "config keys (--config.KEY=VALUE):"]
+  config = _help.get("config")
+  entries = list(config_lib.flatten(config)) if config is not None else []
+  width = max((len(f"{k}={v!r}") for k, v in entries), default=0)
+  for key, value in entries:
+    meaning = _meaning(key)
+    lines.append(f"  {f'{key}={value!r}':<{width}}  {meaning}".rstrip())
+  return "\n".join(lines)
+
+
+def _meaning(key: str) -> str:
+  if key in config_lib.DEFAULTS:
+    return config_lib.DEFAULTS[key][1]
+  return _help.get("model", {}).get(key.removeprefix("model."), "")

@@ -3,16 +3,71 @@
 Each returns arrays of shape `[B]`, including `"loss"`, so the train step can
 average them and the eval step can mask padding and sum them exactly.
 
+A loss can declare the values an integer field must hold with `expect_range`
+(`classification` does for `label`, `next_token` for `tokens`, from the width of
+the logits). `train` traces the loss once before compiling, collects these
+declarations, and checks every record against them, so a label or token id the
+model has no logit or embedding for stops the run in one line.
+
 Example:
   >>> out = classification(model, {"image": x_BxHxW, "label": y_B}, None)
   >>> out["loss"].shape, out["accuracy"].shape
   ((B,), (B,))
 """
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
+
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+
+from jaxtrain.data.sources import DataError
+
+Range = tuple[str, int, int, str]
+_expected: contextvars.ContextVar[list[Range] | None] = contextvars.ContextVar(
+  "expected_ranges", default=None
+)
+
+
+def expect_range(field: str, high: int, low: int = 0, why: str = "") -> None:
+  """Declares that the integer batch field `field` holds values in `[low, high)`.
+
+  Call it inside a loss function with static numbers (shapes are static under
+  `jit`); it does nothing except while `expected_ranges` collects.
+
+  Args:
+    field: the batch field.
+    high: the end of the range, exclusive.
+    low: its start.
+    why: what the range is, for the message, such as "the model's 10 logits".
+
+  Example:
+    >>> expect_range("label", logits_BxC.shape[-1], why="the model's logits")
+  """
+  found = _expected.get()
+  if found is not None:
+    found.append((field, int(low), int(high), why))
+
+
+@contextlib.contextmanager
+def expected_ranges() -> Iterator[list[Range]]:
+  """Collects the `(field, low, high, why)` that `expect_range` declares while it is open."""
+  token = _expected.set([])
+  try:
+    yield _expected.get()
+  finally:
+    _expected.reset(token)
+
+
+def _integer_labels(labels: jax.Array, field: str) -> None:
+  if not jnp.issubdtype(labels.dtype, jnp.integer):
+    raise DataError(
+      f"batch field {field} has dtype {labels.dtype}; class labels must be integers "
+      "(cast them, e.g. with .astype(np.int32))"
+    )
 
 
 def classification(
@@ -40,6 +95,8 @@ def classification(
   """
   logits_BxC = model(batch["image"], rngs=rngs).astype(jnp.float32)
   labels_B = batch["label"]
+  _integer_labels(labels_B, "label")
+  expect_range("label", logits_BxC.shape[-1], why=f"the model's {logits_BxC.shape[-1]} logits")
   if label_smoothing:
     targets_BxC = optax.smooth_labels(
       jax.nn.one_hot(labels_B, logits_BxC.shape[-1]), label_smoothing
@@ -63,7 +120,10 @@ def next_token(
   bits, which for byte-level tokens is bits per byte).
   """
   tokens_BxT = batch["tokens"]
+  _integer_labels(tokens_BxT, "tokens")
   logits_BxTxV = model(tokens_BxT[:, :-1], rngs=rngs).astype(jnp.float32)
+  vocab = logits_BxTxV.shape[-1]
+  expect_range("tokens", vocab, why=f"the model's vocabulary of {vocab} tokens")
   nll_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, tokens_BxT[:, 1:])
   loss_B = nll_BxT.mean(axis=-1)
   return {"loss": loss_B, "bits_per_byte": loss_B / jnp.log(2.0)}

@@ -11,9 +11,9 @@ When a run stops (mode `min`; `max` mirrors it):
   starts at `baseline` when one is given, else at +inf, so the first finite
   value improves.
 - `wait` counts the evaluations since the last improvement. The run stops at
-  the evaluation where `wait` exceeds `patience`: `patience` evaluations without
-  improvement are tolerated, the next one stops. With `patience=0` the first
-  evaluation that does not improve stops.
+  the evaluation where `wait` reaches `patience`, as Keras' `EarlyStopping` and
+  Lightning's count: `patience=5` stops at the fifth evaluation in a row without
+  improvement, and `patience` 0 and 1 both stop at the first one.
 - Evaluations before `warmup_steps` change neither `best` nor `wait`.
 - At any evaluation, warm-up included, a non-finite value stops the run, and so
   does a value worse than `divergence` (above it in `min` mode) when set.
@@ -26,13 +26,13 @@ Example (mode `min`, patience 2, min_delta 0.1):
 | 2    | 0.95  | no (< 0.1 better)| 1.00 | 1    | no    |
 | 3    | 0.85  | yes              | 0.85 | 0    | no    |
 | 4    | 0.85  | no (tie)         | 0.85 | 1    | no    |
-| 5    | 0.90  | no               | 0.85 | 2    | no    |
-| 6    | 0.80  | no (< 0.1 better)| 0.85 | 3    | yes   |
+| 5    | 0.90  | no               | 0.85 | 2    | yes   |
 
 Reduce-on-plateau uses the same improvement test with its own counter: when it
-exceeds `plateau_patience`, `lr_scale` is multiplied by `plateau_factor` (not
-below `plateau_min_scale`), the counter restarts, and the next
-`plateau_cooldown` evaluations count as no worse than neutral. The loop copies
+reaches `plateau_patience` (as in Keras' `ReduceLROnPlateau`; 0 and 1 both
+reduce at the first evaluation without improvement), `lr_scale` is multiplied by
+`plateau_factor` (not below `plateau_min_scale`), the counter restarts, and the
+next `plateau_cooldown` evaluations count as no worse than neutral. The loop copies
 `lr_scale` into the optimizer state (`optim.lr_multiplier`), so the step that
 uses it never recompiles.
 
@@ -53,7 +53,7 @@ import ml_collections
 
 RUNNING, NO_IMPROVEMENT, NON_FINITE, DIVERGED = 0, 1, 2, 3
 REASONS = {
-  NO_IMPROVEMENT: "no improvement for more than early_stop.patience evaluations",
+  NO_IMPROVEMENT: "early_stop.patience evaluations in a row without improvement",
   NON_FINITE: "the monitored metric is not finite",
   DIVERGED: "the monitored metric crossed early_stop.divergence",
 }
@@ -145,7 +145,7 @@ def update(config: MonitorConfig, state: MonitorState, value: Any, step: Any) ->
   warm = jnp.asarray(step) >= config.warmup_steps
   improved = warm & ~diverged & (sign * value < sign * state.best - delta)
   wait = jnp.where(improved, 0, state.wait + warm.astype(jnp.int32))
-  reason = jnp.where(warm & (wait > config.patience), NO_IMPROVEMENT, RUNNING)
+  reason = jnp.where(warm & (wait >= max(config.patience, 1)), NO_IMPROVEMENT, RUNNING)
   if config.divergence is not None:
     reason = jnp.where(sign * value > sign * config.divergence, DIVERGED, reason)
   reason = jnp.where(jnp.isfinite(value), reason, NON_FINITE)
@@ -170,7 +170,7 @@ def _plateau(
   in_cooldown = state.cooldown > 0
   bad = warm & ~improved & ~in_cooldown
   plateau_wait = jnp.where(improved | in_cooldown, 0, state.plateau_wait + bad.astype(jnp.int32))
-  reduce = plateau_wait > config.plateau_patience
+  reduce = plateau_wait >= max(config.plateau_patience, 1)
   scale = jnp.maximum(state.lr_scale * config.plateau_factor, config.plateau_min_scale)
   return (
     jnp.where(reduce, 0, plateau_wait),
@@ -184,7 +184,8 @@ def summary(state: MonitorState, config: MonitorConfig) -> dict[str, Any]:
 
   Returns:
     `best_value` and `best_step` (None before any improvement),
-    `patience_left` (evaluations that may still fail to improve), `lr_scale`,
+    `patience_left` (evaluations without improvement that would stop the
+    run now), `lr_scale`,
     and `reason`: why the monitor stopped the run, or None.
   """
   host = jax.device_get(state)
@@ -192,7 +193,33 @@ def summary(state: MonitorState, config: MonitorConfig) -> dict[str, Any]:
   return {
     "best_value": float(host.best) if improved else None,
     "best_step": int(host.best_step) if improved else None,
-    "patience_left": max(config.patience - int(host.wait), 0),
+    "patience_left": max(max(config.patience, 1) - int(host.wait), 0),
     "lr_scale": float(host.lr_scale),
     "reason": REASONS.get(int(host.stop)),
+  }
+
+
+def stop_reason(metric: str, verdict: dict[str, Any]) -> str:
+  """Why the monitor stopped the run, with the best value, for `run.json` and the log."""
+  best = "no improvement at all"
+  if verdict["best_step"] is not None:
+    best = f"best {verdict['best_value']:.6g} at step {verdict['best_step']}"
+  return f"{metric}: {verdict['reason']} ({best})"
+
+
+def progress_fields(verdict: dict[str, Any]) -> dict[str, float]:
+  """What the progress bar shows of the monitor: the best value and the patience left."""
+  fields = {"patience_left": verdict["patience_left"]}
+  if verdict["best_value"] is not None:
+    fields["best"] = verdict["best_value"]
+  return fields
+
+
+def record_fields(verdict: dict[str, Any], status: str) -> dict[str, Any]:
+  """What `run.json` records of the monitor."""
+  return {
+    "stopped_early": status == "stopped_early",
+    "best_step": verdict["best_step"],
+    "best_value": verdict["best_value"],
+    "lr_scale": verdict["lr_scale"],
   }

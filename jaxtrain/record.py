@@ -15,6 +15,7 @@ import datetime
 import errno
 import importlib.metadata
 import json
+import logging
 import os
 import pathlib
 import platform
@@ -27,6 +28,7 @@ import ml_collections
 from jax.sharding import Mesh
 
 from jaxtrain import config as config_lib
+from jaxtrain import metrics
 from jaxtrain.data.sources import Dataset
 
 PACKAGES = (
@@ -112,18 +114,17 @@ def check_writable(path: pathlib.Path) -> None:
   probe.unlink()
 
 
-def prepare_workdir(workdir: str | os.PathLike) -> pathlib.Path:
-  """Creates `workdir` and checks that this process can write to it.
-
-  Raises:
-    ConfigError: when it cannot.
-  """
-  path = pathlib.Path(workdir)
+def mark_failed(workdir: pathlib.Path, reason: str) -> None:
+  """Records in `run.json` that a run failed before it started (the rest of the record stays)."""
+  path = workdir / "run.json"
   try:
-    check_writable(path)
-  except OSError as e:
-    raise config_lib.ConfigError(f"workdir {path} is not writable ({e.strerror})") from e
-  return path
+    fields = json.loads(path.read_text())
+  except (OSError, ValueError):
+    fields = {}
+  if not isinstance(fields, dict):
+    fields = {}
+  fields.update(status="failed", reason=reason, end_time=now())
+  write_json(path, fields)
 
 
 def run_fields(
@@ -144,11 +145,74 @@ def run_fields(
       "name": data.name,
       "train_size": len(data.train),
       "eval_size": len(data.eval),
+      "folder": data.folder or None,
       "train_fingerprint": fingerprint(data.train),
       "eval_fingerprint": fingerprint(data.eval),
     },
     "seeds": {"train.seed": config.train.seed},
     "train_chunk_compilations": 0,
+  }
+
+
+def start(
+  config: ml_collections.ConfigDict,
+  mesh: Mesh,
+  data: Dataset,
+  workdir: pathlib.Path,
+  *,
+  resumed_from: int | None,
+  forced: dict[str, Any] | None = None,
+) -> "RunRecord":
+  """Writes `config.json`, trims `metrics.jsonl` to the resumed step, starts `run.json`.
+
+  Only process 0 writes; the others get a record that does nothing.
+
+  Args:
+    config: the run's config.
+    mesh: its mesh.
+    data: its dataset.
+    workdir: the absolute workdir.
+    resumed_from: the restored step, or None for a fresh run.
+    forced: the changed keys a forced resume let through, `{key: (old, new)}`.
+  """
+  is_main = jax.process_index() == 0
+  if is_main:
+    (workdir / "config.json").write_text(config_lib.to_json(config) + "\n")
+    metrics.truncate_jsonl(workdir / "metrics.jsonl", resumed_from or 0)  # a killed run's tail
+  fields = run_fields(config, mesh, data, workdir)
+  fields["forced_changes"] = {k: list(v) for k, v in (forced or {}).items()} or None
+  return RunRecord(workdir, is_main, fields, resumed_from=resumed_from)
+
+
+def checkpoint_meta(
+  config: ml_collections.ConfigDict,
+  mesh: Mesh,
+  *,
+  meter: dict[str, Any],
+  eval_metrics: dict[str, float],
+  skipped: int,
+  monitor: list[Any],
+) -> dict[str, Any]:
+  """What a checkpoint records beside the state: enough to resume exactly and to audit.
+
+  Args:
+    config: the run's config, saved whole: a resume compares it key by key.
+    mesh: the mesh.
+    meter: the log interval's partial sums (`metrics.Meter.state_dict`).
+    eval_metrics: the last evaluation's metrics.
+    skipped: the updates skipped so far.
+    monitor: the settings the monitor's state means something under.
+  """
+  return {
+    "config": json.loads(config_lib.to_json(config)),
+    "config_hash": config_lib.config_hash(config),
+    "mesh": dict(mesh.shape),
+    "versions": versions(),
+    "meter": meter,
+    "eval": eval_metrics,
+    "skipped": skipped,
+    "monitor": monitor,
+    "time": now(),
   }
 
 
@@ -193,3 +257,29 @@ class RunRecord:
       self.fields["end_time"] = now()
     if self.enabled:
       write_json(self.path, self.fields)
+
+  def count_compilations(self, count: int, step: int) -> bool:
+    """Records the chunk's executables; returns whether the last call compiled.
+
+    A second executable means a shape, dtype or sharding of the state or batch
+    changed between chunks, which costs a compilation and is a bug: warned.
+    """
+    before = self.fields["train_chunk_compilations"]
+    if count == before:
+      return False
+    if before:
+      logging.warning(
+        "train_chunk compiled again at step %d (%d executables): a shape, dtype "
+        "or sharding of the state or batch changed",
+        step,
+        count,
+      )
+    self.update(train_chunk_compilations=count)
+    return True
+
+  def fail(self, status: str, reason: str, **fields: Any) -> None:
+    """Records how a run ended early; a full disk is logged, not raised over the first error."""
+    try:
+      self.update(status=status, reason=reason, **fields)
+    except OSError as write_error:
+      logging.error("could not record the failure in run.json: %s", write_error)

@@ -19,6 +19,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -31,11 +32,59 @@ Rule = Callable[[tuple[int, ...], Mesh], P]
 Rules = Sequence[tuple[str, Rule]]
 
 
+def mesh_shape(mesh: Any, num_devices: int) -> tuple[int, int, int]:
+  """Resolves `mesh.data`, `mesh.fsdp`, `mesh.tensor` (-1 takes the rest).
+
+  Args:
+    mesh: the `mesh` section of a config.
+    num_devices: the number of devices to cover.
+
+  Returns:
+    The `(data, fsdp, tensor)` sizes, whose product is `num_devices`.
+
+  Raises:
+    ConfigError: when the sizes do not match the devices.
+  """
+  names = ("mesh.data", "mesh.fsdp", "mesh.tensor")
+  sizes = [mesh.data, mesh.fsdp, mesh.tensor]
+  for name, size in zip(names, sizes, strict=True):
+    if size == 0 or size < -1:
+      raise ConfigError(f"{name}={size} must be positive or -1")
+  free = [i for i, s in enumerate(sizes) if s == -1]
+  if len(free) > 1:
+    raise ConfigError(f"only one of {', '.join(names)} may be -1")
+  fixed = 1
+  for s in sizes:
+    fixed *= s if s > 0 else 1
+  desc = " x ".join(f"{n}={s}" for n, s in zip(names, sizes, strict=True))
+  if num_devices % fixed or (not free and fixed != num_devices):
+    raise ConfigError(f"mesh {desc} does not match the {num_devices} devices")
+  if free:
+    sizes[free[0]] = num_devices // fixed
+  return tuple(sizes)
+
+
+def check_batches(shape: Sequence[int], batch_sizes: dict[str, int]) -> None:
+  """Raises `ConfigError` for a batch that the data-parallel devices do not divide.
+
+  Args:
+    shape: the mesh's `(data, fsdp, tensor)` sizes.
+    batch_sizes: global batch sizes by config key, such as `train.batch_size`.
+  """
+  data, fsdp, _ = shape
+  for key, size in batch_sizes.items():
+    if size % (data * fsdp):
+      raise ConfigError(
+        f"{key}={size} is not divisible by the {data * fsdp} data-parallel devices "
+        f"(mesh.data x mesh.fsdp = {data} x {fsdp})"
+      )
+
+
 def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
   """Builds a `("data", "fsdp", "tensor")` mesh with Auto axes.
 
   Args:
-    shape: the three axis sizes, as `jaxtrain.config.mesh_shape` resolves them.
+    shape: the three axis sizes, as `mesh_shape` resolves them.
     devices: the devices to span; all devices by default.
 
   Returns:
@@ -162,6 +211,13 @@ def put_batch(local: Any, mesh: Mesh, batch_size: int, leading_dims: int = 0) ->
   return jax.tree.map(put, local)
 
 
+def everywhere(ok: bool) -> bool:
+  """True when `ok` holds in every process; a collective all processes must reach together."""
+  if jax.process_count() == 1:
+    return ok
+  return bool(np.all(multihost_utils.process_allgather(np.array(ok))))
+
+
 def initialize_distributed() -> None:
   """Joins a multi-process job when `JAX_COORDINATOR_ADDRESS` is set.
 
@@ -178,7 +234,7 @@ def initialize_distributed() -> None:
   missing = [v for v in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID") if not os.environ.get(v)]
   if missing:
     raise ConfigError(f"JAX_COORDINATOR_ADDRESS is set without {' and '.join(missing)}")
-  # jaxtrain agrees on preemption itself (checkpoint.PreemptionWatch); JAX's service
+  # jaxtrain agrees on preemption itself (interrupt.StopSignals); JAX's service
   # would take SIGTERM, and Orbax reports its own steps to that service's counter.
   jax.config.update("jax_enable_preemption_service", False)
   jax.distributed.initialize(

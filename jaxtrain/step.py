@@ -71,7 +71,7 @@ def train_step(
   scaling = policy.loss_scaling
 
   def objective(params: Any) -> tuple[jax.Array, tuple[Any, ...]]:
-    model = _model(graphdef, params, state.model_state, policy)
+    model = compute_model(graphdef, params, state.model_state, policy)
     model.train()
     per_example = loss_fn(model, policy.cast_to_compute(batch), step_rngs(key))
     loss = per_example["loss"].astype(jnp.float32).mean()
@@ -90,7 +90,7 @@ def train_step(
   # A loss-scale overflow (finite loss, scale still above 1) is routine: the
   # step is skipped and the scale lowered, but it does not count as a failure.
   overflow = scaling & jnp.isfinite(loss) & (state.loss_scale.scale > 1.0)
-  new_state = _update_if_finite(finite, state, grads, model_state, tx)
+  new_state = _update_if_finite(finite, state, grads, model_state, tx, loss=loss)
   new_state = new_state.replace(skipped=jnp.where(finite | overflow, 0, state.skipped + 1))
   metrics = {k: v.mean() for k, v in policy.cast_to_output(per_example).items()}
   if scaling:
@@ -106,7 +106,9 @@ def train_step(
   return new_state, metrics
 
 
-def _model(graphdef: nnx.GraphDef, params: Any, model_state: Any, policy: precision.Policy) -> Any:
+def compute_model(
+  graphdef: nnx.GraphDef, params: Any, model_state: Any, policy: precision.Policy
+) -> nnx.Module:
   """The NNX model with the parameters cast for computing and its modules set to the policy."""
   model = nnx.merge(graphdef, policy.compute_params(params), model_state)
   policy.apply_to_model(model)
@@ -136,6 +138,10 @@ def _learning_rate(
       return None
     lr = values[0]
   multiplier = optax.tree_utils.tree_get(state.opt_state, "lr_multiplier", 1.0)
+  for _, plateau in optax.tree_utils.tree_get_all_with_path(
+    state.opt_state, "ReduceLROnPlateauState"
+  ):
+    multiplier = multiplier * plateau.scale
   return jnp.asarray(lr * multiplier, jnp.float32)
 
 
@@ -145,17 +151,22 @@ def _update_if_finite(
   grads: Any,
   model_state: Any,
   tx: optax.GradientTransformation,
+  *,
+  loss: jax.Array,
 ) -> TrainState:
   """Applies the update, or only counts a skip when the loss or a gradient is not finite.
 
   `finite` tests one sum over all gradients, which any inf or NaN makes
   non-finite; `cond` then runs one branch, so a finite step pays one reduction
   and no pass over the state (a `where` over every leaf cost 7-8% of the MLP step
-  on CPU; `benchmarks/nonfinite_guard.py`).
+  on CPU; `benchmarks/nonfinite_guard.py`). Transforms that take extra
+  arguments (`optax.contrib.reduce_on_plateau`) get the batch's mean loss as
+  `value`.
   """
+  extra = {"value": loss} if isinstance(tx, optax.GradientTransformationExtraArgs) else {}
 
   def apply(_: None) -> tuple[Any, Any, Any]:
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params, **extra)
     return optax.apply_updates(state.params, updates), opt_state, model_state
 
   params, opt_state, model_state = jax.lax.cond(
@@ -190,7 +201,7 @@ def eval_step(
   Returns:
     A dict of masked sums, plus `count`, the number of real examples.
   """
-  model = _model(graphdef, state.params, state.model_state, policy)
+  model = compute_model(graphdef, state.params, state.model_state, policy)
   model.eval()
   mask = batch["mask"].astype(jnp.float32)
   per_example = loss_fn(model, policy.cast_to_compute(batch), None)
@@ -292,7 +303,7 @@ def make_eval_accumulate(
   )
 
 
-def auto_unroll(step_fn: StepFn, state: TrainState, batch: Batch, steps_per_loop: int) -> int:
+def auto_unroll(jaxpr: jax.extend.core.ClosedJaxpr, steps_per_loop: int) -> int:
   """Chooses the chunk's unroll: all `steps_per_loop` steps, or 1.
 
   XLA:CPU runs convolutions inside a compiled loop on a slow path (about 12x
@@ -301,9 +312,7 @@ def auto_unroll(step_fn: StepFn, state: TrainState, batch: Batch, steps_per_loop
   a rolled loop runs as fast and compiles in a fraction of the time.
 
   Args:
-    step_fn: the train step.
-    state: the state, or its abstract shapes.
-    batch: one global batch, or its abstract shapes.
+    jaxpr: the train step's jaxpr (`jax.make_jaxpr(step_fn)(state, batch)`).
     steps_per_loop: `K`.
 
   Returns:
@@ -311,8 +320,7 @@ def auto_unroll(step_fn: StepFn, state: TrainState, batch: Batch, steps_per_loop
   """
   if jax.default_backend() != "cpu":
     return 1
-  jaxpr = jax.make_jaxpr(step_fn)(state, batch).jaxpr
-  return steps_per_loop if "conv_general_dilated" in _primitives(jaxpr) else 1
+  return steps_per_loop if "conv_general_dilated" in _primitives(jaxpr.jaxpr) else 1
 
 
 def _primitives(jaxpr: jax.extend.core.Jaxpr) -> set[str]:

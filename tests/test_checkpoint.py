@@ -128,14 +128,16 @@ def test_every_step_unreadable_raises_instead_of_starting_afresh(tmp_path):
   _save_steps(tmp_path, mesh, [10, 20])
   _delete(tmp_path / "10")
   _torn_meta(tmp_path / "20")
-  ckpt = checkpoint.Checkpointer(tmp_path, keep=5, async_save=True)
-  with pytest.raises(checkpoint.CheckpointError, match=r"no readable checkpoint .*\[20, 10\]"):
-    ckpt.restore(_abstract(mesh))
-  ckpt.close()
-  assert sorted(p.name for p in tmp_path.iterdir() if p.name[0].isdigit()) == [
-    "10.corrupt",
-    "20.corrupt",
-  ]
+  refusal = r"every step is set aside as unreadable \(10.corrupt, 20.corrupt\).*move those"
+  for _ in range(2):  # and a later attempt, which finds only set-aside steps, refuses too
+    ckpt = checkpoint.Checkpointer(tmp_path, keep=5, async_save=True)
+    with pytest.raises(checkpoint.CheckpointError, match=refusal):
+      ckpt.restore(_abstract(mesh))
+    ckpt.close()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name[0].isdigit()) == [
+      "10.corrupt",
+      "20.corrupt",
+    ]
 
 
 def test_another_model_is_refused_and_nothing_is_set_aside(tmp_path, digits):
@@ -217,14 +219,6 @@ def test_best_step_survives_a_restart(tmp_path):
   assert sorted(int(p.name) for p in tmp_path.iterdir() if p.name.isdigit()) == [10, 40, 50]
 
 
-def test_best_metric_must_be_an_eval_metric(tmp_path):
-  mesh = helpers.mesh((1, 1, 1), n=1)
-  ckpt = checkpoint.Checkpointer(tmp_path, keep=2, async_save=True, best_metric="eval/acc")
-  with pytest.raises(checkpoint.CheckpointError, match=r"ckpt.best_metric='eval/acc'"):
-    ckpt.save(checkpoint.bundle(10, _state(mesh), None, {}, {"eval/accuracy": 0.5}))
-  ckpt.close()
-
-
 def test_failed_save_raises_and_keeps_earlier_steps(tmp_path):
   mesh = helpers.mesh((1, 1, 1), n=1)
   directory = tmp_path / "ckpt"
@@ -248,7 +242,7 @@ def test_resume_refuses_a_changed_data_order(tmp_path, digits):
   config = helpers.tiny_config(**{"ckpt.every_steps": 20})
   jaxtrain.train(config, helpers.mlp(), digits, losses.classification, workdir=tmp_path)
   config.train.batch_size = 64
-  with pytest.raises(jaxtrain.ConfigError, match=r"train\.batch_size=64 differs from 32"):
+  with pytest.raises(jaxtrain.ConfigError, match=r"step 40: train\.batch_size 32 -> 64;"):
     jaxtrain.train(config, helpers.mlp(), digits, losses.classification, workdir=tmp_path)
 
 

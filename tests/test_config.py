@@ -3,12 +3,13 @@
 import pytest
 
 from jaxtrain import config as config_lib
+from jaxtrain import parts, sharding
 from tests import helpers
 
 
 def test_base_config_is_valid():
-  config_lib.validate(config_lib.get_config(), num_devices=8)
-  config_lib.validate(helpers.tiny_config(), num_devices=8)
+  parts.validate(config_lib.get_config(), 8)
+  parts.validate(helpers.tiny_config(), 8)
 
 
 @pytest.mark.parametrize(
@@ -65,7 +66,7 @@ def test_validate_names_the_key(key, value, message):
   with config.ignore_type():
     helpers.set_key(config, key, value)
   with pytest.raises(config_lib.ConfigError) as e:
-    config_lib.validate(config, num_devices=8)
+    parts.validate(config, 8)
   assert message in str(e.value)
   assert "\n" not in str(e.value)
 
@@ -79,10 +80,10 @@ def test_restore_best_keeps_the_best_checkpoint_by_the_monitored_metric():
       "early_stop.baseline": 0.5,
     }
   )
-  config_lib.validate(config, num_devices=8)
+  parts.validate(config, 8)
   config.ckpt.best_metric = "eval/loss"
   with pytest.raises(config_lib.ConfigError, match=r"ckpt\.best_metric='eval/loss' with early"):
-    config_lib.validate(config, num_devices=8)
+    parts.validate(config, 8)
 
 
 def test_schedule_phases_must_fit_the_run():
@@ -90,29 +91,29 @@ def test_schedule_phases_must_fit_the_run():
     **{"optim.schedule": "wsd", "optim.warmup_steps": 35, "optim.decay_fraction": 0.2}
   )
   with pytest.raises(config_lib.ConfigError, match=r"warm-up 35 \+ decay 8 exceed the 40"):
-    config_lib.validate(config, num_devices=8)
+    parts.validate(config, 8)
   config = helpers.tiny_config(
     **{"optim.schedule": "piecewise", "optim.warmup_steps": 10, "optim.boundaries": (5,)}
   )
   config.optim.scales = (0.1,)
   with pytest.raises(config_lib.ConfigError, match=r"must start at or after optim.warmup_steps"):
-    config_lib.validate(config, num_devices=8)
+    parts.validate(config, 8)
 
 
 def test_unknown_key_is_named():
   config = helpers.tiny_config()
   config.train.stepz = 3
   with pytest.raises(config_lib.ConfigError, match=r"unknown config key train\.stepz"):
-    config_lib.validate(config, num_devices=8)
+    parts.validate(config, 8)
 
 
 def test_mesh_shape_resolves_minus_one():
   config = config_lib.get_config()
-  assert config_lib.mesh_shape(config.mesh, 8) == (8, 1, 1)
+  assert sharding.mesh_shape(config.mesh, 8) == (8, 1, 1)
   config.mesh.data, config.mesh.fsdp = 2, -1
-  assert config_lib.mesh_shape(config.mesh, 8) == (2, 4, 1)
+  assert sharding.mesh_shape(config.mesh, 8) == (2, 4, 1)
   config.mesh.fsdp, config.mesh.tensor = 2, 2
-  assert config_lib.mesh_shape(config.mesh, 8) == (2, 2, 2)
+  assert sharding.mesh_shape(config.mesh, 8) == (2, 2, 2)
 
 
 @pytest.mark.parametrize(

@@ -204,14 +204,14 @@ def test_prefetcher_passes_on_errors_and_stops():
     yield 2
     raise ValueError("record 7 is broken")
 
-  prefetch = pipeline.Prefetcher(chunks(), lambda c: c * 10)
-  assert prefetch.next()[0] == 10
-  assert prefetch.next()[0] == 20
-  with pytest.raises(ValueError, match="record 7"):
-    prefetch.next()
-  prefetch.close()
+  with pipeline.Prefetcher(chunks(), lambda c: c * 10) as prefetch:
+    assert next(prefetch) == 10
+    assert next(prefetch) == 20
+    assert prefetch.waited >= 0
+    with pytest.raises(ValueError, match="record 7"):
+      next(prefetch)
 
   endless = pipeline.Prefetcher(iter(range(10**9)), lambda c: c, size=1)
-  assert endless.next()[0] == 0
+  assert next(endless) == 0
   endless.close()  # the thread is blocked on the full queue and must still stop
   assert not endless._thread.is_alive()

@@ -13,7 +13,7 @@ from jaxtrain.evaluate import Evaluator
 from tests import helpers
 
 # Digits with Adam 1e-2, evaluated every 10 steps of a 400-step schedule: the
-# accuracy peaks at step 100 (0.958), ties it at 130, and the run stops there.
+# accuracy stops improving by 0.005 well before step 400, and the monitor stops the run.
 EARLY = {
   "train.steps": 400,
   "optim.lr": 1e-2,
@@ -26,9 +26,11 @@ EARLY = {
 }
 
 
-def _run(digits, workdir, **overrides):
+def _run(digits, workdir, resume="auto", **overrides):
   config = helpers.tiny_config(**{**EARLY, **overrides})
-  return jaxtrain.train(config, helpers.mlp(), digits, losses.classification, workdir=workdir)
+  return jaxtrain.train(
+    config, helpers.mlp(), digits, losses.classification, workdir=workdir, resume=resume
+  )
 
 
 def _json(path):
@@ -57,12 +59,12 @@ def test_stops_when_patience_runs_out(reference):
   assert run["best_step"] == evals[best]["step"]
   assert run["stopped_early"] is True
   assert run["reason"] == (
-    "eval/accuracy: no improvement for more than early_stop.patience evaluations "
+    "eval/accuracy: early_stop.patience evaluations in a row without improvement "
     f"(best {accuracy[best]:.6g} at step {run['best_step']})"
   )
   assert run["best_value"] == pytest.approx(accuracy[best])
-  # Three evaluations without an improvement of 0.005 after the best: the third stops.
-  assert run["final_step"] == int(result.state.step) == evals[best]["step"] + 30 < 400
+  # Two evaluations (patience 2) without an improvement of 0.005 after the best: the 2nd stops.
+  assert run["final_step"] == int(result.state.step) == evals[best]["step"] + 20 < 400
   assert all(x < accuracy[best] + 0.005 for x in accuracy[best + 1 :])
   assert run["train_chunk_compilations"] == 1
 
@@ -113,6 +115,7 @@ def test_restore_best_returns_the_best_checkpoint(reference, tmp_path, digits):
     **{
       "early_stop.restore_best": True,
       "early_stop.min_delta": 0.02,
+      "early_stop.patience": 3,
       "ckpt.keep": 1,
       "ckpt.every_steps": 5,
     },
@@ -183,11 +186,12 @@ def test_max_skipped_fails_the_run_and_keeps_the_good_checkpoint(tmp_path, digit
   }
   good = _run(digits, tmp_path, **{**sgd, "train.steps": 10})
   with pytest.raises(
-    jaxtrain.NonFiniteError, match=r"9 updates in a row .*max_skipped=7.*step 10 is the newest"
+    jaxtrain.NonFiniteError, match=r"9 updates in a row .*max_skipped=7.*checkpoint is step 10"
   ):
-    _run(digits, tmp_path, **{**sgd, "optim.lr": 1e30})
+    _run(digits, tmp_path, resume="force", **{**sgd, "optim.lr": 1e30})
   run = _json(tmp_path / "run.json")
   assert run["status"] == "failed" and "NonFiniteError" in run["reason"]
+  assert run["forced_changes"] == {"optim.lr": [1e-2, 1e30]}
   assert run["skipped_steps"] == 9
   assert [int(p.name) for p in (tmp_path / "checkpoints").iterdir()] == [10]
   skips = {x["step"]: x["skipped"] for x in _lines(tmp_path, "train")}
@@ -221,10 +225,11 @@ def test_cli_exit_statuses(tmp_path):
 
 
 def test_monitor_starts_afresh_when_what_it_watches_changes(tmp_path, digits):
-  _run(digits, tmp_path, **{"train.steps": 20, "early_stop.metric": ""})  # min mode, unused
-  _run(digits, tmp_path, **{"train.steps": 40})  # resumed, watching eval/accuracy in max mode
+  _run(digits, tmp_path, **{"train.steps": 20, "early_stop.metric": ""})  # no monitor
+  _run(digits, tmp_path, resume="force", **{"train.steps": 40})  # now watching eval/accuracy
   run = _json(tmp_path / "run.json")
   assert run["resumed_from"] == 20
+  assert run["forced_changes"] == {"early_stop.metric": ["", "eval/accuracy"]}
   assert run["best_step"] in (30, 40)  # the first evaluation after the resume improves
 
 
@@ -234,7 +239,7 @@ def test_a_restarted_monitor_keeps_the_plateau_lr(tmp_path, digits):
   loss = {"early_stop.metric": "eval/loss", "early_stop.mode": "min"}
   _run(digits, tmp_path, **{**plateau, **only_first, **loss, "train.steps": 20})
   assert _json(tmp_path / "run.json")["lr_scale"] == 0.5  # halved at the evaluation at 20
-  _run(digits, tmp_path, **{**plateau, **only_first, "train.steps": 30})  # now eval/accuracy
+  _run(digits, tmp_path, "force", **{**plateau, **only_first, "train.steps": 30})  # eval/accuracy
   run = _json(tmp_path / "run.json")
   assert run["best_step"] == 30 and run["lr_scale"] == 0.5  # a first evaluation: no cut
   lr = {x["step"]: x["lr"] for x in _lines(tmp_path, "train")}

@@ -81,21 +81,40 @@ def test_bad_config_raises_before_writing(tmp_path, digits):
   assert not (tmp_path / "w").exists()
 
 
-def test_failure_is_recorded_in_run_json(tmp_path, digits):
-  def bad_loss(model, batch, rngs):
-    return {"loss": model(batch["pixels"], rngs=rngs).sum(-1)}
+class _DiskGoesAway:
+  """The digits, until the third batch read: then the disk fails."""
 
-  with pytest.raises(KeyError, match="pixels"):
-    jaxtrain.train(helpers.tiny_config(), helpers.mlp(), digits, bad_loss, workdir=tmp_path)
+  def __init__(self, source):
+    self.arrays, self.name, self.reads = source.arrays, "flaky", 0
+
+  def __len__(self):
+    return len(self.arrays["label"])
+
+  def __getitem__(self, i):
+    return {k: v[i] for k, v in self.arrays.items()}
+
+  def read(self, indices):
+    self.reads += 1
+    if self.reads == 3:
+      raise OSError("the disk went away")
+    return {k: v[indices] for k, v in self.arrays.items()}
+
+
+def test_failure_is_recorded_in_run_json(tmp_path, digits):
+  flaky = jaxtrain.data.Dataset("flaky", _DiskGoesAway(digits.train), digits.eval)
+  with pytest.raises(OSError, match="disk went away"):
+    jaxtrain.train(
+      helpers.tiny_config(), helpers.mlp(), flaky, losses.classification, workdir=tmp_path
+    )
   run = json.loads((tmp_path / "run.json").read_text())
   assert run["status"] == "failed"
-  assert run["reason"].startswith("KeyError") and "pixels" in run["reason"]
-  assert run["final_step"] == 0
+  assert run["reason"] == "OSError: the disk went away"
+  assert run["final_step"] == 10  # two chunks of 5 trained
 
 
 def test_recompilation_is_reported_and_recorded(tmp_path, caplog, digits):
   """A chunk of another shape compiles a second executable: warned and in run.json."""
-  from jaxtrain import loop, record, sharding, step  # noqa: PLC0415
+  from jaxtrain import record, sharding, step  # noqa: PLC0415
 
   mesh = helpers.mesh((8, 1, 1))
   state, step_fn, shardings = helpers.setup(mesh)
@@ -106,7 +125,7 @@ def test_recompilation_is_reported_and_recorded(tmp_path, caplog, digits):
   for k in (5, 5, 2):
     chunk = sharding.put_batch(helpers.take(batches, slice(0, k)), mesh, 32, 1)
     state, _ = chunk_fn(state, chunk, helpers.no_votes(mesh))
-    compiled.append(loop._compiled(chunk_fn, 10, run))
+    compiled.append(run.count_compilations(step.compilations(chunk_fn), 10))
   assert compiled == [True, False, True]
   assert json.loads((tmp_path / "run.json").read_text())["train_chunk_compilations"] == 2
   assert "train_chunk compiled again at step 10 (2 executables)" in caplog.text

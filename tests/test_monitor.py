@@ -28,17 +28,24 @@ TABLE = {
     [1.00, 0.95, 0.85, 0.85, 0.90, 0.80],
     [1.00, 1.00, 0.85, 0.85, 0.85, 0.85],
     [0, 1, 0, 1, 2, 3],
-    [0, 0, 0, 0, 0, NO_IMPROVEMENT],
+    [0, 0, 0, 0, NO_IMPROVEMENT, NO_IMPROVEMENT],
   ),
   "the same in max mode": (
     dict(mode="max", patience=2, min_delta=0.1),
     [-1.00, -0.95, -0.85, -0.85, -0.90, -0.80],
     [-1.00, -1.00, -0.85, -0.85, -0.85, -0.85],
     [0, 1, 0, 1, 2, 3],
-    [0, 0, 0, 0, 0, NO_IMPROVEMENT],
+    [0, 0, 0, 0, NO_IMPROVEMENT, NO_IMPROVEMENT],
   ),
   "patience 0 stops at the first tie": (
     dict(mode="max", patience=0),
+    [0.5, 0.6, 0.6],
+    [0.5, 0.6, 0.6],
+    [0, 0, 1],
+    [0, 0, NO_IMPROVEMENT],
+  ),
+  "patience 1 stops there too": (
+    dict(mode="max", patience=1),
     [0.5, 0.6, 0.6],
     [0.5, 0.6, 0.6],
     [0, 0, 1],
@@ -52,35 +59,35 @@ TABLE = {
     [0, 0, NO_IMPROVEMENT],
   ),
   "ties never improve": (
-    dict(mode="min", patience=2),
+    dict(mode="min", patience=3),
     [0.3, 0.3, 0.3, 0.3],
     [0.3, 0.3, 0.3, 0.3],
     [0, 1, 2, 3],
     [0, 0, 0, NO_IMPROVEMENT],
   ),
   "min_delta is absolute": (
-    dict(mode="max", patience=1, min_delta=0.05),
+    dict(mode="max", patience=2, min_delta=0.05),
     [0.80, 0.84, 0.86, 0.90],
     [0.80, 0.80, 0.86, 0.86],
     [0, 1, 0, 1],
     [0, 0, 0, 0],
   ),
   "relative min_delta scales with the best": (
-    dict(mode="min", patience=1, min_delta=0.1, relative=True),
+    dict(mode="min", patience=2, min_delta=0.1, relative=True),
     [2.0, 1.85, 1.79, 1.65, 1.62],
     [2.0, 2.0, 1.79, 1.79, 1.79],
     [0, 1, 0, 1, 2],
     [0, 0, 0, 0, NO_IMPROVEMENT],
   ),
   "a baseline must be beaten first": (
-    dict(mode="max", patience=2, baseline=0.9),
+    dict(mode="max", patience=3, baseline=0.9),
     [0.85, 0.88, 0.91, 0.90],
     [0.9, 0.9, 0.91, 0.91],
     [1, 2, 0, 1],
     [0, 0, 0, 0],
   ),
   "a baseline never beaten stops": (
-    dict(mode="min", patience=1, baseline=0.2),
+    dict(mode="min", patience=2, baseline=0.2),
     [0.5, 0.4],
     [0.2, 0.2],
     [1, 2],
@@ -103,6 +110,56 @@ TABLE = {
 }
 
 
+def _keras_early_stopping(values, patience, min_delta, mode):
+  """The evaluation (0-based) where Keras' `EarlyStopping` stops, or None (its rule, written out).
+
+  `wait` grows by one each epoch and restarts at an improvement; training stops
+  once `wait >= patience` (Lightning's `EarlyStopping` counts the same way).
+  """
+  sign = 1.0 if mode == "min" else -1.0
+  best, wait = float("inf"), 0
+  for epoch, value in enumerate(values):
+    wait += 1
+    if sign * value < best - min_delta:
+      best, wait = sign * value, 0
+      continue
+    if wait >= patience and epoch > 0:
+      return epoch
+  return None
+
+
+def _keras_reduce_on_plateau(values, patience, factor, min_delta, mode):
+  """The learning-rate scale after each evaluation under Keras' `ReduceLROnPlateau` (cooldown 0)."""
+  sign = 1.0 if mode == "min" else -1.0
+  best, wait, scale, scales = float("inf"), 0, 1.0, []
+  for value in values:
+    if sign * value < best - min_delta:
+      best, wait = sign * value, 0
+    else:
+      wait += 1
+      if wait >= patience:
+        scale, wait = scale * factor, 0
+    scales.append(scale)
+  return scales
+
+
+@pytest.mark.parametrize("patience", [0, 1, 2, 5])
+@pytest.mark.parametrize("mode", ["min", "max"])
+def test_patience_counts_as_keras_and_lightning_do(patience, mode):
+  """On random walks, the monitor stops and reduces at the evaluations Keras' callbacks do."""
+  rng = np.random.default_rng(patience + (mode == "max"))
+  for _ in range(5):
+    values = np.round(np.cumsum(rng.normal(0, 1, 30)) * 0.1, 2).tolist()  # on a 0.01 grid: ties
+    config = MonitorConfig(
+      mode=mode, patience=patience, min_delta=0.005, plateau_factor=0.5, plateau_patience=patience
+    )
+    states = _run(config, values)
+    stops = [i for i, s in enumerate(states) if int(s.stop) == NO_IMPROVEMENT]
+    assert (stops[0] if stops else None) == _keras_early_stopping(values, patience, 0.005, mode)
+    expected = _keras_reduce_on_plateau(values, patience, 0.5, 0.005, mode)
+    assert [float(s.lr_scale) for s in states] == pytest.approx(expected)
+
+
 @pytest.mark.parametrize("name", list(TABLE))
 def test_semantics_table(name):
   settings, values, best, wait, stop = TABLE[name]
@@ -119,7 +176,7 @@ def test_best_step_is_the_step_of_the_last_improvement():
   assert summary == {
     "best_value": pytest.approx(0.8),
     "best_step": 20,
-    "patience_left": 1,  # wait 2 of 3: one more evaluation may fail to improve
+    "patience_left": 1,  # wait 2 of 3: the next evaluation without improvement stops
     "lr_scale": 1.0,
     "reason": None,
   }
@@ -146,7 +203,7 @@ def test_plateau_lowers_the_scale_after_patience_with_cooldown_and_floor():
     mode="min",
     patience=100,
     plateau_factor=0.5,
-    plateau_patience=1,
+    plateau_patience=2,
     plateau_cooldown=1,
     plateau_min_scale=0.2,
   )
@@ -160,7 +217,7 @@ def test_plateau_lowers_the_scale_after_patience_with_cooldown_and_floor():
 
 
 def test_plateau_counter_restarts_on_improvement():
-  config = MonitorConfig(mode="max", patience=100, plateau_factor=0.1, plateau_patience=1)
+  config = MonitorConfig(mode="max", patience=100, plateau_factor=0.1, plateau_patience=2)
   states = _run(config, [0.5, 0.5, 0.6, 0.6, 0.6])
   assert [float(s.lr_scale) for s in states] == pytest.approx([1, 1, 1, 1, 0.1])
 

@@ -78,7 +78,7 @@ def test_two_processes_match_one(tmp_path, digits):
     "eval.every_steps": 10,
     "early_stop.metric": "eval/loss",
     "early_stop.min_delta": 100.0,  # only the first evaluation improves
-    "early_stop.patience": 1,
+    "early_stop.patience": 2,  # stops at step 30, the second evaluation without improvement
     "early_stop.restore_best": True,
   }
   codes, outputs = _launch(tmp_path / "multi", overrides)

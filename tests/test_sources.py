@@ -101,7 +101,10 @@ def test_record_decode_errors(tmp_path):
 def test_record_source_errors(tmp_path):
   with pytest.raises(data.DataError, match=r"missing ArrayRecord file\(s\) \['.*absent"):
     records.RecordSource(tmp_path / "absent.array_record")
-  records.write_records(tmp_path / "empty.array_record", [])
+  with pytest.raises(data.DataError, match="no records to write"):
+    records.write_records(tmp_path / "none.array_record", [])
+  assert not list(tmp_path.iterdir())  # no file, no temporary file
+  records.array_record_module.ArrayRecordWriter(str(tmp_path / "empty.array_record")).close()
   with pytest.raises(data.DataError, match="is empty"):
     records.RecordSource(tmp_path / "empty.array_record")
 

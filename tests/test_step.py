@@ -137,7 +137,7 @@ def test_auto_unroll_unrolls_convolutions_on_cpu():
     (functools.partial(models.CNN, 8, 10, channels=(4,), dense=8), K),
   ]:
     state, step_fn, _ = helpers.setup(mesh, model_fn=model_fn)
-    assert step_lib.auto_unroll(step_fn, state, batch, K) == expected
+    assert step_lib.auto_unroll(jax.make_jaxpr(step_fn)(state, batch), K) == expected
 
 
 def test_one_vote_stops_every_process(digits):

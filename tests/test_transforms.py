@@ -88,7 +88,7 @@ def test_config_augmentation_trains_and_normalizes_eval_too(tmp_path, digits):
 def test_negative_padding_is_refused(value):
   config = helpers.tiny_config(**{"data.crop_padding": value})
   with pytest.raises(jaxtrain.ConfigError, match=r"data\.crop_padding=-1 must not be negative"):
-    jaxtrain.config.validate(config, num_devices=8)
+    jaxtrain.parts.validate(config, 8)
 
 
 def test_resume_mid_epoch_with_workers_sees_the_same_batches(tmp_path, digits):

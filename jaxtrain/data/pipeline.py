@@ -208,13 +208,15 @@ def eval_batches(
 class Prefetcher:
   """Puts chunks on the devices from a background thread, ahead of the loop.
 
-  `next()` returns the next device chunk and the seconds the caller waited for
-  it (the loop reports them as `data_wait_frac`). The thread times, for each
-  chunk, drawing it from the iterator and putting it on the devices
-  (`timings()`), which is what `AutoWorkers` compares with training.
+  An iterator of device chunks; `waited` holds the seconds the caller waited
+  for the last one (the loop reports them as `data_wait_frac`). The thread
+  times, for each chunk, drawing it from the iterator and putting it on the
+  devices (`timings()`), which is what `AutoWorkers` compares with training.
+  Close it, or use it in a `with` block, to stop the thread.
   """
 
   def __init__(self, chunks: Iterator[Any], put: Callable[[Any], Any], size: int = 2):
+    self.waited = 0.0
     self._queue: queue.Queue = queue.Queue(maxsize=size)
     self._stop = threading.Event()
     self._timings: collections.deque = collections.deque(maxlen=64)
@@ -249,13 +251,23 @@ class Prefetcher:
         continue
     return False
 
-  def next(self) -> tuple[Any, float]:
-    """Returns the next device chunk and the seconds waited for it."""
+  def __iter__(self) -> "Prefetcher":
+    return self
+
+  def __next__(self) -> Any:
+    """Returns the next device chunk; `waited` says how long it took to come."""
     start = time.perf_counter()
     chunk, error = self._queue.get()
+    self.waited = time.perf_counter() - start
     if error is not None:
       raise error
-    return chunk, time.perf_counter() - start
+    return chunk
+
+  def __enter__(self) -> "Prefetcher":
+    return self
+
+  def __exit__(self, *exc: object) -> None:
+    self.close()
 
   def timings(self) -> list[tuple[float, float]]:
     """The `(read, put)` seconds of the last 64 chunks prepared, in order."""

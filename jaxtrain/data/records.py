@@ -77,18 +77,31 @@ def decode(raw: bytes, copy: bool = True) -> dict[str, np.ndarray]:
 
 
 def write_records(path: str | pathlib.Path, records: Iterable[dict[str, Any]]) -> int:
-  """Writes `records` to an ArrayRecord file (through a temporary name); returns the count."""
+  """Writes `records` to an ArrayRecord file; returns the count.
+
+  The file is written under a temporary name and renamed into place only when
+  every record is written, so a failure (or no record at all) leaves `path` as
+  it was and no temporary file behind.
+
+  Raises:
+    DataError: a record cannot be stored, or there is none.
+  """
   path = pathlib.Path(path)
   tmp = path.with_name(path.name + ".tmp")
-  writer = array_record_module.ArrayRecordWriter(str(tmp), "group_size:1")
   count = 0
   try:
-    for record in records:
-      writer.write(encode(record))
-      count += 1
+    writer = array_record_module.ArrayRecordWriter(str(tmp), "group_size:1")
+    try:
+      for record in records:
+        writer.write(encode(record))
+        count += 1
+    finally:
+      writer.close()
+    if not count:
+      raise DataError(f"{path}: no records to write")
+    tmp.replace(path)
   finally:
-    writer.close()
-  tmp.replace(path)
+    tmp.unlink(missing_ok=True)
   return count
 
 

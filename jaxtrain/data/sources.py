@@ -87,19 +87,29 @@ class ArraySource:
 
 
 class Dataset(NamedTuple):
-  """A train and an eval source of one dataset."""
+  """A train and an eval source of one dataset, and the folder it was read from, if any."""
 
   name: str
   train: Source
   eval: Source
+  folder: str = ""
 
 
-def check_labels(source: Source, num_classes: int, field: str = "label") -> None:
-  """Raises `DataError` naming the first record with a label outside `[0, num_classes)`.
+def check_labels(
+  source: Source, num_classes: int, field: str = "label", *, low: int = 0, why: str = ""
+) -> None:
+  """Raises `DataError` naming the first record with a `field` value outside `[low, num_classes)`.
 
   Labels may be scalars or arrays (one per position); array-backed sources are
   checked with whole-array operations, sources with a batch `read` a batch at
   a time, others record by record.
+
+  Args:
+    source: the source to check.
+    num_classes: the end of the range, exclusive.
+    field: the integer field.
+    low: the start of the range.
+    why: what the range is, for the message (such as "the model's 10 logits").
   """
   name = getattr(source, "name", type(source).__name__)
   arrays = getattr(source, "arrays", None)
@@ -109,13 +119,14 @@ def check_labels(source: Source, num_classes: int, field: str = "label") -> None
     values = np.concatenate([source.read(i)[field] for i in index_batches(len(source))])
   else:
     values = np.array([np.asarray(source[i][field]) for i in range(len(source))])
-  outside = ((values < 0) | (values >= num_classes)).reshape(len(values), -1).any(axis=1)
+  outside = ((values < low) | (values >= num_classes)).reshape(len(values), -1).any(axis=1)
   bad = np.flatnonzero(outside)
   if bad.size:
     i = int(bad[0])
     shown = values[i] if values.ndim == 1 else f"{values[i].min()}..{values[i].max()}"
+    because = f" ({why})" if why else ""
     raise DataError(
-      f"source {name}: record {i} field {field}={shown} is outside [0, {num_classes})"
+      f"source {name}: record {i} field {field}={shown} is outside [{low}, {num_classes}){because}"
     )
 
 
@@ -129,6 +140,7 @@ def digits(eval_fraction: float = 0.2, seed: int = 0) -> Dataset:
   Returns:
     Images as float32 `[8, 8]` in [0, 1] and int32 labels.
   """
+  import sklearn.datasets  # noqa: PLC0415
   from sklearn.datasets import load_digits  # noqa: PLC0415 (slow import, only here)
 
   raw = load_digits()
@@ -138,7 +150,8 @@ def digits(eval_fraction: float = 0.2, seed: int = 0) -> Dataset:
   cut = len(labels) - round(len(labels) * eval_fraction)
   train = ArraySource("digits/train", image=images[order[:cut]], label=labels[order[:cut]])
   test = ArraySource("digits/test", image=images[order[cut:]], label=labels[order[cut:]])
-  return Dataset("digits", train, test)
+  folder = pathlib.Path(sklearn.datasets.__file__).parent / "data"
+  return Dataset("digits", train, test, str(folder))
 
 
 FASHION_MNIST_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
@@ -192,7 +205,8 @@ def fashion_mnist(
   checked against its sha256.
 
   Args:
-    data_dir: a folder to look in first (`data.dir`); empty to skip.
+    data_dir: a folder to read them from (`data.dir`); when given, it must
+      hold them. Empty to look in the other places.
     cache_dir: the download cache; `$JAXTRAIN_CACHE/fashion-mnist` or
       `~/.cache/jaxtrain/fashion-mnist` by default.
     url: the base address of the files.
@@ -201,7 +215,17 @@ def fashion_mnist(
     Images as float32 `[28, 28]` in [0, 1] and int32 labels.
   """
   cache = pathlib.Path(cache_dir or _default_cache() / "fashion-mnist")
-  folder = _find_fashion_mnist([data_dir, DEBIAN_DIR, cache]) or _download(url, cache)
+  if data_dir:
+    folder = pathlib.Path(data_dir).expanduser()
+    if not folder.is_dir():
+      raise DataError(f"data.dir={data_dir!r} is not a folder")
+    if not _find_fashion_mnist([folder]):
+      raise DataError(
+        f"data.dir={data_dir!r} holds no Fashion-MNIST: it needs the four IDX files "
+        f"{', '.join(FASHION_MNIST_SHA256)} (each may end in .gz)"
+      )
+  else:
+    folder = _find_fashion_mnist([DEBIAN_DIR, cache]) or _download(url, cache)
   arrays = {name: _checked_idx(folder, name) for name in FASHION_MNIST_SHA256}
 
   def split(prefix: str, name: str) -> ArraySource:
@@ -211,7 +235,9 @@ def fashion_mnist(
     check_labels(source, 10)
     return source
 
-  return Dataset("fashion_mnist", split("train", "train"), split("t10k", "test"))
+  return Dataset(
+    "fashion_mnist", split("train", "train"), split("t10k", "test"), str(folder.resolve())
+  )
 
 
 def _read_bytes(path: str | os.PathLike) -> bytes:
@@ -261,7 +287,7 @@ def _download(url: str, cache: pathlib.Path) -> pathlib.Path:
         _fetch(f"{url.rstrip('/')}/{name}.gz", cache / f"{name}.gz", sha256)
   except OSError as e:
     raise DataError(
-      f"Fashion-MNIST not found (looked in data.dir, {DEBIAN_DIR}, {cache}) and the download "
+      f"Fashion-MNIST not found (looked in {DEBIAN_DIR} and {cache}) and the download "
       f"from {url} failed ({e}); run `apt-get install dataset-fashion-mnist` or put the four "
       "IDX files in a folder and pass --config.data.dir=FOLDER"
     ) from e

@@ -11,6 +11,7 @@ Example:
   (257,)
 """
 
+import os
 import pathlib
 import sysconfig
 from collections.abc import Iterable, Sequence
@@ -84,6 +85,7 @@ def byte_text(
     name,
     ByteTextSource(f"{name}/train", data[:cut], length),
     ByteTextSource(f"{name}/eval", data[cut:], length),
+    os.path.commonpath([os.path.abspath(p) for p in paths]),
   )
 
 

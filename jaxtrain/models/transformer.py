@@ -15,6 +15,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxtrain.config import ConfigError
+from jaxtrain.models import args
+
 
 @jax.checkpoint
 def _causal_softmax(logits_BxHxTxT: jax.Array) -> jax.Array:
@@ -69,6 +72,11 @@ class Transformer(nnx.Module):
     dropout: float = 0.0,
     rngs: nnx.Rngs,
   ):
+    args.positive("Transformer", vocab=vocab, length=length, width=width, depth=depth, heads=heads)
+    args.dropout_rate("Transformer", dropout)
+    if width % heads:
+      raise ConfigError(f"Transformer: width={width} is not divisible by heads={heads}")
+    self.length = length
     self.embed = nnx.Embed(vocab, width, rngs=rngs)
     self.position = nnx.Embed(length, width, rngs=rngs)
     self.blocks = nnx.List([Block(width, heads, dropout=dropout, rngs=rngs) for _ in range(depth)])
@@ -77,6 +85,11 @@ class Transformer(nnx.Module):
 
   def __call__(self, tokens_BxT: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
     """Returns the logits `[B, T, vocab]` of the next token at each position."""
+    if tokens_BxT.shape[1] > self.length:
+      raise ConfigError(
+        f"Transformer: sequences of {tokens_BxT.shape[1]} tokens are longer than its "
+        f"{self.length} positions (length={self.length}); shorten the windows or raise length"
+      )
     x_BxTxD = self.embed(tokens_BxT) + self.position(jnp.arange(tokens_BxT.shape[1]))
     for block in self.blocks:
       x_BxTxD = block(x_BxTxD, rngs=rngs)

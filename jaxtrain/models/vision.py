@@ -17,6 +17,9 @@ from collections.abc import Sequence
 import jax
 from flax import nnx
 
+from jaxtrain.config import ConfigError
+from jaxtrain.models import args
+
 
 class MLP(nnx.Module):
   """Flatten, then `Linear -> ReLU` per hidden width, then a linear head."""
@@ -30,6 +33,10 @@ class MLP(nnx.Module):
     dropout: float = 0.0,
     rngs: nnx.Rngs,
   ):
+    args.positive("MLP", in_features=in_features, num_classes=num_classes)
+    if hidden:
+      args.positive("MLP", hidden=hidden)
+    args.dropout_rate("MLP", dropout)
     widths = [in_features, *hidden]
     self.hidden = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in itertools.pairwise(widths)])
     self.head = nnx.Linear(widths[-1], num_classes, rngs=rngs)
@@ -57,6 +64,16 @@ class CNN(nnx.Module):
     dropout: float = 0.0,
     rngs: nnx.Rngs,
   ):
+    args.positive(
+      "CNN", image_size=image_size, num_classes=num_classes, in_channels=in_channels, dense=dense
+    )
+    args.positive("CNN", channels=channels)
+    args.dropout_rate("CNN", dropout)
+    if image_size < 2 ** len(channels):
+      raise ConfigError(
+        f"CNN: image_size={image_size} is too small for {len(channels)} pooling blocks "
+        f"(at least {2 ** len(channels)})"
+      )
     widths = [in_channels, *channels]
     self.convs = nnx.List(
       [nnx.Conv(a, b, kernel_size=(3, 3), rngs=rngs) for a, b in itertools.pairwise(widths)]

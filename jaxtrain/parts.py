@@ -1,0 +1,396 @@
+"""`build`: the parts that `train` runs, for a notebook or a debugger to drive one by one.
+
+`prepare` resolves a config into explicit pieces (mesh, abstract state,
+optimizer, policy, step) and checks the user's model, loss and data with
+abstract shapes (`jaxtrain.preflight`); nothing is allocated, compiled or
+written. `assemble` then makes the state and compiles the chunk; `build` does
+both. Single-host defaults fill in what a multi-process run adds: the mesh
+comes from the config, the preemption votes default to "keep going", and the
+evaluator masks the padding of the last eval batch itself.
+
+Example:
+  >>> parts = jaxtrain.build(config, model, data.digits(), losses.classification)
+  >>> state = parts.state
+  >>> with parts.batches() as batches:       # device chunks [K, B, ...], read ahead
+  ...   for _ in range(3):
+  ...     state, metrics = parts.chunk(state, next(batches))   # K steps, compiled once
+  >>> parts.evaluate(state)
+  {'accuracy': 0.83..., 'loss': 0.61...}
+"""
+
+import functools
+import logging
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from jaxtrain import config as config_lib
+from jaxtrain import logs, optim, precision, preflight, sharding
+from jaxtrain import monitor as monitor_lib
+from jaxtrain import state as state_lib
+from jaxtrain import step as step_lib
+from jaxtrain.data import checks, pipeline, transforms
+from jaxtrain.data.sources import DataError, Dataset
+from jaxtrain.evaluate import Evaluator
+
+
+class Spec(NamedTuple):
+  """What `prepare` resolves a config into; nothing in it is allocated.
+
+  Attributes:
+    mesh: the device mesh.
+    graphdef: the model's graph definition.
+    abstract: the `TrainState`'s shapes, dtypes and shardings.
+    tx: the optimizer.
+    schedule: its learning rate as a function of the step, if known.
+    policy: the precision policy.
+    watch: the early-stopping and plateau settings.
+    step_fn: the pure train step `(state, batch) -> (state, metrics)`.
+    unroll: the chunk's `lax.scan` unroll.
+    eval_names: the metrics an evaluation reports.
+    data: the dataset.
+    loss_fn: the loss.
+    model_fn: builds the model from `rngs=`.
+    seed: the run's seed.
+    batch_size: the global train batch.
+    eval_batch_size: the global eval batch.
+    steps_per_loop: steps per compiled chunk.
+    augment: the train and the eval image transform (or None).
+  """
+
+  mesh: Mesh
+  graphdef: nnx.GraphDef
+  abstract: state_lib.TrainState
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule | None
+  policy: precision.Policy
+  watch: monitor_lib.MonitorConfig
+  step_fn: step_lib.StepFn
+  unroll: int
+  eval_names: tuple[str, ...]
+  data: Dataset
+  loss_fn: step_lib.LossFn
+  model_fn: state_lib.ModelFn
+  seed: int
+  batch_size: int
+  eval_batch_size: int
+  steps_per_loop: int
+  augment: tuple[Any, Any]
+
+
+class Chunk:
+  """The compiled chunk: `chunk(state, batches) -> (state, metrics)`, `K` steps per call.
+
+  `batches` is a `[K, B, ...]` device chunk; the state is donated. `votes` (one
+  int32 per device, `jaxtrain.interrupt`) defaults to nobody voting to stop.
+  """
+
+  def __init__(self, jitted: Callable[..., Any], mesh: Mesh):
+    self.jitted = jitted
+    self._no_votes = sharding.votes(mesh, 0)
+
+  def __call__(
+    self, state: state_lib.TrainState, batches: Any, votes: jax.Array | None = None
+  ) -> tuple[state_lib.TrainState, dict[str, jax.Array]]:
+    """Runs `K` steps; each metric comes back as a `[K]` array, `stop` as the top vote."""
+    return self.jitted(state, batches, self._no_votes if votes is None else votes)
+
+  def compilations(self) -> int:
+    """How many executables the chunk holds: 1 after the first call, unless shapes changed."""
+    return step_lib.compilations(self.jitted)
+
+
+class Parts(NamedTuple):
+  """The pieces of a run, as `build` makes them and `train` runs them.
+
+  Attributes:
+    spec: what the config resolved to (mesh, abstract state, optimizer, ...).
+    state: the initial `TrainState` (or the one given), sharded on the mesh.
+    chunk: `chunk(state, batches) -> (state, metrics)`, a `Chunk`.
+    evaluate: `evaluate(state) -> {metric: mean}` over the whole eval source.
+    batches: `batches(start=0, workers=0)`: a `Prefetcher`, iterating device
+      chunks from global batch `start`; close it (or use `with`) when done.
+    observe: `observe(state, value) -> state` feeds the monitor one evaluation
+      of `early_stop.metric`.
+  """
+
+  spec: Spec
+  state: state_lib.TrainState
+  chunk: Chunk
+  evaluate: Evaluator
+  batches: Callable[..., pipeline.Prefetcher]
+  observe: Callable[[state_lib.TrainState, Any], state_lib.TrainState]
+
+  @property
+  def graphdef(self) -> nnx.GraphDef:
+    """The model's graph definition: `merge_model(parts.graphdef, state)` rebuilds it."""
+    return self.spec.graphdef
+
+
+def build(
+  config: ml_collections.ConfigDict,
+  model: state_lib.ModelFn,
+  data: Dataset,
+  loss_fn: step_lib.LossFn,
+  *,
+  rules: sharding.Rules = sharding.DEFAULT_RULES,
+  tx: optax.GradientTransformation | None = None,
+  schedule: optax.Schedule | None = None,
+) -> Parts:
+  """Checks everything, then makes the state, the compiled chunk, the evaluator and the stream.
+
+  Args:
+    config: the run's config (see `jaxtrain.config`).
+    model: builds the Flax NNX model from `rngs=nnx.Rngs(...)`.
+    data: the train and eval sources.
+    loss_fn: `loss_fn(model, batch, rngs) -> dict of [B] arrays` with `loss`.
+    rules: the sharding rules table for the state.
+    tx: an Optax transform to use instead of the `optim` section's.
+    schedule: with `tx`, its learning rate as a function of the step.
+
+  Returns:
+    The `Parts`, with a fresh state.
+
+  Raises:
+    ConfigError: for a bad config, model, loss or optimizer, before anything
+      is compiled.
+    DataError: for bad records, or a field the loss reads that they lack.
+  """
+  return assemble(prepare(config, model, data, loss_fn, rules=rules, tx=tx, schedule=schedule))
+
+
+def prepare(
+  config: ml_collections.ConfigDict,
+  model: state_lib.ModelFn,
+  data: Dataset,
+  loss_fn: step_lib.LossFn,
+  *,
+  rules: sharding.Rules = sharding.DEFAULT_RULES,
+  tx: optax.GradientTransformation | None = None,
+  schedule: optax.Schedule | None = None,
+) -> Spec:
+  """Resolves and checks a run with abstract shapes only; the arguments are `build`'s."""
+  shape = validate(config, jax.device_count())
+  preflight.check_model_fn(model)
+  checks.check_dataset(data)  # every record like the first train record
+  t, d = config.train, config.data
+  train_batch = preflight.abstract_batch(data.train, t.batch_size)
+  eval_batch = preflight.abstract_batch(data.eval, config.eval.batch_size, mask=True)
+  preflight.check_sizes(
+    train_size=len(data.train),
+    batch_size=t.batch_size,
+    crop_padding=d.crop_padding,
+    batch=train_batch,
+  )
+  mesh = sharding.make_mesh(shape)
+  policy = precision.get_policy(
+    config.precision.policy, config.precision.f32_modules, config.precision.loss_scale_period
+  )
+  from_config = tx is None
+  tx, schedule = _optimizer(config, tx, schedule)
+  with jax.set_mesh(mesh):
+    graphdef = preflight.graphdef(model)
+    abstract = _abstract_state(model, tx, seed=t.seed, mesh=mesh, rules=rules, policy=policy)
+    if from_config:
+      preflight.check_freeze(config.optim.freeze, abstract.params)
+    step_fn = functools.partial(
+      step_lib.train_step,
+      graphdef=graphdef,
+      tx=tx,
+      loss_fn=loss_fn,
+      schedule=schedule,
+      policy=policy,
+    )
+    eval_names, jaxpr = preflight.check_steps(
+      loss_fn=loss_fn,
+      step_fn=step_fn,
+      graphdef=graphdef,
+      abstract=abstract,
+      policy=policy,
+      data=data,
+      batches=(train_batch, eval_batch),
+      mesh=mesh,
+      metrics={k: config_lib.get(config, k) for k in ("ckpt.best_metric", "early_stop.metric")},
+      steps_per_loop=t.steps_per_loop,
+    )
+  return Spec(
+    mesh=mesh,
+    graphdef=graphdef,
+    abstract=abstract,
+    tx=tx,
+    schedule=schedule,
+    policy=policy,
+    watch=monitor_lib.MonitorConfig.from_config(config),
+    step_fn=step_fn,
+    unroll=t.unroll or step_lib.auto_unroll(jaxpr, t.steps_per_loop),
+    eval_names=tuple(eval_names),
+    data=data,
+    loss_fn=loss_fn,
+    model_fn=model,
+    seed=t.seed,
+    batch_size=t.batch_size,
+    eval_batch_size=config.eval.batch_size,
+    steps_per_loop=t.steps_per_loop,
+    augment=_transforms(d, data),
+  )
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int, int]:
+  """Checks every framework key, the mesh and the batch split; returns the mesh's shape.
+
+  Raises:
+    ConfigError: naming the first bad key and the problem.
+  """
+  config_lib.validate(config)
+  shape = sharding.mesh_shape(config.mesh, num_devices)
+  batches = {k: config_lib.get(config, k) for k in ("train.batch_size", "eval.batch_size")}
+  sharding.check_batches(shape, batches)
+  return shape
+
+
+def _abstract_state(
+  model: state_lib.ModelFn,
+  tx: optax.GradientTransformation,
+  *,
+  seed: int,
+  mesh: Mesh,
+  rules: sharding.Rules,
+  policy: precision.Policy,
+) -> state_lib.TrainState:
+  """The abstract state; a failing optimizer init is one line."""
+  try:
+    _, abstract = state_lib.abstract_state(
+      model, tx, seed=seed, mesh=mesh, rules=rules, policy=policy
+    )
+  except (config_lib.ConfigError, DataError):
+    raise
+  except Exception as e:
+    raise config_lib.ConfigError(f"the optimizer's init failed: {logs.brief(e)}") from e
+  if len(optax.tree_utils.tree_get_all_with_path(abstract.opt_state, "lr_multiplier")) > 1:
+    raise config_lib.ConfigError(
+      "plateau.factor < 1 adds an optim.lr_multiplier(); the given tx must not hold one"
+    )
+  return abstract
+
+
+def assemble(spec: Spec, state: state_lib.TrainState | None = None) -> Parts:
+  """Makes the state (unless given, say restored), compiles the chunk, opens the evaluator."""
+  if state is None:
+    state = fresh_state(spec)
+  shardings = jax.tree.map(lambda x: x.sharding, spec.abstract)
+  jitted = step_lib.make_train_chunk(spec.step_fn, shardings, spec.mesh, spec.unroll)
+  evaluator = Evaluator(
+    spec.graphdef,
+    spec.loss_fn,
+    spec.data.eval,
+    batch_size=spec.eval_batch_size,
+    shardings=shardings,
+    mesh=spec.mesh,
+    policy=spec.policy,
+    transform=spec.augment[1],
+  )
+  return Parts(
+    spec=spec,
+    state=state,
+    chunk=Chunk(jitted, spec.mesh),
+    evaluate=evaluator,
+    batches=functools.partial(stream, spec),
+    observe=step_lib.make_observe(spec.watch, shardings),
+  )
+
+
+def fresh_state(spec: Spec) -> state_lib.TrainState:
+  """The initial state, born sharded, with the monitor set up for its mode and baseline."""
+  state = state_lib.init_state(
+    spec.model_fn, spec.tx, seed=spec.seed, abstract=spec.abstract, policy=spec.policy
+  )
+  return state.replace(monitor=fresh_monitor(spec))
+
+
+def fresh_monitor(spec: Spec, lr_scale: Any = 1.0) -> monitor_lib.MonitorState:
+  """A monitor before any evaluation, with `lr_scale`, as new arrays in the state's layout."""
+  shardings = jax.tree.map(lambda x: x.sharding, spec.abstract.monitor)
+
+  def init(scale: jax.Array) -> monitor_lib.MonitorState:
+    return monitor_lib.init(spec.watch)._replace(lr_scale=jnp.asarray(scale, jnp.float32))
+
+  return jax.jit(init, out_shardings=shardings)(lr_scale)
+
+
+def stream(spec: Spec, start: int = 0, workers: int = 0) -> pipeline.Prefetcher:
+  """The training stream from global batch `start`, put on the devices ahead of use.
+
+  The batches do not depend on `workers`, the Grain worker processes reading.
+  """
+  chunks = pipeline.train_chunks(
+    spec.data.train,
+    batch_size=spec.batch_size,
+    seed=spec.seed,
+    steps_per_loop=spec.steps_per_loop,
+    workers=workers,
+    rows=sharding.process_rows(spec.mesh, spec.batch_size),
+    transform=spec.augment[0],
+    start_batch=start,
+  )
+  put = functools.partial(sharding.put_batch, mesh=spec.mesh, batch_size=spec.batch_size,
+                          leading_dims=1)  # fmt: skip
+  return pipeline.Prefetcher(iter(chunks), put)
+
+
+def switch_workers(
+  prefetch: pipeline.Prefetcher, parts: Parts, start: int, workers: int
+) -> tuple[pipeline.Prefetcher, int]:
+  """Restarts the training stream at global batch `start` with `workers` Grain workers.
+
+  The batches are the same with any number of workers. A source that cannot be
+  sent to worker processes keeps being read in this one, with a warning.
+
+  Returns:
+    The stream to read from now, and the workers it uses.
+  """
+  logging.info("data.workers=-1: %d Grain workers from step %d", workers, start)
+  if not workers:
+    return prefetch, 0
+  try:
+    started = parts.batches(start, workers)
+  except DataError as error:  # not picklable
+    logging.warning("%s", error)
+    return prefetch, 0
+  prefetch.close()  # the chunks it read ahead are read again by the workers
+  return started, workers
+
+
+def _optimizer(
+  config: ml_collections.ConfigDict,
+  tx: optax.GradientTransformation | None,
+  schedule: optax.Schedule | None,
+) -> tuple[optax.GradientTransformation, optax.Schedule | None]:
+  """The run's transform, and its schedule as a function of the step (for the `lr` metric).
+
+  The `optim` section's schedule counts updates, `optim.accum_steps` steps each;
+  a given `tx` and `schedule` are taken as they are.
+  """
+  plateau = config.plateau.factor < 1
+  if tx is None:
+    if schedule is not None:
+      raise config_lib.ConfigError("train(schedule=...) describes a given tx; pass tx= too")
+    tx, sched = optim.from_config(config, multiplier=plateau)
+    accum = config.optim.accum_steps
+    return tx, lambda n: sched(n // accum)
+  return (optax.chain(tx, optim.lr_multiplier()) if plateau else tx), schedule
+
+
+def _transforms(
+  d: ml_collections.ConfigDict, data: Dataset
+) -> tuple[transforms.Augment | None, transforms.Augment | None]:
+  """The train and eval image transforms that the `data` section asks for, if any."""
+  mean, std = transforms.image_stats(data.train) if d.normalize else (0.0, 1.0)
+  train = transforms.Augment(padding=d.crop_padding, flip=d.flip, mean=mean, std=std)
+  evaluation = transforms.Augment(mean=mean, std=std)
+  return (train if train.active else None), (evaluation if evaluation.active else None)

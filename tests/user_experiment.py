@@ -1,0 +1,83 @@
+"""A user's own experiment module with one of a user's mistakes in it, chosen by `--case`.
+
+    python -m tests.user_experiment --workdir runs/x --case=scalar_loss
+
+Each case is a model, loss or dataset that a user writes; the framework must
+refuse it with one line and exit status 2 before anything is compiled or written.
+"""
+
+import functools
+
+import jax.numpy as jnp
+import numpy as np
+from absl import flags
+from flax import nnx
+
+import jaxtrain
+from jaxtrain import cli, data, losses, models
+
+
+def get_config():
+  config = jaxtrain.config.get_config()
+  config.train.steps, config.train.batch_size, config.train.steps_per_loop = 20, 16, 10
+  config.train.log_every, config.eval.every_steps, config.eval.batch_size = 10, 0, 32
+  return config
+
+
+_FLAGS = cli.define_flags(get_config())
+_CASE = flags.DEFINE_string("case", "ok", "Which mistake to make.")
+
+
+def _mlp():
+  return functools.partial(models.MLP, 64, (16,), 10)
+
+
+def _digits(**changes):
+  ds = data.digits()
+  arrays = {k: v[:200] for k, v in ds.train.arrays.items()}
+  arrays.update(changes)
+  return data.Dataset("user", data.ArraySource("user/train", **arrays), ds.eval)
+
+
+def _tokens(high, length):
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, high, (64, length + 1)).astype(np.int32)
+  return data.Dataset("tok", data.ArraySource("tok/train", tokens=tokens),
+                      data.ArraySource("tok/eval", tokens=tokens[:16]))  # fmt: skip
+
+
+def _lm(vocab, length):
+  return functools.partial(models.Transformer, vocab, length, 16, 1, 2)
+
+
+def _case(name):
+  """Returns `(model, dataset, loss_fn)` with the mistake `name` in it."""
+  ok = (_mlp(), _digits(), losses.classification)
+  cases = {
+    "ok": ok,
+    "no_loss_key": (_mlp(), _digits(), lambda m, b, r: {"nll": losses.classification(m, b, r)["loss"]}),
+    "scalar_loss": (_mlp(), _digits(), lambda m, b, r: {"loss": losses.classification(m, b, r)["loss"].mean()}),
+    "per_class_loss": (_mlp(), _digits(), lambda m, b, r: {"loss": m(b["image"], rngs=r)}),
+    "model_instance": (models.MLP(64, (16,), 10, rngs=nnx.Rngs(0)), _digits(), losses.classification),
+    "missing_field": (_mlp(), _digits(), lambda m, b, r: {"loss": m(b["pixels"], rngs=r).sum(-1)}),
+    "float_labels": (_mlp(), _digits(label=np.linspace(0, 9, 200).astype(np.float32)), losses.classification),
+    "labels_outside": (_mlp(), _digits(label=np.arange(200, dtype=np.int32) % 12), losses.classification),
+    "tokens_beyond_vocab": (_lm(128, 32), _tokens(256, 32), losses.next_token),
+    "too_long": (_lm(256, 32), _tokens(256, 64), losses.next_token),
+    "loss_bug": (_mlp(), _digits(), lambda m, b, r: {"loss": jnp.dot(m(b["image"], rngs=r), b["label"])}),
+    "model_without_rngs": (lambda: models.MLP(64, (16,), 10, rngs=nnx.Rngs(0)), _digits(), losses.classification),
+  }  # fmt: skip
+  return cases[name]
+
+
+def main(argv):
+  del argv
+  config = _FLAGS.config.value
+  model, dataset, loss_fn = _case(_CASE.value)
+  return jaxtrain.train(
+    config, model, dataset, loss_fn, workdir=_FLAGS.workdir.value, resume=_FLAGS.resume.value
+  )
+
+
+if __name__ == "__main__":
+  cli.run(main)
