@@ -130,6 +130,8 @@ def run(main: Callable[[list[str]], Any]) -> None:
     if not flags.FLAGS["verbosity"].present:  # INFO lines only when asked for
       absl_logging.set_verbosity(absl_logging.WARNING)
     logs.quiet_orbax_logs()
+    if len(argv) > 1:
+      fail(f"unexpected argument {argv[1]!r}; flags take the form --name=value")
     try:
       sharding.initialize_distributed()
       if "config" in flags.FLAGS:  # fail before the experiment loads any data
@@ -193,15 +195,19 @@ def usage() -> str:
   lines = [(main.__doc__ or "").strip(), "", "flags:"]
   module = flags.FLAGS.find_module_defining_flag("workdir") or sys.argv[0]
   for flag in flags.FLAGS.get_flags_for_module(module):
+    if flag.name == "config":  # its keys follow
+      continue
     default = f" (default: {flag.default!r})" if flag.default is not None else ""
     lines.append(f"  --{flag.name}: {' '.join(flag.help.split())}{default}")
-  lines += ["", "config keys (--config.KEY=VALUE):"]
+  lines += ["", "config keys: --config.KEY=VALUE (this experiment's defaults):"]
   config = _help.get("config")
-  entries = list(config_lib.flatten(config)) if config is not None else []
-  width = max((len(f"{k}={v!r}") for k, v in entries), default=0)
-  for key, value in entries:
+  for key, value in config_lib.flatten(config) if config is not None else ():
+    setting = f"  {key}={value!r}"
     meaning = _meaning(key)
-    lines.append(f"  {f'{key}={value!r}':<{width}}  {meaning}".rstrip())
+    if len(setting) < 44:
+      lines.append(f"{setting:<44}{meaning}".rstrip())
+    else:
+      lines += [setting, f"{'':<44}{meaning}"] if meaning else [setting]
   return "\n".join(lines)
 
 

@@ -27,7 +27,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxtrain import checkpoint, interrupt, metrics, record, sharding
+from jaxtrain import checkpoint, interrupt, logs, metrics, record, sharding
 from jaxtrain import monitor as monitor_lib
 from jaxtrain import parts as parts_lib
 from jaxtrain import state as state_lib
@@ -262,6 +262,8 @@ def _loop(s: _Session, parts: parts_lib.Parts) -> state_lib.TrainState:
   s.prefetch = parts.batches(workdir_lib.start_batch(s.restored), max(s.config.data.workers, 0))
   if s.config.early_stop.metric:  # a run the monitor stopped stays stopped
     c.verdict = monitor_lib.summary(state.monitor, s.spec.watch)
+  if c.step >= t.steps:
+    logs.note(f"step {c.step} is train.steps={t.steps}: nothing to train (raise it to go on)")
   s.meter.start_clock(time.perf_counter())
   while c.step < t.steps and not _monitor_stopped(c):
     chunk = next(s.prefetch)

@@ -126,7 +126,7 @@ class Progress:
       initial=initial,
       unit="step",
       dynamic_ncols=True,
-      disable=not enabled,
+      disable=not enabled or initial >= total,  # a finished run has nothing to show
       file=sys.stderr,
       mininterval=0.5,
     )

@@ -33,10 +33,16 @@ def _mlp():
 
 
 def _digits(**changes):
+  """200 train and 100 eval digits; `changes` maps a field to a function of its array."""
   ds = data.digits()
-  arrays = {k: v[:200] for k, v in ds.train.arrays.items()}
-  arrays.update(changes)
-  return data.Dataset("user", data.ArraySource("user/train", **arrays), ds.eval)
+
+  def split(source, n):
+    arrays = {k: v[:n] for k, v in source.arrays.items()}
+    return data.ArraySource(
+      source.name, **{k: changes.get(k, np.asarray)(v) for k, v in arrays.items()}
+    )
+
+  return data.Dataset("user", split(ds.train, 200), split(ds.eval, 100))
 
 
 def _tokens(high, length):
@@ -60,8 +66,8 @@ def _case(name):
     "per_class_loss": (_mlp(), _digits(), lambda m, b, r: {"loss": m(b["image"], rngs=r)}),
     "model_instance": (models.MLP(64, (16,), 10, rngs=nnx.Rngs(0)), _digits(), losses.classification),
     "missing_field": (_mlp(), _digits(), lambda m, b, r: {"loss": m(b["pixels"], rngs=r).sum(-1)}),
-    "float_labels": (_mlp(), _digits(label=np.linspace(0, 9, 200).astype(np.float32)), losses.classification),
-    "labels_outside": (_mlp(), _digits(label=np.arange(200, dtype=np.int32) % 12), losses.classification),
+    "float_labels": (_mlp(), _digits(label=lambda y: y.astype(np.float32)), losses.classification),
+    "labels_outside": (_mlp(), _digits(label=lambda y: y + 2), losses.classification),
     "tokens_beyond_vocab": (_lm(128, 32), _tokens(256, 32), losses.next_token),
     "too_long": (_lm(256, 32), _tokens(256, 64), losses.next_token),
     "loss_bug": (_mlp(), _digits(), lambda m, b, r: {"loss": jnp.dot(m(b["image"], rngs=r), b["label"])}),

@@ -26,7 +26,9 @@ import math
 import os
 import pickle
 import queue
+import signal
 import statistics
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -177,8 +179,22 @@ def train_chunks(
       ) from e
     if not flags.FLAGS.is_parsed():  # Grain workers read absl flags (notebooks, tests)
       flags.FLAGS.mark_as_parsed()
-    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+    # Blocks that Grain's workers had in flight when the stream stopped are freed by
+    # multiprocessing's resource tracker at exit, which warns about each; it starts
+    # with this interpreter's -W options.
+    if _QUIET_TRACKER not in sys.warnoptions:
+      sys.warnoptions.append(_QUIET_TRACKER)
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers), _worker_init)
   return it
+
+
+_QUIET_TRACKER = "ignore:resource_tracker:UserWarning"
+
+
+def _worker_init(worker_index: int, worker_count: int) -> None:
+  """Grain workers leave Ctrl-C to the training process, which stops them itself."""
+  del worker_index, worker_count
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def eval_batches(
