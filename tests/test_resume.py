@@ -196,3 +196,56 @@ def test_full_disk_stops_the_run_and_keeps_the_saved_steps(small_disk, tmp_path,
   assert code == 0, err[-3000:]
   assert json.loads((moved / "run.json").read_text())["resumed_from"] == saved[-1]
   _assert_same_run(moved, reference)
+
+
+def test_ctrl_c_saves_and_exits_130_then_resumes(tmp_path, reference):
+  proc = _start(tmp_path)
+  _wait_for((tmp_path / "checkpoints" / "100").is_dir, proc)
+  proc.send_signal(signal.SIGINT)
+  _, err = proc.communicate(timeout=60)
+  assert proc.returncode == 130, err[-3000:]
+  assert "Traceback" not in err
+  last = err.strip().splitlines()[-1]
+  assert last.startswith("interrupted: Ctrl-C at step") and "rerun the same command" in last
+  run = json.loads((tmp_path / "run.json").read_text())
+  assert run["status"] == "interrupted" and run["reason"] in last
+  stopped_at = run["final_step"]
+  assert stopped_at < 600 and (tmp_path / "checkpoints" / str(stopped_at)).is_dir()
+  code, err = _run(tmp_path)
+  assert code == 0, err[-3000:]
+  assert json.loads((tmp_path / "run.json").read_text())["resumed_from"] == stopped_at
+  _assert_same_run(tmp_path, reference)
+
+
+def test_a_second_ctrl_c_stops_at_once_and_leaves_no_temporary_folder(tmp_path):
+  """Chunks of a slow source take a second to come: the second Ctrl-C lands while waiting."""
+  args = ["--case=slow", "--config.train.steps=200", "--config.ckpt.every_steps=10"]
+  workdir = tmp_path / "run"
+  proc = subprocess.Popen(
+    [sys.executable, "-m", "tests.user_experiment", f"--workdir={workdir}", *args],
+    cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+  )  # fmt: skip
+  _wait_for((workdir / "checkpoints" / "20").is_dir, proc)
+  proc.send_signal(signal.SIGINT)
+  time.sleep(0.2)
+  proc.send_signal(signal.SIGINT)
+  _, err = proc.communicate(timeout=60)
+  assert proc.returncode == 130, err[-3000:]
+  assert "Traceback" not in err
+  assert err.strip().splitlines()[-1] == (
+    "error: stopped at once by Ctrl-C; rerun the same command to resume"
+  )
+  run = json.loads((workdir / "run.json").read_text())
+  assert run["status"] == "interrupted" and "a second Ctrl-C" in run["reason"]
+  assert run["final_step"] < 200
+  assert not list((workdir / "checkpoints").glob("*tmp*"))
+  saved = max(int(p.name) for p in (workdir / "checkpoints").iterdir())
+  rerun = subprocess.run(
+    [sys.executable, "-m", "tests.user_experiment", f"--workdir={workdir}", *args],
+    cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True,
+    timeout=180, check=False,
+  )  # fmt: skip
+  assert rerun.returncode == 0, rerun.stderr[-3000:]
+  run = json.loads((workdir / "run.json").read_text())
+  assert (run["status"], run["resumed_from"], run["final_step"]) == ("completed", saved, 200)

@@ -1,6 +1,7 @@
 """Byte-text windows, ArrayRecord files and their converter, and the up-front data checks."""
 
 import io
+import os
 import subprocess
 import sys
 
@@ -104,7 +105,7 @@ def test_record_source_errors(tmp_path):
   with pytest.raises(data.DataError, match="no records to write"):
     records.write_records(tmp_path / "none.array_record", [])
   assert not list(tmp_path.iterdir())  # no file, no temporary file
-  records.array_record_module.ArrayRecordWriter(str(tmp_path / "empty.array_record")).close()
+  array_record_module.ArrayRecordWriter(str(tmp_path / "empty.array_record")).close()
   with pytest.raises(data.DataError, match="is empty"):
     records.RecordSource(tmp_path / "empty.array_record")
 
@@ -190,3 +191,48 @@ def test_a_record_source_trains_like_the_arrays(tmp_path, digits):
     for name, src in (("mem", arrays), ("file", from_file.train))
   ]
   assert helpers.max_abs_diff(runs[0].state.params, runs[1].state.params) == 0
+
+
+CONVERT_CASES = {
+  "no flags": ([], "--out"),
+  "no input": (["--out=o.ar"], "give exactly one of --npz and --text"),
+  "both inputs": (["--npz=ok.npz", "--text=t.txt", "--out=o.ar"], "exactly one"),
+  "missing npz": (["--npz=missing.npz", "--out=o.ar"], "--npz missing.npz: not a readable .npz"),
+  "not an npz": (["--npz=t.txt", "--out=o.ar"], "--npz t.txt: not a readable .npz"),
+  "object arrays": (["--npz=objects.npz", "--out=o.ar"], "not a readable .npz"),
+  "no arrays": (["--npz=none.npz", "--out=o.ar"], "holds no arrays"),
+  "a scalar": (["--npz=scalar.npz", "--out=o.ar"], "x has no rows"),
+  "ragged arrays": (["--npz=ragged.npz", "--out=o.ar"], "arrays of different lengths"),
+  "zero records": (["--npz=empty.npz", "--out=o.ar"], "no records to write"),
+  "out is a folder": (["--npz=ok.npz", "--out=folder"], "must name a file"),
+  "out in no folder": (["--npz=ok.npz", "--out=absent/o.ar"], "the folder absent does not exist"),
+  "too little text": (["--text=t.txt", "--out=o.ar"], "hold no window of 257"),
+  "zero length": (["--text=t.txt", "--length=0", "--out=o.ar"], "--length=0 must be positive"),
+  "a length that is no number": (["--text=t.txt", "--length=abc", "--out=o.ar"], "--length=abc"),
+  "a glob of folders": (["--text=folder", "--out=o.ar"], "matches no file"),
+  "an unknown flag": (["--npz=ok.npz", "--out=o.ar", "--bogus=1"], "bogus"),
+  "a stray argument": (["--npz=ok.npz", "--out=o.ar", "extra"], "unexpected arguments extra"),
+}
+
+
+@pytest.mark.parametrize("name", list(CONVERT_CASES))
+def test_converter_refuses_bad_input_in_one_line(name, tmp_path):
+  args, expected = CONVERT_CASES[name]
+  np.savez(tmp_path / "ok.npz", x=np.zeros((5, 3)), y=np.arange(5))
+  np.savez(tmp_path / "empty.npz", x=np.zeros((0, 3)))
+  np.savez(tmp_path / "scalar.npz", x=np.float32(3))
+  np.savez(tmp_path / "ragged.npz", x=np.zeros((5, 3)), y=np.arange(4))
+  np.savez(tmp_path / "objects.npz", x=np.array([{"a": 1}], dtype=object))
+  np.savez(tmp_path / "none.npz")
+  (tmp_path / "t.txt").write_text("ab")
+  (tmp_path / "folder").mkdir()
+  before = sorted(p.name for p in tmp_path.iterdir())
+  result = subprocess.run(
+    [sys.executable, "-m", "jaxtrain.data.convert", *args],
+    capture_output=True, text=True, timeout=120, check=False, cwd=tmp_path,
+    env=dict(os.environ, PYTHONPATH=helpers.ROOT),
+  )  # fmt: skip
+  lines = result.stderr.strip().splitlines()
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], lines
+  assert sorted(p.name for p in tmp_path.iterdir()) == before  # no output, no .tmp file

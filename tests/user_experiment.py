@@ -7,6 +7,7 @@ refuse it with one line and exit status 2 before anything is compiled or written
 """
 
 import functools
+import time
 
 import jax.numpy as jnp
 import numpy as np
@@ -56,23 +57,63 @@ def _lm(vocab, length):
   return functools.partial(models.Transformer, vocab, length, 16, 1, 2)
 
 
+class _SlowSource:
+  """The digits, read at a tenth of a second a batch: chunks take a while to come."""
+
+  def __init__(self, source):
+    self.source, self.name = source, "slow digits"
+
+  def __len__(self):
+    return len(self.source)
+
+  def __getitem__(self, i):
+    return self.source[i]
+
+  def read(self, indices):
+    time.sleep(0.1)
+    return self.source.read(indices)
+
+
+def _no_loss_key(model, batch, rngs):
+  return {"nll": losses.classification(model, batch, rngs)["loss"]}
+
+
+def _scalar_loss(model, batch, rngs):
+  return {"loss": losses.classification(model, batch, rngs)["loss"].mean()}
+
+
+def _per_class_loss(model, batch, rngs):
+  return {"loss": model(batch["image"], rngs=rngs)}
+
+
+def _missing_field(model, batch, rngs):
+  return {"loss": model(batch["pixels"], rngs=rngs).sum(-1)}
+
+
+def _loss_bug(model, batch, rngs):
+  return {"loss": jnp.dot(model(batch["image"], rngs=rngs), batch["label"])}
+
+
 def _case(name):
   """Returns `(model, dataset, loss_fn)` with the mistake `name` in it."""
-  ok = (_mlp(), _digits(), losses.classification)
+  mlp, digits, classify = _mlp(), _digits(), losses.classification
+  built = models.MLP(64, (16,), 10, rngs=nnx.Rngs(0))
+  slow = data.Dataset("slow", _SlowSource(data.digits().train), data.digits().eval)
   cases = {
-    "ok": ok,
-    "no_loss_key": (_mlp(), _digits(), lambda m, b, r: {"nll": losses.classification(m, b, r)["loss"]}),
-    "scalar_loss": (_mlp(), _digits(), lambda m, b, r: {"loss": losses.classification(m, b, r)["loss"].mean()}),
-    "per_class_loss": (_mlp(), _digits(), lambda m, b, r: {"loss": m(b["image"], rngs=r)}),
-    "model_instance": (models.MLP(64, (16,), 10, rngs=nnx.Rngs(0)), _digits(), losses.classification),
-    "missing_field": (_mlp(), _digits(), lambda m, b, r: {"loss": m(b["pixels"], rngs=r).sum(-1)}),
-    "float_labels": (_mlp(), _digits(label=lambda y: y.astype(np.float32)), losses.classification),
-    "labels_outside": (_mlp(), _digits(label=lambda y: y + 2), losses.classification),
+    "ok": (mlp, digits, classify),
+    "slow": (mlp, slow, classify),
+    "no_loss_key": (mlp, digits, _no_loss_key),
+    "scalar_loss": (mlp, digits, _scalar_loss),
+    "per_class_loss": (mlp, digits, _per_class_loss),
+    "model_instance": (built, digits, classify),
+    "missing_field": (mlp, digits, _missing_field),
+    "float_labels": (mlp, _digits(label=lambda y: y.astype(np.float32)), classify),
+    "labels_outside": (mlp, _digits(label=lambda y: y + 2), classify),
     "tokens_beyond_vocab": (_lm(128, 32), _tokens(256, 32), losses.next_token),
     "too_long": (_lm(256, 32), _tokens(256, 64), losses.next_token),
-    "loss_bug": (_mlp(), _digits(), lambda m, b, r: {"loss": jnp.dot(m(b["image"], rngs=r), b["label"])}),
-    "model_without_rngs": (lambda: models.MLP(64, (16,), 10, rngs=nnx.Rngs(0)), _digits(), losses.classification),
-  }  # fmt: skip
+    "loss_bug": (mlp, digits, _loss_bug),
+    "model_without_rngs": (lambda: built, digits, classify),
+  }
   return cases[name]
 
 
