@@ -49,13 +49,16 @@ def brief(problem: str | BaseException, limit: int = 300) -> str:
 def quiet_orbax_logs() -> None:
   """Drops Orbax's informational log lines from the absl handler.
 
-  Also its warning on each save without metrics when a best metric is tracked:
-  periodic saves between evaluations have none, by design.
+  Also its warning on each save without metrics when a best metric is tracked
+  (periodic saves between evaluations have none, by design), and the traceback
+  any library logs for a Ctrl-C that stopped it: the run reports the stop itself.
   """
   absl_logging.get_absl_handler().addFilter(_not_orbax_noise)
 
 
 def _not_orbax_noise(record: logging.LogRecord) -> bool:
+  if record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt):
+    return False
   if f"{os.sep}orbax{os.sep}" not in record.pathname:
     return True
   return record.levelno >= logging.WARNING and "did not provide metrics" not in str(record.msg)
