@@ -106,18 +106,29 @@ def define_config(
   """
   _help.update(config=config, model=dict(model_help or {}))
   known = [key for key, _ in config_lib.flatten(config)]
-  kept, args = [], iter(sys.argv)
-  for arg in args:
+  kept, args = [], list(sys.argv)
+  while args:
+    arg = args.pop(0)
     match = _OVERRIDE.match(arg)
-    if match and match.group(1) not in known:
-      fail(config_lib.unknown_key_message(match.group(1), known))
+    if arg.startswith("--config.") and (not match or match.group(1) not in known):
+      fail(config_lib.unknown_key_message(match.group(1), known) if match else f"no key in {arg}")
     if match and any(keyword.iskeyword(part) for part in match.group(1).split(".")):
-      value = match.group(3) if match.group(2) else next(args, "")
-      _keyword_overrides.append((match.group(1), value))
+      _keyword_overrides.append((match.group(1), _value(match, args, config)))
     else:
       kept.append(arg)
   sys.argv[:] = kept
   return config_flags.DEFINE_config_dict("config", config, lock_config=True)
+
+
+def _value(match: re.Match, rest: list[str], config: ml_collections.ConfigDict) -> str:
+  """The text of an override: after `=`, else the next argument; a bare boolean means true."""
+  if match.group(2):
+    return match.group(3)
+  if isinstance(config_lib.get(config, match.group(1)), bool) and (
+    not rest or rest[0].startswith("-")
+  ):
+    return "true"
+  return rest.pop(0) if rest else ""
 
 
 def run(main: Callable[[list[str]], Any]) -> None:

@@ -276,13 +276,25 @@ def _check_schedule_length(config: ml_collections.ConfigDict) -> None:
       config,
       f"leaves no room: warm-up {o.warmup_steps} + decay {decay} exceed the {updates} updates",
     )
-  if o.schedule == "piecewise" and o.boundaries:
+  _require(
+    not o.boundaries or o.schedule == "piecewise",
+    "optim.boundaries",
+    config,
+    f"needs optim.schedule='piecewise' (not {o.schedule!r})",
+  )
+  if o.boundaries:
     _require(
-      o.boundaries[0] >= o.warmup_steps,
+      o.warmup_steps <= o.boundaries[0] and o.boundaries[-1] < updates,
       "optim.boundaries",
       config,
-      f"must start at or after optim.warmup_steps={o.warmup_steps}",
+      f"must lie from optim.warmup_steps={o.warmup_steps} to below the {updates} updates",
     )
+  _require(
+    config.early_stop.warmup_steps < config.train.steps,
+    "early_stop.warmup_steps",
+    config,
+    f"must be below train.steps={config.train.steps}, or no evaluation would count",
+  )
 
 
 def _compiles(pattern: Any) -> bool:

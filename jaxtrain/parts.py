@@ -182,31 +182,21 @@ def prepare(
   t, d = config.train, config.data
   train_batch = preflight.abstract_batch(data.train, t.batch_size)
   eval_batch = preflight.abstract_batch(data.eval, config.eval.batch_size, mask=True)
-  preflight.check_sizes(
-    train_size=len(data.train),
-    batch_size=t.batch_size,
-    crop_padding=d.crop_padding,
-    batch=train_batch,
-  )
+  preflight.check_sizes(train_size=len(data.train), batch_size=t.batch_size,
+                        crop_padding=d.crop_padding, batch=train_batch)  # fmt: skip
   mesh = sharding.make_mesh(shape)
-  policy = precision.get_policy(
-    config.precision.policy, config.precision.f32_modules, config.precision.loss_scale_period
-  )
+  p = config.precision
+  policy = precision.get_policy(p.policy, p.f32_modules, p.loss_scale_period)
   from_config = tx is None
   tx, schedule = _optimizer(config, tx, schedule)
   with jax.set_mesh(mesh):
     graphdef = preflight.graphdef(model)
     abstract = _abstract_state(model, tx, seed=t.seed, mesh=mesh, rules=rules, policy=policy)
     if from_config:
-      preflight.check_freeze(config.optim.freeze, abstract.params)
-    step_fn = functools.partial(
-      step_lib.train_step,
-      graphdef=graphdef,
-      tx=tx,
-      loss_fn=loss_fn,
-      schedule=schedule,
-      policy=policy,
-    )
+      groups = config_lib.parse_lr_groups(config.optim.lr_groups)
+      preflight.check_paths(abstract.params, config.optim.freeze, groups)
+    step_fn = functools.partial(step_lib.train_step, graphdef=graphdef, tx=tx,
+                                loss_fn=loss_fn, schedule=schedule, policy=policy)  # fmt: skip
     eval_names, jaxpr = preflight.check_steps(
       loss_fn=loss_fn,
       step_fn=step_fn,
@@ -251,6 +241,13 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, 
   shape = sharding.mesh_shape(config.mesh, num_devices)
   batches = {k: config_lib.get(config, k) for k in ("train.batch_size", "eval.batch_size")}
   sharding.check_batches(shape, batches)
+  for key in ("data.workers", "data.max_workers"):
+    most = pipeline.most_workers()
+    if config_lib.get(config, key) > most:
+      raise config_lib.ConfigError(
+        f"{key}={config_lib.get(config, key)} is more Grain worker processes than this "
+        f"machine runs well (at most {most}: twice its CPUs, or 8)"
+      )
   return shape
 
 

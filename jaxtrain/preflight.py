@@ -187,16 +187,23 @@ def check_sizes(*, train_size: int, batch_size: int, crop_padding: int, batch: B
       )
 
 
-def check_freeze(patterns: Iterable[str], params: Any) -> None:
-  """Raises `ConfigError` when `optim.freeze` leaves no parameter to train."""
-  patterns = list(patterns)
-  if not patterns:
-    return
+def check_paths(params: Any, freeze: Iterable[str], lr_groups: Iterable[str]) -> None:
+  """Every `optim.freeze` and `optim.lr_groups` pattern must match a parameter; not all frozen.
+
+  Raises:
+    ConfigError: naming the key and the pattern (a typo in a regex otherwise freezes or
+      scales nothing, silently).
+  """
   paths = [sharding.path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
-  if paths and all(any(re.search(p, path) for p in patterns) for path in paths):
+  shown = ", ".join(paths[:4]) + (", ..." if len(paths) > 4 else "")
+  for key, patterns in (("optim.freeze", list(freeze)), ("optim.lr_groups", list(lr_groups))):
+    for pattern in patterns:
+      if not any(re.search(pattern, path) for path in paths):
+        raise ConfigError(f"{key}: {pattern!r} matches no parameter (the paths: {shown})")
+  freeze = list(freeze)
+  if freeze and all(any(re.search(p, path) for p in freeze) for path in paths):
     raise ConfigError(
-      f"optim.freeze={tuple(patterns)!r} matches every parameter ({', '.join(paths[:4])}"
-      f"{', ...' if len(paths) > 4 else ''}); nothing would train"
+      f"optim.freeze={tuple(freeze)!r} matches every parameter ({shown}); nothing would train"
     )
 
 
@@ -229,9 +236,11 @@ def check_memory(key: str, value: int, records: int, largest: int, data_parallel
   on_host = jax.default_backend() == "cpu"
   need = 2 * records + largest if on_host else (records + largest) // data_parallel
   if need > free:
+    gib = lambda n: f"{n / 2**30:.1f} GiB"  # noqa: E731
     raise ConfigError(
-      f"{key}={value} needs about {need / 2**30:.1f} GiB (a batch's records and the step's "
-      f"largest activation), more than the {free / 2**30:.1f} GiB free {where}; lower it"
+      f"{key}={value} needs about {gib(need)}: the records read at once take {gib(records)} "
+      f"and the step's largest value (an activation or parameter of the model) "
+      f"{gib(largest)}, more than the {gib(free)} free {where}; lower {key} or the model's size"
     )
 
 

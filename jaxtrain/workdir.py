@@ -122,6 +122,8 @@ class Lock:
     self._created = []  # the folders this lock made, deepest first
     if not enabled:
       return
+    if workdir.exists() and not workdir.is_dir():
+      raise ConfigError(f"workdir {workdir} is a file, not a folder")
     try:
       self._created = [p for p in (workdir, *workdir.parents) if not p.exists()]
       workdir.mkdir(parents=True, exist_ok=True)
@@ -136,6 +138,9 @@ class Lock:
       try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
       except OSError as e:
+        if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP):  # a filesystem without locks
+          logging.warning("workdir %s: no lock taken (%s)", self.workdir, e.strerror)
+          return fd
         os.close(fd)
         if e.errno not in (errno.EAGAIN, errno.EACCES):
           raise

@@ -78,6 +78,42 @@ CLI_CASES = {
   "an unknown resume mode": ("digits", ["--resume=sometimes"], "--resume=sometimes"),
   "a stray argument": ("digits", ["extra"], "unexpected argument 'extra'"),
   "a non-boolean for a keyword key": ("digits", ["--config.ckpt.async", "maybe"], "ckpt.async"),
+  "an override with no key": ("digits", ["--config.=5"], "no key in --config.=5"),
+  "a freeze pattern matching nothing": (
+    "digits",
+    ["--config.optim.freeze=('^nothing/',)"],
+    "optim.freeze: '^nothing/' matches no parameter",
+  ),
+  "an lr group matching nothing": (
+    "digits",
+    ["--config.optim.lr_groups=('^nothing/=2',)"],
+    "optim.lr_groups: '^nothing/' matches no parameter",
+  ),
+  "boundaries without the piecewise schedule": (
+    "digits",
+    ["--config.optim.boundaries=(100,)", "--config.optim.scales=(0.5,)"],
+    "optim.boundaries=(100,) needs optim.schedule='piecewise'",
+  ),
+  "boundaries beyond the run": (
+    "digits",
+    [
+      "--config.optim.schedule=piecewise",
+      "--config.optim.boundaries=(900,)",
+      "--config.optim.scales=(0.5,)",
+    ],
+    "optim.boundaries=(900,) must lie from optim.warmup_steps=0 to below the 600 updates",
+  ),
+  "a monitor warm-up beyond the run": (
+    "digits",
+    ["--config.early_stop.metric=eval/loss", "--config.early_stop.warmup_steps=1000"],
+    "early_stop.warmup_steps=1000 must be below train.steps=600",
+  ),
+  "a thousand Grain workers": ("digits", ["--config.data.workers=1000"], "data.workers=1000"),
+  "a model too large to fit": (
+    "digits",
+    ["--config.model.hidden=(100000000,)"],
+    "the step's largest value (an activation or parameter of the model)",
+  ),
 }
 
 # (the mistake in tests/user_experiment.py, text the error line must hold)
@@ -166,6 +202,12 @@ def test_nothing_is_created_for_a_new_workdir(args, expected, tmp_path):
   result = _run("experiments.digits", args, cwd=tmp_path)
   _assert_refused(result, expected)
   assert list(tmp_path.iterdir()) == []
+
+
+def test_a_workdir_that_is_a_file(tmp_path):
+  (tmp_path / "run").write_text("notes")
+  _assert_refused(_run("experiments.digits", ["--workdir=run"], cwd=tmp_path), "is a file")
+  assert (tmp_path / "run").read_text() == "notes"
 
 
 def test_user_experiment_trains_when_nothing_is_wrong(tmp_path):

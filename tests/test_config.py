@@ -96,7 +96,7 @@ def test_schedule_phases_must_fit_the_run():
     **{"optim.schedule": "piecewise", "optim.warmup_steps": 10, "optim.boundaries": (5,)}
   )
   config.optim.scales = (0.1,)
-  with pytest.raises(config_lib.ConfigError, match=r"must start at or after optim.warmup_steps"):
+  with pytest.raises(config_lib.ConfigError, match=r"must lie from optim.warmup_steps=10 to below"):
     parts.validate(config, 8)
 
 

@@ -239,3 +239,18 @@ def test_only_set_aside_steps_keep_refusing_a_fresh_start(saved_twice, tmp_path)
   result = _cli([f"--workdir={path}", *SHARDED], cwd=ROOT, env=EIGHT)  # moved away: afresh
   assert result.returncode == 0, result.stderr[-3000:]
   assert json.loads((path / "run.json").read_text())["resumed_from"] is None
+
+
+def test_checkpoints_saved_before_configs_were_recorded_still_resume(tmp_path, digits):
+  """An older checkpoint's record holds only the data order: that is what a resume checks."""
+  _train(tmp_path, digits)
+  for meta_file in (tmp_path / "checkpoints").glob("*/meta/metadata"):
+    meta = json.loads(meta_file.read_text())
+    meta["data_order"] = {"train.batch_size": 32, "train.seed": 0}
+    del meta["config"]
+    meta_file.write_text(json.dumps(meta))
+  with pytest.raises(jaxtrain.ConfigError, match=r"train\.batch_size=64 differs from 32"):
+    _train(tmp_path, digits, **{"train.batch_size": 64})
+  resumed = _train(tmp_path, digits, **{"optim.lr": 0.01, "train.steps": 60})
+  run = json.loads((tmp_path / "run.json").read_text())
+  assert (run["resumed_from"], run["final_step"], resumed.status) == (40, 60, "completed")

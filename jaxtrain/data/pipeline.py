@@ -303,13 +303,21 @@ HEADROOM = 1.5
 MIN_GAIN = 1.25
 
 
+def _cpus() -> int:
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:  # not Linux
+    return os.cpu_count() or 1
+
+
 def worker_limit() -> int:
   """The most workers auto mode starts by default: this process's CPUs less one, 1 to 8."""
-  try:
-    cpus = len(os.sched_getaffinity(0))
-  except AttributeError:  # not Linux
-    cpus = os.cpu_count() or 1
-  return max(1, min(8, cpus - 1))
+  return max(1, min(8, _cpus() - 1))
+
+
+def most_workers() -> int:
+  """The most workers a run may ask for: twice this process's CPUs, and at least 8."""
+  return max(8, 2 * _cpus())
 
 
 def choose_workers(read_s: float, put_s: float, train_s: float, limit: int) -> int:
