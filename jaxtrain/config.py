@@ -209,20 +209,16 @@ def _check_ranges(config: ml_collections.ConfigDict) -> None:
 
 
 def _check_cadences(config: ml_collections.ConfigDict) -> None:
-  """Periodic actions fall on chunk boundaries."""
+  """Periodic actions fall on chunk boundaries; updates on whole accumulations."""
   t, o = config.train, config.optim
   for key in ("train.log_every", "eval.every_steps", "ckpt.every_steps", "train.steps"):
+    multiple = get(config, key) % t.steps_per_loop == 0
     _require(
-      get(config, key) % t.steps_per_loop == 0,
-      key,
-      config,
-      f"must be a multiple of train.steps_per_loop={t.steps_per_loop}",
+      multiple, key, config, f"must be a multiple of train.steps_per_loop={t.steps_per_loop}"
     )
+  multiple = t.steps % o.accum_steps == 0
   _require(
-    t.steps % o.accum_steps == 0,
-    "train.steps",
-    config,
-    f"must be a multiple of optim.accum_steps={o.accum_steps}",
+    multiple, "train.steps", config, f"must be a multiple of optim.accum_steps={o.accum_steps}"
   )
 
 
@@ -262,39 +258,23 @@ def _check_optim(config: ml_collections.ConfigDict) -> None:
 
 
 def _check_schedule_length(config: ml_collections.ConfigDict) -> None:
-  """The warm-up, and a schedule's own phases, must fit in the run's updates."""
-  o = config.optim
-  updates = config.train.steps // o.accum_steps
-  _require(
-    o.warmup_steps < updates, "optim.warmup_steps", config, f"must be below the {updates} updates"
-  )
-  if o.schedule == "wsd":
-    decay = max(round(updates * o.decay_fraction), 1)
-    _require(
-      o.warmup_steps + decay <= updates,
-      "optim.decay_fraction",
-      config,
-      f"leaves no room: warm-up {o.warmup_steps} + decay {decay} exceed the {updates} updates",
-    )
-  _require(
-    not o.boundaries or o.schedule == "piecewise",
-    "optim.boundaries",
-    config,
-    f"needs optim.schedule='piecewise' (not {o.schedule!r})",
-  )
-  if o.boundaries:
-    _require(
-      o.warmup_steps <= o.boundaries[0] and o.boundaries[-1] < updates,
-      "optim.boundaries",
-      config,
-      f"must lie from optim.warmup_steps={o.warmup_steps} to below the {updates} updates",
-    )
-  _require(
-    config.early_stop.warmup_steps < config.train.steps,
-    "early_stop.warmup_steps",
-    config,
-    f"must be below train.steps={config.train.steps}, or no evaluation would count",
-  )
+  """The warm-ups, and a schedule's own phases, must fit in the run."""
+  o, steps = config.optim, config.train.steps
+  updates = steps // o.accum_steps
+  decay = max(round(updates * o.decay_fraction), 1)
+  bounds = tuple(o.boundaries)
+  for key, ok, problem in (
+    ("optim.warmup_steps", o.warmup_steps < updates, f"must be below the {updates} updates"),
+    ("optim.decay_fraction", o.schedule != "wsd" or o.warmup_steps + decay <= updates,
+     f"leaves no room: warm-up {o.warmup_steps} + decay {decay} exceed the {updates} updates"),
+    ("optim.boundaries", not bounds or o.schedule == "piecewise",
+     f"needs optim.schedule='piecewise' (not {o.schedule!r})"),
+    ("optim.boundaries", not bounds or (o.warmup_steps <= bounds[0] and bounds[-1] < updates),
+     f"must lie from optim.warmup_steps={o.warmup_steps} to below the {updates} updates"),
+    ("early_stop.warmup_steps", config.early_stop.warmup_steps < steps,
+     f"must be below train.steps={steps}, or no evaluation would count"),
+  ):  # fmt: skip
+    _require(ok, key, config, problem)
 
 
 def _compiles(pattern: Any) -> bool:
@@ -368,10 +348,24 @@ def _require(ok: bool, key: str, config: ml_collections.ConfigDict, problem: str
     raise ConfigError(f"{key}={get(config, key)!r} {problem}")
 
 
+def _check_complete(config: ml_collections.ConfigDict, base: dict[str, Any]) -> None:
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ConfigError(
+      f"config is a {type(config).__name__}; start from jaxtrain.config.get_config()"
+    )
+  missing = sorted(set(base) - {key for key, _ in flatten(config)})
+  if missing:
+    raise ConfigError(
+      f"config lacks {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}; start "
+      "from jaxtrain.config.get_config() and change what differs"
+    )
+
+
 def _check_keys_and_types(config: ml_collections.ConfigDict) -> None:
-  """Unknown keys, wrong types, non-finite floats and integers outside their range."""
+  """Unknown and missing keys, wrong types, non-finite floats, integers outside their range."""
   defaults = get_config()
   base = dict(flatten(defaults))
+  _check_complete(config, base)
   for key, value in flatten(config):
     if key.startswith("model."):
       if isinstance(value, float) and not math.isfinite(value):

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from jaxtrain.config import ConfigError
 from jaxtrain.data.sources import DataError
 
 Range = tuple[str, int, int, str]
@@ -62,6 +63,15 @@ def expected_ranges() -> Iterator[list[Range]]:
     _expected.reset(token)
 
 
+def _float_logits(logits: jax.Array) -> jax.Array:
+  """The model's output in float32; an integer output would pass no gradient back."""
+  if not jnp.issubdtype(logits.dtype, jnp.floating):
+    raise ConfigError(
+      f"the model returned {logits.dtype} logits; they must be floating point to train"
+    )
+  return logits.astype(jnp.float32)
+
+
 def _integer_labels(labels: jax.Array, field: str) -> None:
   if not jnp.issubdtype(labels.dtype, jnp.integer):
     raise DataError(
@@ -93,7 +103,7 @@ def classification(
   Example:
     >>> loss_fn = functools.partial(classification, label_smoothing=0.1)
   """
-  logits_BxC = model(batch["image"], rngs=rngs).astype(jnp.float32)
+  logits_BxC = _float_logits(model(batch["image"], rngs=rngs))
   labels_B = batch["label"]
   _integer_labels(labels_B, "label")
   expect_range("label", logits_BxC.shape[-1], why=f"the model's {logits_BxC.shape[-1]} logits")
@@ -121,7 +131,7 @@ def next_token(
   """
   tokens_BxT = batch["tokens"]
   _integer_labels(tokens_BxT, "tokens")
-  logits_BxTxV = model(tokens_BxT[:, :-1], rngs=rngs).astype(jnp.float32)
+  logits_BxTxV = _float_logits(model(tokens_BxT[:, :-1], rngs=rngs))
   vocab = logits_BxTxV.shape[-1]
   expect_range("tokens", vocab, why=f"the model's vocabulary of {vocab} tokens")
   nll_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, tokens_BxT[:, 1:])

@@ -192,9 +192,9 @@ def prepare(
   with jax.set_mesh(mesh):
     graphdef = preflight.graphdef(model)
     abstract = _abstract_state(model, tx, seed=t.seed, mesh=mesh, rules=rules, policy=policy)
-    if from_config:
-      groups = config_lib.parse_lr_groups(config.optim.lr_groups)
-      preflight.check_paths(abstract.params, config.optim.freeze, groups)
+    o = config.optim  # its patterns apply only to the optimizer it describes
+    groups = config_lib.parse_lr_groups(o.lr_groups) if from_config else {}
+    preflight.check_paths(abstract.params, o.freeze if from_config else (), groups)
     step_fn = functools.partial(step_lib.train_step, graphdef=graphdef, tx=tx,
                                 loss_fn=loss_fn, schedule=schedule, policy=policy)  # fmt: skip
     eval_names, jaxpr = preflight.check_steps(

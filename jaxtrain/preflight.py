@@ -126,8 +126,14 @@ def _check_outputs(out: Any, size: int, split: str) -> list[str]:
         f"loss_fn's {name!r} has shape {shape} on a {split} batch of {size}; it must be one "
         f"value per example, shape ({size},): return it before averaging over the batch"
       )
-    if not jnp.issubdtype(value.dtype, jnp.number) and value.dtype != jnp.bool_:
-      raise ConfigError(f"loss_fn's {name!r} has dtype {value.dtype}; it must be numeric")
+    real = jnp.issubdtype(value.dtype, jnp.floating) or jnp.issubdtype(value.dtype, jnp.integer)
+    if not (real or value.dtype == jnp.bool_):
+      raise ConfigError(f"loss_fn's {name!r} has dtype {value.dtype}; it must be real numbers")
+  if not jnp.issubdtype(out["loss"].dtype, jnp.floating):
+    raise ConfigError(
+      f"loss_fn's 'loss' has dtype {out['loss'].dtype}; it must be floating point (an "
+      "integer loss passes no gradient back)"
+    )
   return sorted(out)
 
 
@@ -195,6 +201,8 @@ def check_paths(params: Any, freeze: Iterable[str], lr_groups: Iterable[str]) ->
       scales nothing, silently).
   """
   paths = [sharding.path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+  if not paths:
+    raise ConfigError("the model has no parameters (no nnx.Param) to train")
   shown = ", ".join(paths[:4]) + (", ..." if len(paths) > 4 else "")
   for key, patterns in (("optim.freeze", list(freeze)), ("optim.lr_groups", list(lr_groups))):
     for pattern in patterns:

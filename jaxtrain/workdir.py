@@ -65,9 +65,13 @@ def resolve(workdir: str | os.PathLike | None) -> pathlib.Path | None:
   """
   if workdir is None:
     return None
+  if not isinstance(workdir, str | os.PathLike) or not isinstance(os.fspath(workdir), str):
+    raise ConfigError(f"workdir={workdir!r} must be a path (a str or a pathlib.Path)")
   text = os.fspath(workdir)
-  if not str(text).strip():
+  if not text.strip():
     raise ConfigError("workdir is empty; give a folder for the run's files, such as runs/NAME")
+  if "\0" in text:
+    raise ConfigError(f"workdir {text!r} holds a NUL character")
   return pathlib.Path(text).expanduser().absolute()
 
 

@@ -129,6 +129,12 @@ CODE_CASES = {
   "too_long": "sequences of 64 tokens are longer than its 32 positions",
   "loss_bug": "loss_fn on a train batch (image float32[16, 8, 8], label int32[16]) failed",
   "model_without_rngs": "model: building it with rngs= failed",
+  "int_logits": "the model returned int32 logits; they must be floating point",
+  "int_loss": "loss_fn's 'loss' has dtype int32; it must be floating point",
+  "no_params": "the model has no parameters",
+  "string_field": "field label has dtype <U1; batches hold numeric or bool arrays",
+  "source_raises": "reading it failed: IndexError: record 42 went missing",
+  "not_a_dataset": "data is a tuple; pass a jaxtrain.data.Dataset",
 }
 
 

@@ -138,3 +138,12 @@ def test_cli_bad_value_exits_2_with_one_line(tmp_path, override, key):
   assert len(errors) == 1 and key in errors[0], result.stderr[-2000:]
   assert "Traceback" not in result.stderr
   assert not (tmp_path / "w" / "run.json").exists()
+
+
+def test_a_config_that_is_not_whole_is_named():
+  with pytest.raises(config_lib.ConfigError, match="config is a dict; start from"):
+    config_lib.validate({"train": {}})
+  config = helpers.tiny_config()
+  del config.train["seed"]
+  with pytest.raises(config_lib.ConfigError, match=r"config lacks train\.seed; start from"):
+    config_lib.validate(config)

@@ -44,6 +44,9 @@ def test_resolve_makes_paths_absolute_once(tmp_path, monkeypatch):
   for empty in ("", "  "):
     with pytest.raises(jaxtrain.ConfigError, match="workdir is empty"):
       workdir.resolve(empty)
+  for bad in (123, b"runs/a", ["runs"], "runs/\0x"):
+    with pytest.raises(jaxtrain.ConfigError, match="workdir"):
+      workdir.resolve(bad)
   assert list(tmp_path.iterdir()) == []  # resolving creates nothing
 
 

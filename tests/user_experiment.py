@@ -94,6 +94,41 @@ def _loss_bug(model, batch, rngs):
   return {"loss": jnp.dot(model(batch["image"], rngs=rngs), batch["label"])}
 
 
+class _Raises:
+  """A source of the user's own that fails on record 42."""
+
+  def __init__(self, source):
+    self.source, self.name = source, "mine"
+
+  def __len__(self):
+    return len(self.source)
+
+  def __getitem__(self, i):
+    if i == 42:
+      raise IndexError("record 42 went missing")
+    return self.source[i]
+
+
+class _IntOutput(nnx.Module):
+  def __init__(self, *, rngs):
+    self.mlp = models.MLP(64, (16,), 10, rngs=rngs)
+
+  def __call__(self, x, *, rngs=None):
+    return self.mlp(x, rngs=rngs).astype(jnp.int32)
+
+
+class _NoParams(nnx.Module):
+  def __init__(self, *, rngs):
+    del rngs
+
+  def __call__(self, x, *, rngs=None):
+    return jnp.zeros((x.shape[0], 10))
+
+
+def _int_loss(model, batch, rngs):
+  return {"loss": losses.classification(model, batch, rngs)["loss"].astype(jnp.int32)}
+
+
 def _case(name):
   """Returns `(model, dataset, loss_fn)` with the mistake `name` in it."""
   mlp, digits, classify = _mlp(), _digits(), losses.classification
@@ -113,6 +148,12 @@ def _case(name):
     "too_long": (_lm(256, 32), _tokens(256, 64), losses.next_token),
     "loss_bug": (mlp, digits, _loss_bug),
     "model_without_rngs": (lambda: built, digits, classify),
+    "int_logits": (_IntOutput, digits, classify),
+    "int_loss": (mlp, digits, _int_loss),
+    "no_params": (_NoParams, digits, classify),
+    "string_field": (mlp, _digits(label=lambda y: y.astype(str)), classify),
+    "source_raises": (mlp, data.Dataset("r", _Raises(data.digits().train), digits.eval), classify),
+    "not_a_dataset": (mlp, (digits.train, digits.eval), classify),
   }
   return cases[name]
 

@@ -41,9 +41,26 @@ def check_source(
     The spec the records have.
   """
   name = getattr(source, "name", type(source).__name__)
+  try:
+    return _check(name, source, like, num_classes)
+  except DataError:
+    raise
+  except Exception as e:  # the user's own source failed to read: one line, not a traceback
+    raise DataError(f"source {name}: reading it failed: {type(e).__name__}: {e}") from e
+
+
+def _check(
+  name: str, source: Source, like: Spec | None, num_classes: Mapping[str, int] | None
+) -> Spec:
   if len(source) == 0:
     raise DataError(f"source {name}: is empty")
   spec = like or spec_of(source[0])
+  for field, (_, dtype) in spec.items():
+    if not (np.issubdtype(dtype, np.number) or dtype == np.bool_):
+      raise DataError(
+        f"source {name}: field {field} has dtype {dtype}; batches hold numeric or bool arrays "
+        "(encode text as token ids first)"
+      )
   arrays = getattr(source, "arrays", None)
   if arrays is not None:
     _check_arrays(name, arrays, spec)
@@ -62,6 +79,11 @@ def check_source(
 
 def check_dataset(data: Dataset, num_classes: Mapping[str, int] | None = None) -> Spec:
   """Checks the train source, then the eval source against the train records' spec."""
+  if not isinstance(data, Dataset):
+    raise DataError(
+      f"data is a {type(data).__name__}; pass a jaxtrain.data.Dataset(name, train, eval) "
+      "of two sources"
+    )
   spec = check_source(data.train, num_classes=num_classes)
   check_source(data.eval, like=spec, num_classes=num_classes)
   return spec
