@@ -107,3 +107,16 @@ class _ReadNoise(logging.Filter):
     if record.levelno >= logging.CRITICAL:
       return True
     return not any(m in record.pathname for m in _LIBRARY_NOISE)
+
+
+@contextlib.contextmanager
+def naming(path: os.PathLike | str) -> Iterator[None]:
+  """Re-raises an `OSError` inside as one that names `path` ("could not write ...")."""
+  try:
+    yield
+  except OSError as e:
+    if str(e).startswith("could not write"):
+      raise
+    named = OSError(f"could not write {path}: {e.strerror or e}")
+    named.errno = e.errno
+    raise named from e

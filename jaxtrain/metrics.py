@@ -18,18 +18,23 @@ from typing import Any
 import numpy as np
 import tqdm
 
+from jaxtrain import logs
+
 
 class JsonlWriter:
   """Appends one JSON object a line: `{"step": N, "split": ..., **values}`."""
 
   def __init__(self, path: pathlib.Path | None):
-    self._file = open(path, "a", buffering=1) if path else None  # noqa: SIM115 (held open)
+    self._path = path
+    with logs.naming(path):
+      self._file = open(path, "a", buffering=1) if path else None  # noqa: SIM115 (held open)
 
   def write(self, step: int, split: str, values: dict[str, float]) -> None:
     """Writes one line; non-finite numbers become null."""
     if self._file:
       clean = {k: _jsonable(v) for k, v in values.items()}
-      self._file.write(json.dumps({"step": step, "split": split, **clean}) + "\n")
+      with logs.naming(self._path):
+        self._file.write(json.dumps({"step": step, "split": split, **clean}) + "\n")
 
   def close(self) -> None:
     """Closes the file."""
@@ -60,8 +65,9 @@ def truncate_jsonl(path: pathlib.Path, last_step: int) -> None:
     except (json.JSONDecodeError, KeyError, TypeError):
       continue
   tmp = path.with_name(path.name + ".tmp")
-  tmp.write_text("".join(kept))
-  tmp.replace(path)
+  with logs.naming(path):
+    tmp.write_text("".join(kept))
+    tmp.replace(path)
 
 
 class Meter:

@@ -28,7 +28,7 @@ import ml_collections
 from jax.sharding import Mesh
 
 from jaxtrain import config as config_lib
-from jaxtrain import metrics
+from jaxtrain import logs, metrics
 from jaxtrain.data.sources import Dataset
 
 PACKAGES = (
@@ -53,14 +53,15 @@ def write_json(path: pathlib.Path, value: Any) -> None:
   """
   text = json.dumps(value, indent=2, sort_keys=True, default=str) + "\n"
   tmp = path.with_name(path.name + ".tmp")
-  try:
-    tmp.write_text(text)
-    os.replace(tmp, path)
-  except OSError as e:
-    if e.errno != errno.ENOSPC:
-      raise
-    tmp.unlink(missing_ok=True)
-    path.write_text(text)
+  with logs.naming(path):
+    try:
+      tmp.write_text(text)
+      os.replace(tmp, path)
+    except OSError as e:
+      if e.errno != errno.ENOSPC:
+        raise
+      tmp.unlink(missing_ok=True)
+      path.write_text(text)
 
 
 def now() -> str:
@@ -177,7 +178,8 @@ def start(
   """
   is_main = jax.process_index() == 0
   if is_main:
-    (workdir / "config.json").write_text(config_lib.to_json(config) + "\n")
+    with logs.naming(workdir / "config.json"):
+      (workdir / "config.json").write_text(config_lib.to_json(config) + "\n")
     metrics.truncate_jsonl(workdir / "metrics.jsonl", resumed_from or 0)  # a killed run's tail
   fields = run_fields(config, mesh, data, workdir)
   fields["forced_changes"] = {k: list(v) for k, v in (forced or {}).items()} or None

@@ -257,3 +257,9 @@ def test_checkpoints_saved_before_configs_were_recorded_still_resume(tmp_path, d
   resumed = _train(tmp_path, digits, **{"optim.lr": 0.01, "train.steps": 60})
   run = json.loads((tmp_path / "run.json").read_text())
   assert (run["resumed_from"], run["final_step"], resumed.status) == (40, 60, "completed")
+
+
+def test_a_failed_metric_write_names_the_file():
+  writer = jaxtrain.metrics.JsonlWriter(pathlib.Path("/dev/full"))  # every write: ENOSPC
+  with pytest.raises(OSError, match=r"^could not write /dev/full: No space left on device$"):
+    writer.write(10, "train", {"loss": 1.0})
