@@ -58,20 +58,27 @@ class RunFlags(NamedTuple):
 
 
 def define_flags(
-  config: ml_collections.ConfigDict,
+  config: ml_collections.ConfigDict | Callable[[str], ml_collections.ConfigDict],
   model_help: Mapping[str, str] | None = None,
   workdir_help: str = "Folder for the run's files; relative, . and ~ paths work.",
+  presets: Sequence[str] = (),
 ) -> RunFlags:
-  """Defines `--config` with default `config`, `--workdir` and `--resume`.
+  """Defines `--config` with default `config`, `--workdir` and `--resume` (and `--preset`).
 
   Args:
-    config: the experiment's config, with every default.
+    config: the experiment's config, with every default; with `presets`, its
+      `get_config(preset)`, called with the `--preset` of the command line.
     model_help: a one-line meaning for each `model.*` key, for `--help`.
     workdir_help: the help of `--workdir`.
+    presets: the preset names `--preset` takes, the default first.
 
   Returns:
     The flag holders.
   """
+  if presets:
+    chosen = _preset(presets)
+    flags.DEFINE_enum("preset", presets[0], presets, "The config the overrides start from.")
+    config = config(chosen)
   holder = define_config(config, model_help)
   return RunFlags(
     holder,
@@ -84,6 +91,18 @@ def define_flags(
       "resume may not change; never refuses; force resumes and records the changes.",
     ),
   )
+
+
+def _preset(presets: Sequence[str]) -> str:
+  """The `--preset=NAME` (or `--preset NAME`) of the command line, read before flags parse."""
+  args = sys.argv[1:]
+  for i, arg in enumerate(args):
+    if arg.startswith("--preset"):
+      name = arg.partition("=")[2] if "=" in arg else (args[i + 1] if i + 1 < len(args) else "")
+      if name not in presets:
+        fail(f"--preset={name!r} must be one of {', '.join(presets)}")
+      return name
+  return presets[0]
 
 
 def define_config(

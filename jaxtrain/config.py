@@ -23,14 +23,17 @@ from typing import Any
 import ml_collections
 from ml_collections import config_dict
 
-OPTIMIZERS = ("adam", "adamw", "rmsprop", "adagrad", "sgd", "lion", "adafactor")
+OPTIMIZERS = ("adam", "adamw", "rmsprop", "adagrad", "sgd", "lion", "adafactor", "muon")
 SCHEDULES = ("constant", "cosine", "linear", "rsqrt", "exponential", "piecewise", "wsd")
 POLICIES = ("f32", "bf16-mixed", "bf16", "fp16-mixed")
 MODES = ("min", "max")
-DECAY_OPTIMIZERS = ("adamw", "lion", "adafactor")  # decoupled weight decay with a mask
+DECAY_OPTIMIZERS = ("adamw", "lion", "adafactor", "muon")  # decoupled weight decay with a mask
 MOMENTUM_OPTIMIZERS = ("sgd", "rmsprop")
 # Parameter paths that weight decay leaves alone by default: biases, norm scales, embeddings.
 NO_DECAY = (r"(^|/)bias$", r"(^|/)scale$", r"(^|/)embedding$")
+# Parameters that Muon leaves to its Adam branch, besides those under 2 dimensions:
+# embeddings and the head, and norm scales and biases (2-D when layers are stacked).
+MUON_ADAM = (r"(^|/)(embed|position|head)/", r"(^|/)(scale|bias)$")
 INT32_LIMIT = 2**31  # steps, counts and sizes live in int32 arrays
 SEED_LIMIT = 2**32  # jax.random.PRNGKey keeps 32 bits of a seed: 2**32 is seed 0 again
 
@@ -59,6 +62,8 @@ DEFAULTS: dict[str, tuple[Any, str]] = {
   "optim.centered": (False, "rmsprop: centred second moment"),
   "optim.weight_decay": (0.0, f"decoupled weight decay ({', '.join(DECAY_OPTIMIZERS)})"),
   "optim.no_decay": (NO_DECAY, "regexes of parameter paths that weight decay skips"),
+  "optim.muon_adam": (MUON_ADAM, "muon: regexes of parameter paths its Adam branch trains"),
+  "optim.muon_adam_scale": (1.0, "muon: the Adam branch's learning rate as a multiple of optim.lr"),
   "optim.clip_norm": (0.0, "global-norm gradient clipping; 0 turns it off"),
   "optim.accum_steps": (1, "micro-batches whose gradients are averaged into one update"),
   "optim.freeze": ((), "regexes of parameter paths that are not trained"),
@@ -76,6 +81,11 @@ DEFAULTS: dict[str, tuple[Any, str]] = {
   "data.max_workers": (0, "the most workers=-1 starts; 0: the CPUs less one, at most 8"),
   "data.crop_padding": (0, "train images: random crop after this much zero padding; 0: off"),
   "data.flip": (False, "train images: random horizontal flip"),
+  "data.tokenizer": (
+    "byte",
+    "text: byte, or bpe (trained on the train split, kept in workdir)",
+  ),
+  "data.vocab_size": (4096, "bpe: the tokenizer's vocabulary size"),
   "data.normalize": (False, "images: (x - mean) / std of the train images, train and eval"),
   "ckpt.every_steps": (1000, "steps between checkpoints; 0: only at the end and on a stop"),
   "ckpt.keep": (3, "newest checkpoint steps kept"),
@@ -106,6 +116,8 @@ POSITIVE = (
   "eval.batch_size",
   "optim.lr",
   "optim.accum_steps",
+  "optim.muon_adam_scale",
+  "data.vocab_size",
   "ckpt.keep",
   "precision.loss_scale_period",
 )
@@ -128,6 +140,7 @@ NON_NEGATIVE = (
   "data.crop_padding",
 )
 CHOICES = {
+  "data.tokenizer": ("byte", "bpe"),
   "optim.name": OPTIMIZERS,
   "optim.schedule": SCHEDULES,
   "precision.policy": POLICIES,
@@ -248,7 +261,7 @@ def _check_optim(config: ml_collections.ConfigDict) -> None:
     ("loss.label_smoothing", 0 <= config.loss.label_smoothing < 1, "must be in [0, 1)"),
   ):
     _require(ok, key, config, problem)
-  for key in ("optim.no_decay", "optim.freeze"):
+  for key in ("optim.no_decay", "optim.freeze", "optim.muon_adam"):
     for pattern in get(config, key):
       _require(_compiles(pattern), key, config, f"has a bad regular expression {pattern!r}")
   try:

@@ -27,7 +27,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxtrain import checkpoint, interrupt, logs, metrics, record, sharding
+from jaxtrain import checkpoint, interrupt, logs, metrics, record, sharding, throughput
 from jaxtrain import monitor as monitor_lib
 from jaxtrain import parts as parts_lib
 from jaxtrain import state as state_lib
@@ -172,7 +172,11 @@ class _Session:
     step = restored.step if restored else 0
     meta = restored.meta if restored else {"eval": {}, "skipped": 0}
     self.carry = _Carry(step, meta["eval"], meta["skipped"], saved=restored and restored.step)
-    self.meter = metrics.Meter(config.train.batch_size)
+    self.started = time.perf_counter()
+    self.throughput = throughput.describe(
+      spec.model_fn, spec.data.train[0], config.train.batch_size
+    )
+    self.meter = metrics.Meter(config.train.batch_size, self.throughput)
     if restored:
       self.meter.load(restored.meta["meter"])
     self.interrupted_at_once = False
@@ -188,6 +192,7 @@ class _Session:
         self.path,
         resumed_from=self.restored.step if self.restored else None,
         forced=workdir_lib.forced_changes(self.config, self.restored),
+        throughput=self.throughput,
       )
       self.signals = interrupt.StopSignals(self.spec.mesh)
       self.writer = metrics.JsonlWriter(self.path / "metrics.jsonl" if is_main else None)
@@ -327,6 +332,8 @@ def _log(s: _Session, end_step: int, chunk_metrics: Any, wait: float) -> None:
   c, t = s.carry, s.config.train
   host = jax.device_get(chunk_metrics)  # already computed
   c.stop = max(c.stop, int(host.pop("stop")))
+  if "first_chunk_seconds" not in s.run_record.fields:  # compiling included
+    s.run_record.update(first_chunk_seconds=round(time.perf_counter() - s.started, 3))
   runs = host.pop("skipped_in_a_row")
   c.in_a_row = int(runs[-1])
   c.skipped += int(np.sum(host["skipped"]))

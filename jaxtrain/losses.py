@@ -126,8 +126,9 @@ def next_token(
   """Next-token cross-entropy of a language model over `batch["tokens"]` `[B, T]`.
 
   The model sees tokens `0..T-2` and predicts `1..T-1`. Returns per example the
-  mean `loss` over its positions (in nats) and `bits_per_byte` (the same in
-  bits, which for byte-level tokens is bits per byte).
+  mean `loss` over its positions (in nats) and `bits_per_byte`: the total in
+  bits over the bytes the predicted tokens stand for, `batch["bytes"]` `[B]`
+  where a tokenizer's records carry it, else one byte a token.
   """
   tokens_BxT = batch["tokens"]
   _integer_labels(tokens_BxT, "tokens")
@@ -136,4 +137,7 @@ def next_token(
   expect_range("tokens", vocab, why=f"the model's vocabulary of {vocab} tokens")
   nll_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, tokens_BxT[:, 1:])
   loss_B = nll_BxT.mean(axis=-1)
-  return {"loss": loss_B, "bits_per_byte": loss_B / jnp.log(2.0)}
+  if "bytes" not in batch:
+    return {"loss": loss_B, "bits_per_byte": loss_B / jnp.log(2.0)}
+  bytes_B = jnp.maximum(batch["bytes"], 1).astype(jnp.float32)  # padded eval records hold 0
+  return {"loss": loss_B, "bits_per_byte": nll_BxT.sum(axis=-1) / (jnp.log(2.0) * bytes_B)}

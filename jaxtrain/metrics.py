@@ -73,8 +73,14 @@ def truncate_jsonl(path: pathlib.Path, last_step: int) -> None:
 class Meter:
   """Averages per-step train metrics and times the steps between two log lines."""
 
-  def __init__(self, batch_size: int):
+  def __init__(self, batch_size: int, throughput: dict[str, Any] | None = None):
     self.batch_size = batch_size
+    known = throughput or {}  # `throughput.describe`: tokens, model FLOPs and peak of a step
+    self.tokens_per_step = known.get("tokens_per_step", 0)
+    self.flops_per_step, self.peak_flops = (
+      known.get("flops_per_step", 0),
+      known.get("peak_flops", 0),
+    )
     self._sums: dict[str, float] = {}
     self._steps = 0
     self.start_clock(time.perf_counter())
@@ -117,6 +123,10 @@ class Meter:
       out["lr"] = float(last["lr"][-1])
     out["steps_per_sec"] = self._timed / elapsed
     out["samples_per_sec"] = out["steps_per_sec"] * self.batch_size
+    if self.tokens_per_step:
+      out["tokens_per_sec"] = out["steps_per_sec"] * self.tokens_per_step
+    if self.flops_per_step and self.peak_flops:
+      out["mfu"] = out["steps_per_sec"] * self.flops_per_step / self.peak_flops
     out["data_wait_frac"] = self._wait / elapsed
     self._sums, self._steps = {}, 0
     self.start_clock(now)

@@ -26,7 +26,7 @@ import optax
 
 from jaxtrain import config as config_lib
 from jaxtrain import sharding
-from jaxtrain.config import DECAY_OPTIMIZERS, NO_DECAY, OPTIMIZERS, SCHEDULES
+from jaxtrain.config import DECAY_OPTIMIZERS, MUON_ADAM, NO_DECAY, OPTIMIZERS, SCHEDULES
 
 __all__ = [
   "DECAY_OPTIMIZERS",
@@ -38,6 +38,7 @@ __all__ = [
   "freeze",
   "from_config",
   "lr_multiplier",
+  "muon_dimensions",
   "optimizer",
   "path_labels",
   "scale_by_path",
@@ -156,6 +157,8 @@ def base(
   momentum: float = 0.0,
   nesterov: bool = False,
   centered: bool = False,
+  muon_adam: Sequence[str] = MUON_ADAM,
+  muon_adam_scale: float = 1.0,
 ) -> optax.GradientTransformation:
   """The named Optax optimizer, with its own options and decoupled weight decay.
 
@@ -170,6 +173,10 @@ def base(
     momentum: for sgd and rmsprop; 0 turns it off.
     nesterov: Nesterov momentum, for sgd and rmsprop.
     centered: centered RMSprop.
+    muon_adam: muon: path patterns of the parameters its Adam branch trains,
+      besides every parameter of fewer than 2 dimensions (`muon_dimensions`).
+    muon_adam_scale: muon: the Adam branch's learning rate as a multiple of
+      `learning_rate`.
 
   Returns:
     Exactly the Optax optimizer of that name with these arguments.
@@ -190,10 +197,40 @@ def base(
     ),
     "adagrad": lambda: optax.adagrad(learning_rate),
     "sgd": lambda: optax.sgd(learning_rate, momentum=mom, nesterov=nesterov),
+    "muon": lambda: optax.contrib.muon(
+      learning_rate,
+      weight_decay=weight_decay,
+      weight_decay_mask=mask,
+      adam_learning_rate=_scaled(learning_rate, muon_adam_scale),
+      muon_weight_dimension_numbers=muon_dimensions(muon_adam),
+    ),
   }
   if name not in builders:
     raise ValueError(f"unknown optimizer {name!r} (known: {', '.join(OPTIMIZERS)})")
   return builders[name]()
+
+
+def muon_dimensions(adam: Sequence[str] = MUON_ADAM) -> Callable[[Any], Any]:
+  """Muon's split of the parameters: Newton-Schulz over the last two axes, or Adam (None).
+
+  A parameter of at least 2 dimensions whose path matches none of `adam` is a
+  matrix to Muon, its leading axes (the stacked layers, say) a batch of
+  matrices; the rest (embeddings, the head, norms, biases) go to the Adam branch.
+  """
+
+  def dims(path: tuple[Any, ...], leaf: Any) -> Any:
+    if leaf.ndim < 2 or any(re.search(p, sharding.path_str(path)) for p in adam):
+      return None
+    return optax.contrib.MuonDimensionNumbers(reduction_axis=leaf.ndim - 2,
+                                              output_axis=leaf.ndim - 1)  # fmt: skip
+
+  return lambda params: jax.tree.map_with_path(dims, params)
+
+
+def _scaled(learning_rate: optax.ScalarOrSchedule, scale: float) -> optax.ScalarOrSchedule:
+  if callable(learning_rate):
+    return lambda count: learning_rate(count) * scale
+  return learning_rate * scale
 
 
 def scale_by_path(multipliers: Mapping[str, float]) -> optax.GradientTransformation:
@@ -248,6 +285,8 @@ def optimizer(
   momentum: float = 0.0,
   nesterov: bool = False,
   centered: bool = False,
+  muon_adam: Sequence[str] = MUON_ADAM,
+  muon_adam_scale: float = 1.0,
   clip_norm: float = 0.0,
   lr_groups: Mapping[str, float] | None = None,
   frozen: Sequence[str] = (),
@@ -264,6 +303,8 @@ def optimizer(
     momentum: for sgd and rmsprop.
     nesterov: Nesterov momentum, for sgd and rmsprop.
     centered: centered RMSprop.
+    muon_adam: muon: path patterns its Adam branch trains (see `base`).
+    muon_adam_scale: muon: the Adam branch's learning-rate multiple.
     clip_norm: clip gradients to this global norm first; 0 turns it off.
     lr_groups: learning-rate multipliers by path pattern (`scale_by_path`).
     frozen: path patterns of parameters that are not trained (`freeze`).
@@ -282,6 +323,8 @@ def optimizer(
     momentum=momentum,
     nesterov=nesterov,
     centered=centered,
+    muon_adam=muon_adam,
+    muon_adam_scale=muon_adam_scale,
   )
   if lr_groups:
     tx = optax.chain(tx, scale_by_path(lr_groups))
@@ -322,6 +365,8 @@ def from_config(
     momentum=o.momentum,
     nesterov=o.nesterov,
     centered=o.centered,
+    muon_adam=tuple(o.muon_adam),
+    muon_adam_scale=o.muon_adam_scale,
     clip_norm=o.clip_norm,
     lr_groups=config_lib.parse_lr_groups(o.lr_groups),
     frozen=tuple(o.freeze),

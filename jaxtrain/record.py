@@ -149,6 +149,7 @@ def run_fields(
       "folder": data.folder or None,
       "train_fingerprint": fingerprint(data.train),
       "eval_fingerprint": fingerprint(data.eval),
+      **(data.info or {}),
     },
     "seeds": {"train.seed": config.train.seed},
     "train_chunk_compilations": 0,
@@ -163,6 +164,7 @@ def start(
   *,
   resumed_from: int | None,
   forced: dict[str, Any] | None = None,
+  throughput: dict[str, Any] | None = None,
 ) -> "RunRecord":
   """Writes `config.json`, trims `metrics.jsonl` to the resumed step, starts `run.json`.
 
@@ -175,14 +177,19 @@ def start(
     workdir: the absolute workdir.
     resumed_from: the restored step, or None for a fresh run.
     forced: the changed keys a forced resume let through, `{key: (old, new)}`.
+    throughput: the tokens and model FLOPs a step takes and the devices' peak, if known.
   """
   is_main = jax.process_index() == 0
   if is_main:
     with logs.naming(workdir / "config.json"):
       (workdir / "config.json").write_text(config_lib.to_json(config) + "\n")
+    for name, text in (data.files or {}).items():  # a trained tokenizer, say
+      with logs.naming(workdir / name):
+        (workdir / name).write_text(text)
     metrics.truncate_jsonl(workdir / "metrics.jsonl", resumed_from or 0)  # a killed run's tail
   fields = run_fields(config, mesh, data, workdir)
   fields["forced_changes"] = {k: list(v) for k, v in (forced or {}).items()} or None
+  fields["throughput"] = throughput
   return RunRecord(workdir, is_main, fields, resumed_from=resumed_from)
 
 

@@ -129,7 +129,22 @@ REFERENCES = {
     {"weight_decay": 0.1},
     lambda lr: optax.adafactor(lr, weight_decay_rate=0.1, weight_decay_mask=_decayed_kernels_only),
   ),
+  "muon": (
+    {"weight_decay": 0.1},
+    lambda lr: optax.contrib.muon(
+      lr,
+      weight_decay=0.1,
+      weight_decay_mask=_decayed_kernels_only,
+      muon_weight_dimension_numbers=_kernels_only_to_muon,
+    ),
+  ),
 }
+
+
+def _kernels_only_to_muon(params):
+  dims = jax.tree.map(lambda _: None, params)
+  dims["dense"]["kernel"] = optax.contrib.MuonDimensionNumbers(reduction_axis=0, output_axis=1)
+  return dims
 
 
 def _decayed_kernels_only(params):
@@ -174,6 +189,7 @@ ROSENBROCK = {
   "sgd": ({"momentum": 0.9}, 1e-3, "cosine"),
   "lion": ({}, 3e-3, "cosine"),
   "adafactor": ({}, 5e-2, "cosine"),
+  "muon": ({}, 3e-2, "cosine"),  # a vector: its Adam branch
 }
 
 
@@ -251,3 +267,28 @@ def test_lr_groups_scale_their_updates():
   factors = {"dense/kernel": 10, "dense/bias": 10, "norm/scale": 1, "norm/bias": 0.5}
   for path, factor in {**factors, "embed/embedding": 1}.items():
     np.testing.assert_allclose(got[path], factor * want[path], rtol=1e-6)
+
+
+def test_muon_orthogonalises_stacked_matrices_and_leaves_the_rest_to_adam():
+  params = {
+    "embed": {"embedding": jnp.ones((7, 4))},
+    "blocks": {"mlp": {"up": {"kernel": jnp.ones((3, 4, 6))}}, "norm": {"scale": jnp.ones((3, 4))}},
+    "head": {"kernel": jnp.ones((4, 7))},
+    "hidden": {"0": {"kernel": jnp.ones((4, 4)), "bias": jnp.ones(4)}},
+  }
+  dims = _flat(optim.muon_dimensions()(params))  # MuonDimensionNumbers are pytrees
+  assert dims == {
+    "blocks/mlp/up/kernel/reduction_axis": 1,
+    "blocks/mlp/up/kernel/output_axis": 2,
+    "hidden/0/kernel/reduction_axis": 0,
+    "hidden/0/kernel/output_axis": 1,
+  }
+  # One step: each of the 3 stacked [4, 6] updates is Muon's update of that matrix alone.
+  grads = jax.tree.map(lambda p: jax.random.normal(jax.random.PRNGKey(p.size), p.shape), params)
+  tx = optim.optimizer("muon", 1.0)
+  stacked = tx.update(grads, tx.init(params), params)[0]["blocks"]["mlp"]["up"]["kernel"]
+  for i in range(3):
+    alone = {"w": params["blocks"]["mlp"]["up"]["kernel"][i]}
+    g = {"w": grads["blocks"]["mlp"]["up"]["kernel"][i]}
+    np.testing.assert_allclose(stacked[i], tx.update(g, tx.init(alone), alone)[0]["w"], atol=1e-6)
+  assert float(jnp.abs(stacked[0] - stacked[1]).max()) > 1e-3

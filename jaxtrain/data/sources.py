@@ -87,12 +87,18 @@ class ArraySource:
 
 
 class Dataset(NamedTuple):
-  """A train and an eval source of one dataset, and the folder it was read from, if any."""
+  """A train and an eval source of one dataset, and the folder it was read from, if any.
+
+  `files` (name to text) are written into the workdir when a run starts, such
+  as a trained tokenizer; `info` is recorded in `run.json`'s `data` section.
+  """
 
   name: str
   train: Source
   eval: Source
   folder: str = ""
+  files: dict[str, str] | None = None
+  info: dict[str, Any] | None = None
 
 
 def check_labels(

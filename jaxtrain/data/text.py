@@ -1,9 +1,13 @@
-"""Byte-level text, cut into fixed-length windows for language models.
+"""Text as tokens, cut into fixed-length windows for language models.
 
-A `ByteTextSource` holds a corpus as one `uint8` array and serves window `i` as
-`{"tokens": bytes[i*T : i*T + T + 1]}` (int32): `T + 1` bytes, so a model sees
-`T` of them and predicts the next byte at each position. Windows do not
-overlap except in that one byte. The vocabulary is the 256 byte values.
+A `ByteTextSource` holds a corpus as one token array (its bytes, `uint8`, by
+default; the ids of a tokenizer otherwise) and serves window `i` as
+`{"tokens": ids[i*T : i*T + T + 1]}` (int32): `T + 1` tokens, so a model sees
+`T` of them and predicts the next at each position. Windows do not overlap
+except in that one token. Byte-level text has the 256 byte values as its
+vocabulary; tokenized text (`jaxtrain.data.bpe`) also serves each window's
+`bytes`, the length in bytes of the tokens it predicts, from which the loss
+reports `bits_per_byte` comparably across tokenizers.
 
 Example:
   >>> ds = python_stdlib(length=256)          # CPython's own sources, offline
@@ -11,6 +15,7 @@ Example:
   (257,)
 """
 
+import hashlib
 import os
 import pathlib
 import sysconfig
@@ -24,15 +29,25 @@ VOCAB = 256
 
 
 class ByteTextSource:
-  """Fixed-length windows over a byte array; vectorised `read` for whole batches."""
+  """Fixed-length windows over a token array; vectorised `read` for whole batches.
 
-  def __init__(self, name: str, data: np.ndarray, length: int):
+  Args:
+    name: the source's name, for messages.
+    data: the tokens, an unsigned integer array (bytes by default).
+    length: the window length `T`; a record holds `T + 1` tokens.
+    token_bytes: for tokenized text, each token id's length in bytes; each
+      record then also holds `bytes`, the bytes its last `T` tokens stand for.
+  """
+
+  def __init__(self, name: str, data: np.ndarray, length: int, token_bytes=None):
     if length < 1:
       raise DataError(f"source {name}: window length {length} must be positive")
     self.name, self.length = name, length
-    self.data = np.asarray(data, np.uint8)
+    data = np.asarray(data)
+    self.data = data if data.dtype.kind == "u" else np.asarray(data, np.uint8)
+    self.token_bytes = None if token_bytes is None else np.asarray(token_bytes, np.int32)
     if len(self) == 0:
-      raise DataError(f"source {name}: {self.data.size} bytes hold no window of {length + 1}")
+      raise DataError(f"source {name}: {self.data.size} tokens hold no window of {length + 1}")
 
   def __len__(self) -> int:
     return max((self.data.size - 1) // self.length, 0)
@@ -46,7 +61,16 @@ class ByteTextSource:
     if indices.size and (indices.min() < 0 or indices.max() >= len(self)):
       raise IndexError(f"source {self.name}: window index out of range [0, {len(self)})")
     starts = indices[:, None] * self.length + np.arange(self.length + 1)
-    return {"tokens": self.data[starts].astype(np.int32)}
+    tokens = self.data[starts].astype(np.int32)
+    if self.token_bytes is None:
+      return {"tokens": tokens}
+    return {"tokens": tokens, "bytes": self.token_bytes[tokens[:, 1:]].sum(axis=1, dtype=np.int32)}
+
+  def fingerprint(self) -> str:
+    """The SHA-256 of the tokens and the window length: the corpus changes with Python's version."""
+    digest = hashlib.sha256(self.data.tobytes())
+    digest.update(f"{self.data.dtype}/{self.length}".encode())
+    return digest.hexdigest()[:16]
 
 
 def read_files(paths: Iterable[str | pathlib.Path]) -> np.ndarray:

@@ -1,96 +1,298 @@
 """A decoder-only Transformer for next-token prediction (Flax NNX).
 
-Pre-norm blocks of causal self-attention and a GELU MLP, learned position
-embeddings, and an output head tied to nothing. The attention softmax is taken
-in float32 whatever the compute dtype (and recomputed in the backward pass
-rather than stored); the norms compute their statistics in float32 (Flax does).
+Pre-norm blocks (RMSNorm) of causal self-attention and an MLP, with:
+- rotary positions (`positions="rope"`) or a learned position table (`"learned"`);
+- grouped-query attention: `kv_heads` key/value heads shared by `heads` query heads;
+- attention through `jax.nn.dot_product_attention`: cuDNN's fused kernel on GPU for
+  16-bit inputs, XLA's elsewhere; its softmax is taken in float32;
+- a SwiGLU (`activation="swiglu"`) or GELU MLP of width `mlp`;
+- an output head tied to the token embedding (`tie=True`) or its own;
+- the blocks stored stacked, `[layers, ...]`, and run by `lax.scan`
+  (`scan_layers=True`: one compiled block) or unrolled at trace time, the same
+  parameters either way;
+- rematerialisation per block (`remat`): `none`, `full` (keep only the block's
+  input) or `dots-saveable` (keep the matmul outputs, recompute the rest).
+
+Every parameter carries logical axis names (`vocab`, `embed`, `heads`,
+`kv_heads`, `mlp`, `layers`; `logical_axes` reads them), and the
+activations are named too (`batch`, `sequence`, `embed`, ...): `constrain`
+applies them under `flax.core.spmd` logical axis rules and does nothing without.
 
 Example:
-  >>> model = Transformer(vocab=256, length=128, width=128, depth=2, heads=4, rngs=nnx.Rngs(0))
+  >>> model = Transformer(vocab=256, seq_len=128, d_model=128, layers=2, heads=4,
+  ...                     rngs=nnx.Rngs(0))
   >>> model(jnp.zeros((8, 128), jnp.int32)).shape
   (8, 128, 256)
 """
 
+from collections.abc import Callable
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from flax.core import spmd
 
 from jaxtrain.config import ConfigError
 from jaxtrain.models import args
 
+REMAT = ("none", "full", "dots-saveable")
+POSITIONS = ("rope", "learned")
+ACTIVATIONS = ("swiglu", "gelu")
+_REMAT_POLICIES = {"full": None, "dots-saveable": jax.checkpoint_policies.dots_saveable}
 
-@jax.checkpoint
-def _causal_softmax(logits_BxHxTxT: jax.Array) -> jax.Array:
-  """Causal softmax over the last axis, taken in float32, returned in the logits' dtype.
 
-  Rematerialised: the backward pass recomputes the float32 probabilities from
-  the saved logits, so a bfloat16 model keeps no float32 `[T, T]` activations.
+def _named(init: Callable, *names: str | None) -> Callable:
+  """`init` whose parameter carries logical axis names (`logical_axes` metadata).
+
+  Inert metadata, not Flax's sharding annotations: the model builds under any
+  mesh, and the names stay for sharding rules to map onto one.
   """
-  t = logits_BxHxTxT.shape[-1]
-  causal = jnp.tril(jnp.ones((t, t), bool))
-  logits = jnp.where(causal, logits_BxHxTxT.astype(jnp.float32), -1e30)
-  return jax.nn.softmax(logits, axis=-1).astype(logits_BxHxTxT.dtype)
+  return nnx.with_metadata(init, logical_axes=names)
+
+
+def logical_axes(model: nnx.Module) -> Any:
+  """The logical axis names of each parameter of `model`, as a nested dict like its params."""
+  params = nnx.state(model, nnx.Param)
+  names = jax.tree.map(
+    lambda v: v.get_metadata()["logical_axes"],
+    params,
+    is_leaf=lambda v: isinstance(v, nnx.Variable),
+  )
+  return nnx.to_pure_dict(names) if isinstance(names, nnx.State) else names
+
+
+def constrain(x: jax.Array, *names: str | None) -> jax.Array:
+  """Names `x`'s axes; under logical axis rules (and a mesh), constrains its sharding."""
+  if not spmd.get_logical_axis_rules():
+    return x
+  return jax.lax.with_sharding_constraint(x, spmd.get_pspec(names))
+
+
+def _linear(din: int, dout: int, names: tuple[str, str], rngs: nnx.Rngs) -> nnx.Linear:
+  init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
+  return nnx.Linear(din, dout, use_bias=False, kernel_init=_named(init, *names), rngs=rngs)
+
+
+def _norm(width: int, rngs: nnx.Rngs) -> nnx.RMSNorm:
+  return nnx.RMSNorm(width, scale_init=_named(nnx.initializers.ones, "embed"), rngs=rngs)
+
+
+def rope_tables(length: int, head_dim: int, base: float = 10000.0) -> tuple[jax.Array, jax.Array]:
+  """The rotary cosines and sines, float32 `[length, head_dim // 2]` each."""
+  inv_freq = base ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+  angles_TxF = jnp.arange(length, dtype=jnp.float32)[:, None] * inv_freq[None, :]
+  return jnp.cos(angles_TxF), jnp.sin(angles_TxF)
+
+
+def apply_rope(x_BxTxNxH: jax.Array, cos_TxF: jax.Array, sin_TxF: jax.Array) -> jax.Array:
+  """Rotates each pair `(x[i], x[i + H/2])` by its position's angle, in float32."""
+  x1, x2 = jnp.split(x_BxTxNxH.astype(jnp.float32), 2, axis=-1)
+  cos, sin = cos_TxF[:, None, :], sin_TxF[:, None, :]
+  rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return rotated.astype(x_BxTxNxH.dtype)
+
+
+def attention_implementation(dtype: Any) -> str:
+  """CuDNN's fused attention on GPU for 16-bit inputs, XLA's otherwise."""
+  half = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+  return "cudnn" if jax.default_backend() == "gpu" and half else "xla"
+
+
+class Attention(nnx.Module):
+  """Causal grouped-query self-attention."""
+
+  def __init__(self, d_model: int, heads: int, kv_heads: int, *, rngs: nnx.Rngs):
+    self.heads, self.kv_heads, self.head_dim = heads, kv_heads, d_model // heads
+    self.query = _linear(d_model, heads * self.head_dim, ("embed", "heads"), rngs)
+    self.key = _linear(d_model, kv_heads * self.head_dim, ("embed", "kv_heads"), rngs)
+    self.value = _linear(d_model, kv_heads * self.head_dim, ("embed", "kv_heads"), rngs)
+    self.out = _linear(heads * self.head_dim, d_model, ("heads", "embed"), rngs)
+
+  def __call__(self, x_BxTxD: jax.Array, rope: tuple[jax.Array, jax.Array] | None) -> jax.Array:
+    """Attends over `[B, T, D]`; `rope` holds the rotary tables, or None."""
+    b, t, _ = x_BxTxD.shape
+    q = self.query(x_BxTxD).reshape(b, t, self.heads, self.head_dim)
+    k = self.key(x_BxTxD).reshape(b, t, self.kv_heads, self.head_dim)
+    v = self.value(x_BxTxD).reshape(b, t, self.kv_heads, self.head_dim)
+    if rope is not None:
+      q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+    q = constrain(q, "batch", "sequence", "heads", None)
+    k, v = (constrain(a, "batch", "sequence", "kv_heads", None) for a in (k, v))
+    out = jax.nn.dot_product_attention(
+      q, k, v, is_causal=True, implementation=attention_implementation(q.dtype)
+    )
+    return self.out(out.reshape(b, t, self.heads * self.head_dim))
+
+
+class Mlp(nnx.Module):
+  """`down(silu(gate(x)) * up(x))` (SwiGLU) or `down(gelu(up(x)))`."""
+
+  def __init__(self, d_model: int, width: int, activation: str, *, rngs: nnx.Rngs):
+    self.activation = activation
+    self.up = _linear(d_model, width, ("embed", "mlp"), rngs)
+    if activation == "swiglu":
+      self.gate = _linear(d_model, width, ("embed", "mlp"), rngs)
+    self.down = _linear(width, d_model, ("mlp", "embed"), rngs)
+
+  def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
+    """The MLP over `[B, T, D]`."""
+    if self.activation == "swiglu":
+      h = nnx.silu(self.gate(x_BxTxD)) * self.up(x_BxTxD)
+    else:
+      h = nnx.gelu(self.up(x_BxTxD))
+    return self.down(constrain(h, "batch", "sequence", "mlp"))
 
 
 class Block(nnx.Module):
   """`x + attention(norm(x))`, then `x + mlp(norm(x))`."""
 
-  def __init__(self, width: int, heads: int, *, dropout: float, rngs: nnx.Rngs):
-    self.heads = heads
-    self.norm1 = nnx.LayerNorm(width, rngs=rngs)
-    self.qkv = nnx.Linear(width, 3 * width, rngs=rngs)
-    self.out = nnx.Linear(width, width, rngs=rngs)
-    self.norm2 = nnx.LayerNorm(width, rngs=rngs)
-    self.up = nnx.Linear(width, 4 * width, rngs=rngs)
-    self.down = nnx.Linear(4 * width, width, rngs=rngs)
+  def __init__(self, d_model, heads, *, kv_heads, mlp, activation, dropout, rngs: nnx.Rngs):
+    self.attention_norm = _norm(d_model, rngs)
+    self.attention = Attention(d_model, heads, kv_heads, rngs=rngs)
+    self.mlp_norm = _norm(d_model, rngs)
+    self.mlp = Mlp(d_model, mlp, activation, rngs=rngs)
     self.dropout = nnx.Dropout(dropout)
 
-  def __call__(self, x_BxTxD: jax.Array, *, rngs: nnx.Rngs | None) -> jax.Array:
+  def __call__(self, x_BxTxD, rope, *, rngs: nnx.Rngs | None) -> jax.Array:
     """One block over `[B, T, D]` activations."""
-    b, t, d = x_BxTxD.shape
-    q, k, v = jnp.split(self.qkv(self.norm1(x_BxTxD)), 3, axis=-1)
-    q, k, v = (a.reshape(b, t, self.heads, d // self.heads) for a in (q, k, v))
-    logits_BxHxTxT = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(d / self.heads).astype(q.dtype)
-    weights = _causal_softmax(logits_BxHxTxT)
-    att_BxTxD = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, t, d)
-    x_BxTxD = x_BxTxD + self.dropout(self.out(att_BxTxD), rngs=rngs)
-    h = self.down(nnx.gelu(self.up(self.norm2(x_BxTxD))))
-    return x_BxTxD + self.dropout(h, rngs=rngs)
+    x_BxTxD = x_BxTxD + self.dropout(self.attention(self.attention_norm(x_BxTxD), rope), rngs=rngs)
+    x_BxTxD = x_BxTxD + self.dropout(self.mlp(self.mlp_norm(x_BxTxD)), rngs=rngs)
+    return constrain(x_BxTxD, "batch", "sequence", "embed")
 
 
 class Transformer(nnx.Module):
-  """Token and position embeddings, `depth` blocks, a final norm and a vocabulary head."""
+  """Token embedding, `layers` stacked blocks, a final RMSNorm and a vocabulary head."""
 
   def __init__(
     self,
     vocab: int,
-    length: int,
-    width: int,
-    depth: int,
+    seq_len: int,
+    d_model: int,
+    layers: int,
     heads: int,
     *,
+    kv_heads: int = 0,
+    mlp: int = 0,
+    activation: str = "swiglu",
+    positions: str = "rope",
+    tie: bool = True,
+    remat: str = "none",
+    scan_layers: bool = True,
     dropout: float = 0.0,
     rngs: nnx.Rngs,
   ):
-    args.positive("Transformer", vocab=vocab, length=length, width=width, depth=depth, heads=heads)
+    """Builds the model.
+
+    Args:
+      vocab: the vocabulary size.
+      seq_len: the longest sequence; the rotary or learned position table's length.
+      d_model: the residual width.
+      layers: the number of blocks.
+      heads: the query heads; `d_model` must divide by it into an even head width.
+      kv_heads: the key/value heads, dividing `heads`; 0 means `heads`.
+      mlp: the MLP's width; 0 means `4 * d_model`.
+      activation: `swiglu` or `gelu`.
+      positions: `rope` or `learned`.
+      tie: whether the output head is the token embedding, transposed.
+      remat: `none`, `full` or `dots-saveable`, per block.
+      scan_layers: run the blocks with `lax.scan` rather than unrolled.
+      dropout: after each attention and MLP, in training.
+      rngs: the parameters' random streams.
+    """
+    kv_heads, mlp = kv_heads or heads, mlp or 4 * d_model
+    sizes = dict(vocab=vocab, seq_len=seq_len, d_model=d_model, layers=layers, heads=heads)
+    args.positive("Transformer", **sizes, kv_heads=kv_heads, mlp=mlp)
     args.dropout_rate("Transformer", dropout)
-    if width % heads:
-      raise ConfigError(f"Transformer: width={width} is not divisible by heads={heads}")
-    self.length = length
-    self.embed = nnx.Embed(vocab, width, rngs=rngs)
-    self.position = nnx.Embed(length, width, rngs=rngs)
-    self.blocks = nnx.List([Block(width, heads, dropout=dropout, rngs=rngs) for _ in range(depth)])
-    self.norm = nnx.LayerNorm(width, rngs=rngs)
-    self.head = nnx.Linear(width, vocab, rngs=rngs)
+    _check_choices(activation=(activation, ACTIVATIONS), positions=(positions, POSITIONS),
+                   remat=(remat, REMAT))  # fmt: skip
+    if d_model % heads or (d_model // heads) % 2:
+      raise ConfigError(
+        f"Transformer: d_model={d_model} must divide by heads={heads} into an even head width"
+      )
+    if heads % kv_heads:
+      raise ConfigError(f"Transformer: heads={heads} must be a multiple of kv_heads={kv_heads}")
+    self.vocab, self.seq_len, self.d_model, self.layers = vocab, seq_len, d_model, layers
+    self.head_dim, self.remat, self.scan_layers = d_model // heads, remat, scan_layers
+    self.positions, self.tie, self.dropout_rate = positions, tie, dropout
+    init = nnx.initializers.normal(0.02)
+    self.embed = nnx.Embed(vocab, d_model, embedding_init=_named(init, "vocab", "embed"), rngs=rngs)
+    if positions == "learned":
+      self.position = nnx.Embed(seq_len, d_model, embedding_init=_named(init, None, "embed"),
+                                rngs=rngs)  # fmt: skip
+    sizes = dict(kv_heads=kv_heads, mlp=mlp, activation=activation, dropout=dropout)
+    self.blocks = _stacked_blocks(layers, d_model, heads, sizes, rngs)
+    self.norm = _norm(d_model, rngs)
+    if not tie:
+      self.head = _linear(d_model, vocab, ("embed", "vocab"), rngs)
 
   def __call__(self, tokens_BxT: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
     """Returns the logits `[B, T, vocab]` of the next token at each position."""
-    if tokens_BxT.shape[1] > self.length:
+    t = tokens_BxT.shape[1]
+    if t > self.seq_len:
       raise ConfigError(
-        f"Transformer: sequences of {tokens_BxT.shape[1]} tokens are longer than its "
-        f"{self.length} positions (length={self.length}); shorten the windows or raise length"
+        f"Transformer: sequences of {t} tokens are longer than its {self.seq_len} positions "
+        f"(seq_len={self.seq_len}); shorten the windows or raise seq_len"
       )
-    x_BxTxD = self.embed(tokens_BxT) + self.position(jnp.arange(tokens_BxT.shape[1]))
-    for block in self.blocks:
-      x_BxTxD = block(x_BxTxD, rngs=rngs)
-    return self.head(self.norm(x_BxTxD))
+    x_BxTxD = self.embed(constrain(tokens_BxT, "batch", "sequence"))
+    rope = None
+    if self.positions == "learned":
+      x_BxTxD = x_BxTxD + self.position(jnp.arange(t))
+    else:
+      rope = rope_tables(t, self.head_dim)
+    x_BxTxD = self._blocks(constrain(x_BxTxD, "batch", "sequence", "embed"), rope, rngs)
+    x_BxTxD = self.norm(x_BxTxD)
+    logits = self.embed.attend(x_BxTxD) if self.tie else self.head(x_BxTxD)
+    return constrain(logits, "batch", "sequence", "vocab")
+
+  def _blocks(self, x_BxTxD, rope, rngs: nnx.Rngs | None) -> jax.Array:
+    graphdef, stacked = nnx.split(self.blocks)
+    keys = None
+    if rngs is not None and self.dropout_rate > 0:
+      keys = jax.random.split(rngs.dropout(), self.layers)
+
+    def block(x, layer):
+      params, key = layer
+      layer_rngs = nnx.Rngs(dropout=key) if key is not None else None
+      return nnx.merge(graphdef, params)(x, rope, rngs=layer_rngs), None
+
+    if self.remat != "none":
+      block = jax.checkpoint(block, policy=_REMAT_POLICIES[self.remat])
+    if self.scan_layers:
+      return jax.lax.scan(block, x_BxTxD, (stacked, keys))[0]
+    for i in range(self.layers):
+      x_BxTxD, _ = block(x_BxTxD, jax.tree.map(lambda a, i=i: a[i], (stacked, keys)))
+    return x_BxTxD
+
+  def flops_per_token(self, seq_len: int) -> float:
+    """Training FLOPs per token: 6 per weight it multiplies (the head included), plus attention.
+
+    The attention term is `12 * layers * seq_len * d_model`, counted over the full
+    `[T, T]` score matrix as PaLM's appendix does; rematerialisation is not counted.
+    """
+    weights = sum(
+      leaf.size for path, leaf in jax.tree.leaves_with_path(nnx.state(self.blocks, nnx.Param))
+    )
+    weights += self.vocab * self.d_model  # the head's matmul, tied or not
+    return 6.0 * weights + 12.0 * self.layers * seq_len * self.d_model
+
+
+def _check_choices(**values: tuple[str, tuple[str, ...]]) -> None:
+  for name, (value, choices) in values.items():
+    if value not in choices:
+      raise ConfigError(f"Transformer: {name}={value!r} must be one of {', '.join(choices)}")
+
+
+def _stacked_blocks(layers: int, d_model: int, heads: int, sizes: dict, rngs: nnx.Rngs) -> Block:
+  """`layers` blocks as one `Block` whose parameters have a leading `layers` axis."""
+
+  @nnx.split_rngs(splits=layers)
+  @nnx.vmap(in_axes=(0,), out_axes=0)
+  def make(rngs: nnx.Rngs) -> Block:
+    return Block(d_model, heads, **sizes, rngs=rngs)
+
+  blocks = make(rngs)
+  for _, variable in nnx.iter_graph(blocks):
+    if isinstance(variable, nnx.Param):
+      variable.set_metadata(logical_axes=("layers", *variable.get_metadata()["logical_axes"]))
+  return blocks
