@@ -27,7 +27,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxtrain import checkpoint, interrupt, logs, metrics, record, sharding, throughput
+from jaxtrain import cache, checkpoint, interrupt, logs, metrics, record, sharding, throughput
 from jaxtrain import monitor as monitor_lib
 from jaxtrain import parts as parts_lib
 from jaxtrain import state as state_lib
@@ -127,6 +127,7 @@ def train(
   path = workdir_lib.resolve(workdir)
   spec = parts_lib.prepare(config, model, data, loss_fn, rules=rules, tx=tx, schedule=schedule)
   path = path or workdir_lib.fresh()
+  cache.enable(config.train.compile_cache)
   lock = workdir_lib.hold(path)
   session = None
   try:

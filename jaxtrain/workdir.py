@@ -44,6 +44,7 @@ RESUMABLE = (
   "train.steps_per_loop",  # when it divides the checkpoint's step
   "train.log_every",
   "train.unroll",
+  "train.compile_cache",
   "eval.every_steps",
   "ckpt.every_steps",
   "ckpt.keep",

@@ -48,12 +48,14 @@ def test_bpe_round_trips_the_eval_text_and_counts_its_bytes(corpus):
 
 
 def test_a_saved_tokenizer_is_read_back_not_retrained(corpus, tmp_path):
-  first, tokenizer = bpe.tokenize(corpus, vocab_size=600, length=64)
+  first, _ = bpe.tokenize(corpus, vocab_size=600, length=64)
   (tmp_path / bpe.FILE).write_text(first.files[bpe.FILE])
   again, _ = bpe.tokenize(corpus, vocab_size=600, length=64, saved=tmp_path / bpe.FILE)
   assert again.info == first.info
   np.testing.assert_array_equal(again.train.data, first.train.data)
-  with pytest.raises(data.DataError, match="holds a tokenizer of 600 tokens, not data.vocab_size"):
+  with pytest.raises(
+    data.DataError, match=r"holds a tokenizer of 600 tokens, not data\.vocab_size"
+  ):
     bpe.tokenize(corpus, vocab_size=700, length=64, saved=tmp_path / bpe.FILE)
 
 
@@ -109,5 +111,6 @@ def test_the_experiment_learns_the_corpus_and_samples(tmp_path):
 
 def test_a_bad_preset_is_one_line(tmp_path):
   run = _lm(["--preset=tpu", "--workdir", "runs/lm"], tmp_path)
-  assert run.returncode == 2 and run.stderr.strip() == "error: --preset='tpu' must be one of cpu, gpu"
+  assert run.returncode == 2
+  assert run.stderr.strip() == "error: --preset='tpu' must be one of cpu, gpu"
   assert not (tmp_path / "runs").exists()

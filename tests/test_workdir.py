@@ -263,3 +263,19 @@ def test_a_failed_metric_write_names_the_file():
   writer = jaxtrain.metrics.JsonlWriter(pathlib.Path("/dev/full"))  # every write: ENOSPC
   with pytest.raises(OSError, match=r"^could not write /dev/full: No space left on device$"):
     writer.write(10, "train", {"loss": 1.0})
+
+
+def test_the_compile_cache_folder_is_chosen_once_and_can_be_off(tmp_path, monkeypatch):
+  import jax  # noqa: PLC0415
+
+  from jaxtrain import cache  # noqa: PLC0415
+
+  before = jax.config.jax_compilation_cache_dir
+  try:
+    jax.config.update("jax_compilation_cache_dir", None)
+    assert cache.enable("off") is None and jax.config.jax_compilation_cache_dir is None
+    monkeypatch.setenv("JAXTRAIN_COMPILE_CACHE", str(tmp_path / "env"))
+    assert cache.enable("") == tmp_path / "env" and (tmp_path / "env").is_dir()
+    assert cache.enable(str(tmp_path / "other")) == tmp_path / "env"  # JAX's own setting wins
+  finally:
+    jax.config.update("jax_compilation_cache_dir", before)
