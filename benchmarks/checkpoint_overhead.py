@@ -28,7 +28,7 @@ import numpy as np
 from absl import app, flags
 
 import jaxtrain
-from jaxtrain import cli, data, losses, models
+from jaxtrain import data, logs, losses, models
 
 _STEPS = flags.DEFINE_integer("steps", 1000, "Timed steps per run (a multiple of 100).")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Alternating runs of each kind.")
@@ -62,7 +62,7 @@ def step_times(dataset: data.Dataset, steps: int, every: int) -> list[float]:
 def main(argv: list[str]) -> None:
   """Alternates runs with and without checkpoints and prints the step-time ratio."""
   del argv
-  cli.quiet_orbax_logs()
+  logs.quiet_orbax_logs()
   if _STEPS.value % _INTERVAL:
     raise app.UsageError(f"--steps must be a multiple of {_INTERVAL}")
   dataset = data.fashion_mnist()

@@ -33,7 +33,7 @@ from absl import app, flags
 from array_record.python import array_record_module
 
 import jaxtrain
-from jaxtrain import cli, data, losses, models, sharding
+from jaxtrain import data, logs, losses, models, sharding
 from jaxtrain import state as state_lib
 from jaxtrain import step as step_lib
 from jaxtrain.data import pipeline, transforms
@@ -184,7 +184,7 @@ def transformer_rate(batch_size=32, length=256, steps=20):
 
 def main(argv):
   del argv
-  cli.quiet_orbax_logs()
+  logs.quiet_orbax_logs()
   if jax.device_count() != 1:
     raise app.UsageError("measures one device: expose one device")
   fashion = data.fashion_mnist()

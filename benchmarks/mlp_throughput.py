@@ -1,6 +1,6 @@
-"""Training throughput: jaxtrain against a minimal hand-written jax.jit + optax loop.
+"""Training throughput: jaxtrain against a hand-written jax.jit loop, Keras 3 and PyTorch.
 
-Both train the same Fashion-MNIST MLP (784-512-512-10, ReLU, Adam 1e-3, batch
+All train the same Fashion-MNIST MLP (784-512-512-10, ReLU, Adam 1e-3, batch
 128) on one device (the script refuses to run with more), in one process,
 alternating runs to share the machine's noise. The hand-written loop shuffles
 numpy arrays each epoch, passes each batch to a jitted, donating step and reads
@@ -10,14 +10,20 @@ are timed over 100-step intervals after a warm-up (compilation excluded); the
 script prints each run's median interval and, over all intervals, the median
 and the 90th percentile of samples/s and their ratios. On a shared machine
 other load only ever slows an interval down, so the 90th percentile is the
-steadier estimate of each loop's own speed.
+steadier estimate of each loop's own speed. With the `bench` extra installed,
+Keras 3 on the JAX backend (`model.fit`, its default one step per dispatch) and
+PyTorch eager (a plain `torch.nn` loop over shuffled tensors) run the same
+model and optimizer, timed the same way.
 
     python benchmarks/mlp_throughput.py
     python benchmarks/mlp_throughput.py --steps 1000 --repeats 2 --steps_per_loop 20
 """
 
 import functools
+import importlib.util
+import itertools
 import json
+import os
 import pathlib
 import statistics
 import tempfile
@@ -30,7 +36,7 @@ import optax
 from absl import app, flags
 
 import jaxtrain
-from jaxtrain import cli, data, losses, models
+from jaxtrain import data, logs, losses, models
 
 _STEPS = flags.DEFINE_integer("steps", 1000, "Timed steps per run.")
 _REPEATS = flags.DEFINE_integer("repeats", 7, "Alternating runs of each loop.")
@@ -83,6 +89,66 @@ def hand_written(x_train: np.ndarray, y_train: np.ndarray, steps: int) -> list[f
   return rates
 
 
+def with_keras(x_train: np.ndarray, y_train: np.ndarray, steps: int) -> list[float]:
+  """Keras 3 on the JAX backend: `model.fit` on the arrays, timed by a batch callback."""
+  os.environ["KERAS_BACKEND"] = "jax"
+  import keras  # noqa: PLC0415
+
+  model = keras.Sequential([
+    keras.Input((784,)),
+    keras.layers.Dense(512, activation="relu"),
+    keras.layers.Dense(512, activation="relu"),
+    keras.layers.Dense(10),
+  ])  # fmt: skip
+  model.compile(
+    keras.optimizers.Adam(1e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+  )
+  rates, marks = [], []
+
+  class Timer(keras.callbacks.Callback):
+    def on_train_batch_end(self, batch, logs=None):
+      if batch % _INTERVAL == 0:
+        marks.append(time.perf_counter())  # Keras reads the loss each batch: synced
+
+  n = (_WARMUP + steps) * _BATCH
+  x = x_train.reshape(len(x_train), -1)[np.resize(np.arange(len(x_train)), n)]
+  y = y_train[np.resize(np.arange(len(y_train)), n)]
+  model.fit(x, y, batch_size=_BATCH, epochs=1, shuffle=True, verbose=0, callbacks=[Timer()])
+  for a, b in itertools.pairwise(marks[_WARMUP // _INTERVAL :]):
+    rates.append(_INTERVAL * _BATCH / (b - a))
+  return rates
+
+
+def with_torch(x_train: np.ndarray, y_train: np.ndarray, steps: int) -> list[float]:
+  """PyTorch eager: the same MLP and Adam over shuffled tensors."""
+  import torch  # noqa: PLC0415
+
+  torch.set_num_threads(os.cpu_count())
+  torch.manual_seed(0)
+  model = torch.nn.Sequential(
+    torch.nn.Linear(784, 512), torch.nn.ReLU(), torch.nn.Linear(512, 512), torch.nn.ReLU(),
+    torch.nn.Linear(512, 10),
+  )  # fmt: skip
+  optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+  x = torch.from_numpy(x_train.reshape(len(x_train), -1).astype(np.float32))
+  y = torch.from_numpy(y_train.astype(np.int64))
+  per_epoch, rates, last = len(x) // _BATCH, [], None
+  for i in range(_WARMUP + steps + 1):
+    if i % per_epoch == 0:
+      order = torch.randperm(len(x))
+    if i % _INTERVAL == 0:
+      now = time.perf_counter()
+      if i > _WARMUP:
+        rates.append(_INTERVAL * _BATCH / (now - last))
+      last = now
+    idx = order[(i % per_epoch) * _BATCH : (i % per_epoch + 1) * _BATCH]
+    loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+  return rates
+
+
 def with_jaxtrain(dataset: data.Dataset, steps: int, k: int) -> list[float]:
   """Returns jaxtrain's samples/s of each logged interval, from its own log lines."""
   config = jaxtrain.config.get_config()
@@ -105,7 +171,7 @@ def with_jaxtrain(dataset: data.Dataset, steps: int, k: int) -> list[float]:
 def main(argv: list[str]) -> None:
   """Alternates both loops and prints samples/s and the ratio."""
   del argv
-  cli.quiet_orbax_logs()
+  logs.quiet_orbax_logs()
   if jax.device_count() != 1:
     raise app.UsageError(
       "compares one-device loops: expose one device, e.g. CUDA_VISIBLE_DEVICES=0"
@@ -115,23 +181,30 @@ def main(argv: list[str]) -> None:
   dataset = data.fashion_mnist()
   x, y = dataset.train.arrays["image"], dataset.train.arrays["label"]
   print(f"device: {jax.devices()[0].device_kind} x1, steps {_STEPS.value}, K={_K.value}")
-  base, ours = [], []
+  loops = {
+    "hand-written": lambda: hand_written(x, y, _STEPS.value),
+    "jaxtrain": lambda: with_jaxtrain(dataset, _STEPS.value, _K.value),
+  }
+  for name, module, loop in (
+    ("Keras 3 (JAX)", "keras", with_keras),
+    ("PyTorch", "torch", with_torch),
+  ):
+    if importlib.util.find_spec(module):
+      loops[name] = functools.partial(loop, x, y, _STEPS.value)
+    else:
+      print(f"{module} is not installed (pip install -e '.[bench]'): {name} left out")
+  rates = {name: [] for name in loops}
   for r in range(_REPEATS.value):
-    base.append(hand_written(x, y, _STEPS.value))
-    ours.append(with_jaxtrain(dataset, _STEPS.value, _K.value))
-    b, o = statistics.median(base[-1]), statistics.median(ours[-1])
-    print(
-      f"run {r}: median of 100-step intervals: hand-written {b:,.0f} samples/s, "
-      f"jaxtrain {o:,.0f} samples/s, ratio {o / b:.3f}"
-    )
-  base_all = [v for run in base for v in run]
-  ours_all = [v for run in ours for v in run]
-  for name, stat in [("median", statistics.median), ("90th percentile", _p90)]:
-    b, o = stat(base_all), stat(ours_all)
-    print(
-      f"{name} of all {len(base_all)} intervals: hand-written {b:,.0f} samples/s, "
-      f"jaxtrain {o:,.0f} samples/s, ratio jaxtrain/hand-written {o / b:.3f}"
-    )
+    for name, loop in loops.items():
+      rates[name].append(loop())
+    shown = ", ".join(f"{n} {statistics.median(v[-1]):,.0f}" for n, v in rates.items())
+    print(f"run {r}: median samples/s of 100-step intervals: {shown}")
+  for stat_name, stat in [("median", statistics.median), ("90th percentile", _p90)]:
+    pooled = {n: stat([v for run in runs for v in run]) for n, runs in rates.items()}
+    ratios = ", ".join(f"vs {n} {pooled['jaxtrain'] / v:.3f}x" for n, v in pooled.items()
+                       if n != "jaxtrain")  # fmt: skip
+    values = ", ".join(f"{n} {v:,.0f}" for n, v in pooled.items())
+    print(f"{stat_name} of all intervals (samples/s): {values}; jaxtrain {ratios}")
 
 
 def _p90(values: list[float]) -> float:

@@ -2,7 +2,7 @@
 
     python -m experiments.lm --workdir runs/lm
 
-The default preset (`cpu`) is a 1M-parameter byte-level model that learns
+The default preset (`cpu`) is a 0.8M-parameter byte-level model that learns
 visibly in a few minutes on a laptop CPU: eval `bits_per_byte` falls from 8 to
 about 2.5. The last 1% of the sources (sorted by path) is held out. At the end it
 prints a continuation of a prompt (`--prompt`, sampled with `--temperature` and
@@ -41,7 +41,7 @@ def get_config(preset: str = "cpu") -> ml_collections.ConfigDict:
   config.optim.clip_norm = 1.0
   m = config.model
   m.vocab = 0  # 0: the tokenizer's size (256 for bytes)
-  m.remat, m.scan_layers, m.activation = "none", True, "swiglu"
+  m.remat, m.scan_layers, m.activation = "none", False, "swiglu"  # unrolled: faster on CPU
   m.positions, m.tie, m.dropout = "rope", True, 0.0
   if preset == "cpu":
     m.d_model, m.layers, m.heads, m.kv_heads, m.mlp, m.seq_len = 128, 4, 4, 2, 384, 128
@@ -50,7 +50,7 @@ def get_config(preset: str = "cpu") -> ml_collections.ConfigDict:
     config.eval.every_steps, config.eval.batch_size = 250, 64
   else:
     m.d_model, m.layers, m.heads, m.kv_heads, m.mlp, m.seq_len = 1024, 16, 16, 8, 2816, 1024
-    m.remat = "dots-saveable"
+    m.remat, m.scan_layers = "dots-saveable", True  # one compiled block for 16 layers
     config.data.tokenizer, config.data.vocab_size = "bpe", 32768
     config.train.steps, config.train.batch_size, config.train.log_every = 2000, 32, 50
     config.optim.lr, config.optim.warmup_steps = 6e-4, 200

@@ -27,7 +27,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxtrain import cache, checkpoint, interrupt, logs, metrics, record, sharding, throughput
+from jaxtrain import checkpoint, interrupt, logs, metrics, record, sharding, throughput
 from jaxtrain import monitor as monitor_lib
 from jaxtrain import parts as parts_lib
 from jaxtrain import state as state_lib
@@ -127,7 +127,6 @@ def train(
   path = workdir_lib.resolve(workdir)
   spec = parts_lib.prepare(config, model, data, loss_fn, rules=rules, tx=tx, schedule=schedule)
   path = path or workdir_lib.fresh()
-  cache.enable(config.train.compile_cache)
   lock = workdir_lib.hold(path)
   session = None
   try:
@@ -174,9 +173,7 @@ class _Session:
     meta = restored.meta if restored else {"eval": {}, "skipped": 0}
     self.carry = _Carry(step, meta["eval"], meta["skipped"], saved=restored and restored.step)
     self.started = time.perf_counter()
-    self.throughput = throughput.describe(
-      spec.model_fn, spec.data.train[0], config.train.batch_size
-    )
+    self.throughput = throughput.describe(spec.model_fn, spec.data.train[0], spec.batch_size)
     self.meter = metrics.Meter(config.train.batch_size, self.throughput)
     if restored:
       self.meter.load(restored.meta["meter"])
@@ -220,6 +217,8 @@ class _Session:
     eval_metrics = c.eval_metrics
     if c.verdict:
       fields.update(monitor_lib.record_fields(c.verdict, status))
+      if status == "stopped_early":
+        logs.note(f"stopped early at step {c.step}: {reason}")
       if e.restore_best and status in ("completed", "stopped_early"):
         fields["last_eval"] = eval_metrics
         state, eval_metrics = workdir_lib.restore_best(
@@ -333,8 +332,7 @@ def _log(s: _Session, end_step: int, chunk_metrics: Any, wait: float) -> None:
   c, t = s.carry, s.config.train
   host = jax.device_get(chunk_metrics)  # already computed
   c.stop = max(c.stop, int(host.pop("stop")))
-  if "first_chunk_seconds" not in s.run_record.fields:  # compiling included
-    s.run_record.update(first_chunk_seconds=round(time.perf_counter() - s.started, 3))
+  s.run_record.first_chunk(s.started)
   runs = host.pop("skipped_in_a_row")
   c.in_a_row = int(runs[-1])
   c.skipped += int(np.sum(host["skipped"]))

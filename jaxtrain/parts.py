@@ -30,8 +30,8 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
+from jaxtrain import cache, logs, optim, precision, preflight, sharding
 from jaxtrain import config as config_lib
-from jaxtrain import logs, optim, precision, preflight, sharding
 from jaxtrain import monitor as monitor_lib
 from jaxtrain import state as state_lib
 from jaxtrain import step as step_lib
@@ -177,6 +177,7 @@ def prepare(
 ) -> Spec:
   """Resolves and checks a run with abstract shapes only; the arguments are `build`'s."""
   shape = validate(config, jax.device_count())
+  cache.enable(config.train.compile_cache)  # before anything compiles
   preflight.check_model_fn(model)
   checks.check_dataset(data)  # every record like the first train record
   t, d = config.train, config.data

@@ -21,6 +21,7 @@ import pathlib
 import platform
 import subprocess
 import sys
+import time
 from typing import Any
 
 import jax
@@ -266,6 +267,11 @@ class RunRecord:
       self.fields["end_time"] = now()
     if self.enabled:
       write_json(self.path, self.fields)
+
+  def first_chunk(self, started: float) -> None:
+    """Records once the seconds from `started` to the first chunk's metrics, compiling included."""
+    if "first_chunk_seconds" not in self.fields:
+      self.update(first_chunk_seconds=round(time.perf_counter() - started, 3))
 
   def count_compilations(self, count: int, step: int) -> bool:
     """Records the chunk's executables; returns whether the last call compiled.

@@ -394,5 +394,5 @@ def restore_best(
   except checkpoint.CheckpointError as error:  # not saved, say restore_best was off until now
     logging.warning("early_stop.restore_best: keeping the final state: %s", error)
     return state, eval_metrics
-  logging.info("early_stop.restore_best: restored the state of step %d", best_step)
+  logs.note(f"early_stop.restore_best: the best state, step {best_step}, restored")
   return best.state, best.meta["eval"]

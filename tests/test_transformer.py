@@ -77,8 +77,11 @@ def test_grouped_query_attention_is_multi_head_with_shared_keys(kv_heads):
   layer = transformer.Attention(32, 4, kv_heads, rngs=nnx.Rngs(1))
   x = jax.random.normal(jax.random.key(2), (2, 16, 32))
   rope = transformer.rope_tables(16, 8)
-  np.testing.assert_allclose(layer(x, rope), _reference_attention(layer, x, rope), atol=1e-5)
-  np.testing.assert_allclose(layer(x, None), _reference_attention(layer, x), atol=1e-5)
+  rows = x.reshape(32, 32)  # the model's [B * T, D] rows
+  ours = layer(rows, 16, rope).reshape(2, 16, 32)
+  np.testing.assert_allclose(ours, _reference_attention(layer, x, rope), atol=1e-5)
+  ours = layer(rows, 16, None).reshape(2, 16, 32)
+  np.testing.assert_allclose(ours, _reference_attention(layer, x), atol=1e-5)
 
 
 def test_rotary_scores_depend_only_on_the_distance():
@@ -162,3 +165,12 @@ def test_dropout_inside_the_scan_draws_per_layer_and_is_off_in_eval():
 def test_builds_abstractly_for_the_framework():
   abstract = nnx.eval_shape(functools.partial(_model))
   assert abstract.flops_per_token(16) == _model().flops_per_token(16)
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_head_major_attention_equals_jax_dot_product_attention(kv_heads):
+  keys = jax.random.split(jax.random.key(3), 3)
+  q = jax.random.normal(keys[0], (2, 16, 4, 8))
+  k, v = (jax.random.normal(key, (2, 16, kv_heads, 8)) for key in keys[1:])
+  ours = transformer.causal_attention(q, k, v, "head-major")
+  np.testing.assert_allclose(ours, transformer.causal_attention(q, k, v, "xla"), atol=1e-5)
