@@ -33,7 +33,7 @@ from absl import app, flags
 from flax import nnx
 
 import jaxtrain
-from jaxtrain import data, losses, models, throughput
+from jaxtrain import data, logs, losses, models, throughput
 
 _STEPS = flags.DEFINE_integer("steps", 100, "Timed steps per run.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Alternating runs of each loop.")
