@@ -4,7 +4,8 @@
 
 The default preset (`cpu`) is a 0.8M-parameter byte-level model that learns
 visibly in a few minutes on a laptop CPU: eval `bits_per_byte` falls from 8 to
-about 2.5. The last 1% of the sources (sorted by path) is held out. At the end it
+about 2.4 by step 250 and 1.8 by step 1,000 (5.6 minutes on 2 cores). The last 1%
+of the sources (sorted by path) is held out. At the end it
 prints a continuation of a prompt (`--prompt`, sampled with `--temperature` and
 `--top_k`). A BPE tokenizer instead of bytes, trained on the train split and
 kept in the workdir:

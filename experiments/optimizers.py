@@ -20,7 +20,7 @@ import ml_collections
 from absl import flags
 
 from experiments import fashion_mnist
-from jaxtrain import cli
+from jaxtrain import cli, logs
 from jaxtrain import workdir as workdir_lib
 
 # Learning rates tried for each optimizer, and its other settings.
@@ -63,6 +63,7 @@ def run_one(base: ml_collections.ConfigDict, name: str, lr: float, workdir: path
   config.optim.name, config.optim.lr = name, lr
   for key, value in SETTINGS.get(name, {}).items():
     config.optim[key] = value
+  logs.note(f"{name}, lr {lr:g}: {workdir}")
   fashion_mnist.run(config, str(workdir), _FLAGS.resume.value)
   lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
   return {"lr": lr, "evals": [x for x in lines if x["split"] == "eval"]}
