@@ -223,12 +223,16 @@ def usage() -> str:
   """The experiment's docstring, its flags, and every config key with default and meaning."""
   main = sys.modules["__main__"]
   lines = [(main.__doc__ or "").strip(), "", "flags:"]
-  module = flags.FLAGS.find_module_defining_flag("workdir") or sys.argv[0]
-  for flag in flags.FLAGS.get_flags_for_module(module):
+  ours = flags.FLAGS.find_module_defining_flag("workdir") or sys.argv[0]
+  shown = {}  # jaxtrain's flags, then the experiment's own
+  for module in (ours, sys.argv[0]):
+    shown.update({f.name: f for f in flags.FLAGS.get_flags_for_module(module)})
+  for flag in shown.values():
     if flag.name == "config":  # its keys follow
       continue
     default = f" (default: {flag.default!r})" if flag.default is not None else ""
     lines.append(f"  --{flag.name}: {' '.join(flag.help.split())}{default}")
+  lines.append("  --verbosity: 0 also prints the log's INFO lines (--helpfull: absl's other flags)")
   lines += ["", "config keys: --config.KEY=VALUE (this experiment's defaults):"]
   config = _help.get("config")
   for key, value in config_lib.flatten(config) if config is not None else ():
