@@ -174,3 +174,21 @@ def test_head_major_attention_equals_jax_dot_product_attention(kv_heads):
   k, v = (jax.random.normal(key, (2, 16, kv_heads, 8)) for key in keys[1:])
   ours = transformer.causal_attention(q, k, v, "head-major")
   np.testing.assert_allclose(ours, transformer.causal_attention(q, k, v, "xla"), atol=1e-5)
+
+
+def test_logical_names_constrain_the_activations_under_rules():
+  from flax.core import spmd  # noqa: PLC0415
+
+  model, tokens = _model(), _tokens(b=8)
+  graphdef, state = nnx.split(model)
+  forward = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t))
+  plain = forward(state, tokens)
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+  rules = (("batch", "data"), ("sequence", None), ("embed", None), ("heads", None),
+           ("kv_heads", None), ("mlp", None), ("vocab", None))  # fmt: skip
+  with jax.set_mesh(mesh), spmd.logical_axis_rules(rules):
+    text = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t)).lower(state, tokens).as_text()
+    constrained = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t))(state, tokens)
+  # tokens, rows, q, k, v, the MLP hidden, the block output (one scanned body), logits
+  assert text.count("sharding_constraint") == 8
+  np.testing.assert_allclose(constrained, plain, atol=1e-5)
