@@ -102,6 +102,18 @@ def attention_implementation(dtype: Any) -> str:
   return "head-major" if backend == "cpu" else "xla"
 
 
+@jax.checkpoint
+def _causal_softmax(scores: jax.Array) -> jax.Array:
+  """Causal softmax over the last axis, in float32, returned in the scores' dtype.
+
+  Rematerialised: the backward pass recomputes the float32 probabilities from the
+  saved scores, so a bfloat16 model keeps no float32 `[T, T]` activations.
+  """
+  t = scores.shape[-1]
+  logits = jnp.where(jnp.tril(jnp.ones((t, t), bool)), scores.astype(jnp.float32), -jnp.inf)
+  return jax.nn.softmax(logits, axis=-1).astype(scores.dtype)
+
+
 def causal_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, implementation: str = "") -> jax.Array:
   """Causal attention of `N` query heads over `K` key/value heads, `[B, T, N, H]` out.
 
@@ -120,10 +132,8 @@ def causal_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, implementation: str = "") 
   kv = k_BxTxKxH.shape[2]
   q = q_BxTxNxH.reshape(b, t, kv, n // kv, h).transpose(0, 2, 3, 1, 4)
   k, v = (a.transpose(0, 2, 1, 3) for a in (k_BxTxKxH, v_BxTxKxH))
-  scores = jnp.einsum("bkgqd,bksd->bkgqs", q, k).astype(jnp.float32) / jnp.sqrt(float(h))
-  scores = jnp.where(jnp.tril(jnp.ones((t, t), bool)), scores, jnp.finfo(jnp.float32).min)
-  weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bkgqs,bksd->bkgqd", weights, v)
+  scores = jnp.einsum("bkgqd,bksd->bkgqs", q * (h**-0.5), k)
+  out = jnp.einsum("bkgqs,bksd->bkgqd", _causal_softmax(scores), v)
   return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 
