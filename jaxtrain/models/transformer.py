@@ -110,7 +110,7 @@ def _causal_softmax(scores: jax.Array) -> jax.Array:
   saved scores, so a bfloat16 model keeps no float32 `[T, T]` activations.
   """
   t = scores.shape[-1]
-  logits = jnp.where(jnp.tril(jnp.ones((t, t), bool)), scores.astype(jnp.float32), -jnp.inf)
+  logits = jnp.where(jnp.tril(jnp.ones((t, t), bool)), scores.astype(jnp.float32), -1e30)
   return jax.nn.softmax(logits, axis=-1).astype(scores.dtype)
 
 
