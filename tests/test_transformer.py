@@ -120,10 +120,13 @@ def test_the_model_builds_under_a_mesh():
     assert _model()(_tokens()).shape == (2, 16, SIZES["vocab"])
 
 
-def test_the_untied_head_and_learned_positions_train_the_same_logits_shape():
-  model = _model(tie=False, positions="learned", activation="gelu", kv_heads=2)
-  assert model(_tokens()).shape == (2, 16, SIZES["vocab"])
-  assert "head" in nnx.to_pure_dict(nnx.state(model, nnx.Param))
+def test_the_untied_head_and_the_learned_positions_are_used():
+  model, tokens = _model(tie=False, positions="learned", activation="gelu", kv_heads=2), _tokens()
+  before = model(tokens)
+  model.position.embedding[...] = model.position.embedding[...] * 2
+  assert float(jnp.abs(model(tokens) - before).max()) > 1e-3  # positions enter the logits
+  model.head.kernel[...] = jnp.zeros_like(model.head.kernel[...])
+  np.testing.assert_array_equal(model(tokens), 0.0)  # the logits are the head's alone
 
 
 def test_flops_per_token_counts_six_per_weight_and_the_attention():

@@ -57,17 +57,25 @@ def _lm(vocab, length):
   return functools.partial(models.Transformer, vocab, length, 16, 1, 2)
 
 
-class _SlowSource:
-  """The digits, read at a tenth of a second a batch: chunks take a while to come."""
+class _Wrapped:
+  """Another source's records under a name of its own."""
+
+  name = "wrapped"
 
   def __init__(self, source):
-    self.source, self.name = source, "slow digits"
+    self.source = source
 
   def __len__(self):
     return len(self.source)
 
   def __getitem__(self, i):
     return self.source[i]
+
+
+class _SlowSource(_Wrapped):
+  """The digits, read at a tenth of a second a batch: chunks take a while to come."""
+
+  name = "slow digits"
 
   def read(self, indices):
     time.sleep(0.1)
@@ -94,14 +102,10 @@ def _loss_bug(model, batch, rngs):
   return {"loss": jnp.dot(model(batch["image"], rngs=rngs), batch["label"])}
 
 
-class _Raises:
+class _Raises(_Wrapped):
   """A source of the user's own that fails on record 42."""
 
-  def __init__(self, source):
-    self.source, self.name = source, "mine"
-
-  def __len__(self):
-    return len(self.source)
+  name = "mine"
 
   def __getitem__(self, i):
     if i == 42:
