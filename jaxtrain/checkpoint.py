@@ -3,7 +3,10 @@
 A bundle holds the `TrainState`, the data stream's state after the last
 trained chunk (the loop saves `{"next_batch": step}`), and a JSON record: the
 config, mesh, package versions, the loop's partial metric sums, and a checksum
-of every state leaf.
+of every state leaf. Nothing in it belongs to one process or device: the data
+position is global, the arrays are restored onto whatever mesh the resuming run
+has, and the checksums do not depend on the layout, so a run saved by N
+processes (or devices) resumes on M.
 Saves are asynchronous by default. Restoring walks from the newest step down:
 a step that fails to read, or whose checksums disagree, is reported in one
 line, moved aside as `<step>.corrupt`, and the previous step is tried. No
@@ -24,7 +27,6 @@ import shutil
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-import grain
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
@@ -34,6 +36,9 @@ from orbax.checkpoint import checkpoint_managers
 from jaxtrain import config as config_lib
 from jaxtrain import logs, record, sharding
 from jaxtrain.state import TrainState
+
+# Where steps saved by earlier versions keep the data position (Grain's handler, process 0).
+OLD_DATA = "process_0-of-1.json"
 
 
 class CheckpointError(RuntimeError):
@@ -47,27 +52,6 @@ class Restored(NamedTuple):
   state: TrainState
   data_state: Any
   meta: dict[str, Any]
-
-
-class IteratorState:
-  """A data stream's state (any JSON value) as Grain's Orbax handler saves it: a file a process.
-
-  The stream runs ahead of the loop; this holds its state after the last trained chunk.
-  """
-
-  def __init__(self, state: Any = None):
-    self.state = state
-
-  def get_state(self) -> bytes:
-    """Returns the state as JSON bytes."""
-    return json.dumps(self.state).encode()
-
-  def set_state(self, raw: bytes) -> None:
-    """Sets the state from JSON bytes."""
-    self.state = json.loads(raw)
-
-  def start_prefetch(self) -> None:
-    """Nothing to start: Grain's handler calls this after a restore."""
 
 
 def checksums(state: TrainState) -> list[int]:
@@ -180,12 +164,9 @@ class Checkpointer:
       "step": step,
       "checksums": [int(x) for x in jax.device_get(b.checksums)],
       "structure": structure(b.state),
+      "data": b.data_state,
     }
-    args = ocp.args.Composite(
-      state=ocp.args.StandardSave(b.state),
-      data=grain.checkpoint.CheckpointSave(IteratorState(b.data_state)),
-      meta=ocp.args.JsonSave(meta),
-    )
+    args = ocp.args.Composite(state=ocp.args.StandardSave(b.state), meta=ocp.args.JsonSave(meta))
     try:
       self._manager.save(step, args=args, metrics=metrics, force=True)
     except Exception as e:  # this save, or an earlier asynchronous one, failed
@@ -207,7 +188,8 @@ class Checkpointer:
     A step whose record, iterator state or arrays cannot be read, or whose
     checksums disagree, is reported in one line, renamed `<step>.corrupt`, and
     the next older step is tried. A readable step of another state structure
-    or process count is not corrupt; it raises.
+    is not corrupt; it raises. The arrays are resharded onto `abstract`'s
+    layout, whatever the mesh or process count that saved them.
 
     Args:
       abstract: the state's `jax.ShapeDtypeStruct`s, each with the sharding to
@@ -219,8 +201,8 @@ class Checkpointer:
       The bundle, or None when the folder holds no step, readable or set aside.
 
     Raises:
-      ConfigError: the newest readable step does not fit `abstract` or the
-        process count, or `accept` refused it.
+      ConfigError: the newest readable step does not fit `abstract`, or
+        `accept` refused it.
       CheckpointError: no step is readable, now or at an earlier restore.
     """
     with logs.quiet_failed_reads():
@@ -281,33 +263,26 @@ class Checkpointer:
     return None, problem or "unreadable in another process"
 
   def _read_meta(self, step: int) -> tuple[dict[str, Any] | None, str | None]:
-    """Reads a step's record and checks this process's iterator state, with no collective."""
+    """Reads a step's record, with no collective."""
     try:
       meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-      name = f"process_{jax.process_index()}-of-{meta['structure']['process_count']}.json"
-      if meta["structure"]["process_count"] == jax.process_count():
-        json.loads((self.directory / str(step) / "data" / name).read_text())
-    except Exception as e:  # an unreadable record or iterator state: a damaged step
+      if "data" not in meta:  # saved before the data position moved into the record
+        meta["data"] = json.loads((self.directory / str(step) / "data" / OLD_DATA).read_text())
+    except Exception as e:  # an unreadable record: a damaged step
       return None, f"{type(e).__name__}: {e}"
     return meta, None
 
   def _read_all(
     self, step: int, abstract: TrainState, meta: dict[str, Any]
   ) -> tuple[Restored | None, str | None]:
-    data = IteratorState()
     try:
-      out = self._manager.restore(
-        step,
-        args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract),
-          data=grain.checkpoint.CheckpointRestore(data),
-        ),
-      )
+      args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
+      out = self._manager.restore(step, args=args)
       if checksums(out.state) != meta["checksums"]:
         return None, "state checksums do not match the saved ones"
     except Exception as e:  # arrays that cannot be read: a damaged step
       return None, f"{type(e).__name__}: {e}"
-    return Restored(step, out.state, data.state, meta), None
+    return Restored(step, out.state, meta["data"], meta), None
 
   def _set_aside(self, step: int) -> str:
     """Renames a bad step folder out of Orbax's sight; returns its new name. Nothing is deleted."""
@@ -375,7 +350,10 @@ def _options(
 
 
 def structure(state: TrainState) -> dict[str, Any]:
-  """What a checkpoint must match to be restored: leaf paths, shapes, dtypes, processes."""
+  """What a checkpoint must match to be restored: leaf paths, shapes, dtypes.
+
+  The process count is kept for the record only: any count may resume.
+  """
   leaves = jax.tree_util.tree_flatten_with_path(state)[0]
   return {
     "leaves": [[sharding.path_str(p), list(x.shape), str(x.dtype)] for p, x in leaves],
@@ -386,11 +364,6 @@ def structure(state: TrainState) -> dict[str, Any]:
 def _check_fits(meta: dict[str, Any], abstract: TrainState, step: int) -> None:
   """Raises `ConfigError` when the saved state is not the one this run builds."""
   saved, here = meta["structure"], structure(abstract)
-  if saved["process_count"] != here["process_count"]:
-    raise config_lib.ConfigError(
-      f"the checkpoint at step {step} was saved by {saved['process_count']} processes and this "
-      f"run has {here['process_count']}; resume with as many, or use another workdir"
-    )
   if saved["leaves"] != here["leaves"]:
     pairs = itertools.zip_longest(saved["leaves"], here["leaves"])
     old, new = next((s, h) for s, h in pairs if s != h)

@@ -27,6 +27,7 @@ OPTIMIZERS = ("adam", "adamw", "rmsprop", "adagrad", "sgd", "lion", "adafactor",
 SCHEDULES = ("constant", "cosine", "linear", "rsqrt", "exponential", "piecewise", "wsd")
 POLICIES = ("f32", "bf16-mixed", "bf16", "fp16-mixed")
 MODES = ("min", "max")
+RULES = ("auto", "dp", "fsdp", "fsdp_tp", "tp")
 DECAY_OPTIMIZERS = ("adamw", "lion", "adafactor", "muon")  # decoupled weight decay with a mask
 MOMENTUM_OPTIMIZERS = ("sgd", "rmsprop")
 # Parameter paths that weight decay leaves alone by default: biases, norm scales, embeddings.
@@ -75,7 +76,8 @@ DEFAULTS: dict[str, tuple[Any, str]] = {
   "precision.loss_scale_period": (2000, "fp16-mixed: finite steps before the loss scale doubles"),
   "mesh.data": (-1, "data-parallel devices; -1 takes the devices the other axes leave"),
   "mesh.fsdp": (1, "devices the parameters and optimizer state are sharded over"),
-  "mesh.tensor": (1, "tensor-parallel devices (only custom sharding rules use them)"),
+  "mesh.tensor": (1, "tensor-parallel devices (mesh.rules auto, tp or fsdp_tp shard over them)"),
+  "mesh.rules": ("auto", f"logical-axis sharding: {', '.join(RULES)} (auto: fsdp_tp)"),
   "data.name": ("", "the dataset's name, set by the experiment; recorded in run.json"),
   "data.dir": ("", "a folder to read the dataset from; it must hold it when given"),
   "data.workers": (0, "Grain worker processes; 0 reads in a thread; -1: chosen from timings"),
@@ -146,6 +148,7 @@ CHOICES = {
   "optim.schedule": SCHEDULES,
   "precision.policy": POLICIES,
   "early_stop.mode": MODES,
+  "mesh.rules": RULES,
   "ckpt.best_mode": MODES,
 }
 

@@ -67,10 +67,14 @@ class Evaluator:
 
   def sums(self, state: TrainState) -> dict[str, np.ndarray]:
     """Returns the masked sums of every metric and `count`, on the host."""
-    sums = None
-    for j in range(len(self._batches)):  # read in order, in this thread
-      batch = self._put(self._batches[j])
-      if sums is None:
-        sums = self._zeros(state, batch)
+    n = len(self._batches)
+    batch = self._put(self._batches[0]) if n else None
+    sums = self._zeros(state, batch) if n else None
+    for j in range(n):  # read in order, in this thread
       sums = self._accumulate(sums, state, batch)
+      if j + 1 < n:  # the next batch is read while this one runs
+        batch = self._put(self._batches[j + 1])
+      # One batch in flight: XLA's CPU backend can deadlock in a cross-device
+      # all-reduce when many multi-device executions queue up (seen on 8 devices).
+      jax.block_until_ready(sums)
     return jax.device_get(sums)

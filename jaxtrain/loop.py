@@ -82,7 +82,7 @@ def train(
   *,
   workdir: str | pathlib.Path | None = None,
   resume: str = "auto",
-  rules: sharding.Rules = sharding.DEFAULT_RULES,
+  rules: sharding.Rules | sharding.LogicalRules | None = None,
   tx: optax.GradientTransformation | None = None,
   schedule: optax.Schedule | None = None,
 ) -> TrainResult:
@@ -101,7 +101,7 @@ def train(
       unless the config changed a key a resume may not change (then it
       refuses, naming each); `never` refuses to train over checkpoints;
       `force` resumes anyway and records the changed keys in `run.json`.
-    rules: the sharding rules table for the state.
+    rules: path or logical-axis rules for the state; None: `mesh.rules`'s.
     tx: an Optax transform to train with instead of the one the `optim`
       section describes (which is then not used).
     schedule: with `tx`, its learning-rate schedule of the update count, for

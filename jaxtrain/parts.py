@@ -20,7 +20,7 @@ Example:
 
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -45,6 +45,7 @@ class Spec(NamedTuple):
 
   Attributes:
     mesh: the device mesh.
+    rules: the path or logical-axis rules that placed the state.
     graphdef: the model's graph definition.
     abstract: the `TrainState`'s shapes, dtypes and shardings.
     tx: the optimizer.
@@ -65,6 +66,7 @@ class Spec(NamedTuple):
   """
 
   mesh: Mesh
+  rules: Any
   graphdef: nnx.GraphDef
   abstract: state_lib.TrainState
   tx: optax.GradientTransformation
@@ -139,9 +141,10 @@ def build(
   data: Dataset,
   loss_fn: step_lib.LossFn,
   *,
-  rules: sharding.Rules = sharding.DEFAULT_RULES,
+  rules: sharding.Rules | sharding.LogicalRules | None = None,
   tx: optax.GradientTransformation | None = None,
   schedule: optax.Schedule | None = None,
+  devices: Sequence[jax.Device] | None = None,
 ) -> Parts:
   """Checks everything, then makes the state, the compiled chunk, the evaluator and the stream.
 
@@ -150,9 +153,10 @@ def build(
     model: builds the Flax NNX model from `rngs=nnx.Rngs(...)`.
     data: the train and eval sources.
     loss_fn: `loss_fn(model, batch, rngs) -> dict of [B] arrays` with `loss`.
-    rules: the sharding rules table for the state.
+    rules: path or logical-axis rules for the state; None: `mesh.rules`'s.
     tx: an Optax transform to use instead of the `optim` section's.
     schedule: with `tx`, its learning rate as a function of the step.
+    devices: the devices the mesh spans; all of them by default.
 
   Returns:
     The `Parts`, with a fresh state.
@@ -162,7 +166,9 @@ def build(
       is compiled.
     DataError: for bad records, or a field the loss reads that they lack.
   """
-  return assemble(prepare(config, model, data, loss_fn, rules=rules, tx=tx, schedule=schedule))
+  return assemble(
+    prepare(config, model, data, loss_fn, rules=rules, tx=tx, schedule=schedule, devices=devices)
+  )
 
 
 def prepare(
@@ -171,12 +177,14 @@ def prepare(
   data: Dataset,
   loss_fn: step_lib.LossFn,
   *,
-  rules: sharding.Rules = sharding.DEFAULT_RULES,
+  rules: sharding.Rules | sharding.LogicalRules | None = None,
   tx: optax.GradientTransformation | None = None,
   schedule: optax.Schedule | None = None,
+  devices: Sequence[jax.Device] | None = None,
 ) -> Spec:
   """Resolves and checks a run with abstract shapes only; the arguments are `build`'s."""
-  shape = validate(config, jax.device_count())
+  devices = list(jax.devices() if devices is None else devices)
+  shape = validate(config, len(devices))
   cache.enable(config.train.compile_cache)  # before anything compiles
   preflight.check_model_fn(model)
   checks.check_dataset(data)  # every record like the first train record
@@ -185,7 +193,10 @@ def prepare(
   eval_batch = preflight.abstract_batch(data.eval, config.eval.batch_size, mask=True)
   preflight.check_sizes(train_size=len(data.train), batch_size=t.batch_size,
                         crop_padding=d.crop_padding, batch=train_batch)  # fmt: skip
-  mesh = sharding.make_mesh(shape)
+  mesh = sharding.make_mesh(shape, devices)
+  rules = sharding.logical(config.mesh.rules) if rules is None else rules
+  if isinstance(rules, sharding.LogicalRules):  # the model's activations are constrained too
+    loss_fn = sharding.with_rules(loss_fn, rules)
   p = config.precision
   policy = precision.get_policy(p.policy, p.f32_modules, p.loss_scale_period)
   from_config = tx is None
@@ -212,6 +223,7 @@ def prepare(
     )
   return Spec(
     mesh=mesh,
+    rules=rules,
     graphdef=graphdef,
     abstract=abstract,
     tx=tx,
@@ -258,7 +270,7 @@ def _abstract_state(
   *,
   seed: int,
   mesh: Mesh,
-  rules: sharding.Rules,
+  rules: sharding.Rules | sharding.LogicalRules,
   policy: precision.Policy,
 ) -> state_lib.TrainState:
   """The abstract state; a failing optimizer init is one line."""

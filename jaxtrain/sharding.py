@@ -1,24 +1,39 @@
 """Meshes, sharding rules and batch placement.
 
 Sharding is data: a mesh over the devices with the axes `("data", "fsdp",
-"tensor")`, and a table of rules. Each rule pairs a regular expression, searched
-in a state leaf's path such as `params/layers/0/kernel`, with a function from
-the leaf's shape to a `PartitionSpec`. The first rule that matches places the
-leaf. Batches are split over the data-parallel axes `("data", "fsdp")`.
+"tensor")`, and rules that place each state leaf on it. Rules come in two kinds:
+
+- Logical-axis rules (`LogicalRules`, the presets in `PRESETS`, chosen by
+  `mesh.rules`): models name their parameters' axes (`embed`, `mlp`, `heads`,
+  `kv_heads`, `vocab`, `layers`) and activations' (`batch`, `sequence`, ...),
+  and a table maps each name onto mesh axes. An optimizer-state leaf shaped like
+  a parameter, whose path ends with the parameter's, is placed like it. Leaves
+  without names go to the fallback rules (FSDP by the largest dimension).
+- Path rules: a table of `(regex, rule)` pairs; the first regex found in a leaf's
+  path (such as `params/layers/0/kernel`) places it with `rule(shape, mesh)`.
+
+Batches are split over the data-parallel axes `("data", "fsdp")`.
 
 Example:
   >>> mesh = make_mesh((2, 4, 1))
-  >>> rules = ((r"embed", replicate()), (r".*", fsdp()))
+  >>> shardings = tree_shardings(abstract_state, mesh, logical("fsdp"), names)
+  >>> rules = ((r"embed", replicate()), (r".*", fsdp()))       # path rules
   >>> shardings = tree_shardings(jax.eval_shape(init), mesh, rules)
 """
 
+import contextvars
+import functools
+import math
 import os
 import re
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
+from flax import nnx
+from flax.core import spmd as core_spmd
+from flax.linen import spmd
 from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -127,6 +142,95 @@ def fsdp(axis: str = "fsdp", min_size: int = 1024) -> Rule:
 DEFAULT_RULES: Rules = ((r".*", fsdp()),)
 
 
+_TP = (("heads", "tensor"), ("kv_heads", "tensor"), ("mlp", "tensor"), ("vocab", "tensor"))
+_BATCH = (("batch", BATCH_AXES),)
+# Logical axis name -> mesh axes, by `mesh.rules`. A name absent from a table, and
+# one whose mesh axes an earlier name of the same array took, is not sharded.
+PRESETS: dict[str, tuple[tuple[str, Any], ...]] = {
+  "dp": _BATCH,  # every parameter replicated, the batch split
+  "fsdp": (*_BATCH, ("embed", "fsdp")),  # parameters sharded on their model width
+  "tp": (*_BATCH, *_TP),  # heads, MLP width and vocabulary split over `tensor`
+  "fsdp_tp": (*_BATCH, ("embed", "fsdp"), *_TP),
+}
+
+
+class LogicalRules(NamedTuple):
+  """Logical-axis rules.
+
+  Attributes:
+    table: `(logical name, mesh axis or axes or None)` pairs, in priority order.
+    fallback: path rules for leaves without logical names.
+    name: what `mesh.rules` called them, for messages.
+  """
+
+  table: tuple[tuple[str, Any], ...]
+  fallback: "Rules" = DEFAULT_RULES
+  name: str = "custom"
+
+
+def logical(preset: str) -> LogicalRules:
+  """The rules of `mesh.rules=preset`: `auto` is `fsdp_tp`, whose unused axes shard nothing."""
+  table = PRESETS["fsdp_tp" if preset == "auto" else preset]
+  fallback = ((r".*", replicate()),) if preset in ("dp", "tp") else DEFAULT_RULES
+  return LogicalRules(table, fallback, preset)
+
+
+def logical_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
+                 rules: LogicalRules, what: str) -> P:  # fmt: skip
+  """The `PartitionSpec` of an array whose axes have logical `names`.
+
+  Raises:
+    ConfigError: when a mesh axis does not divide the dimension it shards,
+      naming `what` (a parameter path, say), the logical axis and the mesh axes.
+  """
+  spec = spmd.logical_to_mesh_axes(tuple(names), rules.table)
+  for dim, (name, mapped) in enumerate(zip(names, spec, strict=True)):
+    axes = () if mapped is None else (mapped,) if isinstance(mapped, str) else tuple(mapped)
+    ways = math.prod(mesh.shape[a] for a in axes)
+    if shape[dim] % ways:
+      sizes = " x ".join(f"mesh.{a}={mesh.shape[a]}" for a in axes)
+      raise ConfigError(
+        f"mesh.rules={rules.name}: {what} dimension {dim} ({name}, size {shape[dim]}) does not "
+        f"divide over {sizes}; choose mesh sizes that divide it, or other mesh.rules"
+      )
+  return spec
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+  """Constrains `x`'s sharding by its axes' logical `names` under rules; else returns `x`.
+
+  The rules are `with_rules`'s, or else those of Flax's `logical_axis_rules` context.
+  """
+  rules = _current.get()
+  if rules is None and core_spmd.get_logical_axis_rules():
+    rules = LogicalRules(tuple(core_spmd.get_logical_axis_rules()))
+  mesh = jax.sharding.get_abstract_mesh()
+  if rules is None or mesh.empty:
+    return x
+  spec = logical_spec(names, x.shape, mesh, rules, f"an activation of shape {tuple(x.shape)}")
+  return jax.lax.with_sharding_constraint(x, spec)
+
+
+_current: contextvars.ContextVar[LogicalRules | None] = contextvars.ContextVar(
+  "jaxtrain_logical_rules", default=None
+)
+
+
+def with_rules(fn: Callable, rules: LogicalRules) -> Callable:
+  """`fn` run under the logical-axis `rules` (Flax's too): what it traces may `constrain`."""
+
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    token = _current.set(rules)
+    try:
+      with core_spmd.logical_axis_rules(rules.table):
+        return fn(*args, **kwargs)
+    finally:
+      _current.reset(token)
+
+  return wrapped
+
+
 def path_str(path: tuple[Any, ...]) -> str:
   """Returns a pytree key path as `a/b/0/c`."""
   parts = []
@@ -148,11 +252,63 @@ def leaf_spec(path: str, shape: tuple[int, ...], mesh: Mesh, rules: Rules) -> P:
   return P()
 
 
-def tree_shardings(tree: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any:
-  """Returns a `NamedSharding` for every leaf of a (possibly abstract) pytree."""
-  return jax.tree_util.tree_map_with_path(
-    lambda path, x: NamedSharding(mesh, leaf_spec(path_str(path), x.shape, mesh, rules)), tree
-  )
+def tree_shardings(
+  tree: Any,
+  mesh: Mesh,
+  rules: "Rules | LogicalRules" = DEFAULT_RULES,
+  names: dict[str, tuple[str | None, ...]] | None = None,
+) -> Any:
+  """Returns a `NamedSharding` for every leaf of a (possibly abstract) pytree.
+
+  Args:
+    tree: the pytree, such as an abstract `TrainState`.
+    mesh: the device mesh.
+    rules: path rules, or logical-axis rules.
+    names: with logical rules, each parameter's axis names by its path (as
+      `named_axes` reads them); a leaf whose path ends with a parameter's path
+      and has its number of dimensions takes its names.
+
+  Raises:
+    ConfigError: a logical rule that does not divide a dimension.
+  """
+
+  def spec(path: tuple[Any, ...], x: Any) -> NamedSharding:
+    where = path_str(path)
+    if not isinstance(rules, LogicalRules):
+      return NamedSharding(mesh, leaf_spec(where, x.shape, mesh, rules))
+    axes = _names_of(where, len(x.shape), names or {})
+    if axes is None:
+      return NamedSharding(mesh, leaf_spec(where, x.shape, mesh, rules.fallback))
+    return NamedSharding(mesh, logical_spec(axes, x.shape, mesh, rules, where))
+
+  return jax.tree_util.tree_map_with_path(spec, tree)
+
+
+def _names_of(path: str, ndim: int, names: dict[str, tuple[str | None, ...]]) -> Any:
+  """The names of the longest parameter path that ends `path`, if it has `ndim` axes."""
+  parts = path.split("/")
+  for i in range(len(parts)):
+    axes = names.get("/".join(parts[i:]))
+    if axes is not None:
+      return tuple(axes) if len(axes) == ndim else None
+  return None
+
+
+def named_axes(model: Any) -> dict[str, tuple[str | None, ...]]:
+  """Each parameter's logical axis names, by path (`blocks/mlp/up/kernel`), where it has them.
+
+  Names come from a variable's `logical_axes` metadata (`nnx.with_metadata`), or
+  from Flax's partitioning metadata (`nnx.with_partitioning`).
+  """
+  found = {}
+  for path, variable in nnx.iter_graph(model):
+    if isinstance(variable, nnx.Param):
+      meta = variable.get_metadata()
+      axes = next((meta[k] for k in ("logical_axes", "sharding_names", "sharding") if meta.get(k)),
+                  None)  # fmt: skip
+      if axes is not None:
+        found["/".join(str(p) for p in path)] = tuple(axes)
+  return found
 
 
 def batch_sharding(mesh: Mesh, leading_dims: int = 0) -> NamedSharding:

@@ -94,8 +94,12 @@ def init_fn(
 
 def graphdef_of(model_fn: ModelFn) -> nnx.GraphDef:
   """Returns the model's structure without allocating its parameters."""
-  abstract = nnx.eval_shape(lambda: model_fn(rngs=nnx.Rngs(0)))
-  return split_model(abstract)[0]
+  return split_model(abstract_model(model_fn))[0]
+
+
+def abstract_model(model_fn: ModelFn) -> nnx.Module:
+  """The model with shapes for arrays: nothing is allocated."""
+  return nnx.eval_shape(lambda: model_fn(rngs=nnx.Rngs(0)))
 
 
 def abstract_state(
@@ -104,13 +108,14 @@ def abstract_state(
   *,
   seed: int,
   mesh: Mesh,
-  rules: sharding.Rules = sharding.DEFAULT_RULES,
+  rules: sharding.Rules | sharding.LogicalRules = sharding.DEFAULT_RULES,
   policy: precision.Policy = precision.POLICIES["f32"],
 ) -> tuple[nnx.GraphDef, TrainState]:
   """Returns the model's graph definition and the state's shapes and shardings.
 
   Nothing is allocated: the shapes come from `jax.eval_shape`, the shardings
-  from `rules`. The result is the target of `init_state` and of a checkpoint
+  from `rules` (with logical rules, by the axis names the model's parameters
+  carry: `sharding.named_axes`). The result is the target of `init_state` and of a checkpoint
   restore.
 
   Args:
@@ -118,17 +123,21 @@ def abstract_state(
     tx: the optimizer.
     seed: the run's seed.
     mesh: the device mesh.
-    rules: the sharding rules table, applied to every leaf of the state.
+    rules: path or logical-axis rules, applied to every leaf of the state.
     policy: the precision policy, whose `param_dtype` the parameters take.
 
   Returns:
     The graph definition, and a `TrainState` of `jax.ShapeDtypeStruct`s whose
     `sharding` is set.
+
+  Raises:
+    ConfigError: a logical rule that does not divide a dimension.
   """
   with jax.set_mesh(mesh):
     shapes = jax.eval_shape(init_fn(model_fn, tx, seed, policy))
-    shardings = sharding.tree_shardings(shapes, mesh, rules)
-    graphdef = graphdef_of(model_fn)
+    model = abstract_model(model_fn)
+    shardings = sharding.tree_shardings(shapes, mesh, rules, sharding.named_axes(model))
+    graphdef = split_model(model)[0]
   abstract = jax.tree.map(
     lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings
   )
@@ -160,7 +169,7 @@ def create_state(
   *,
   seed: int,
   mesh: Mesh,
-  rules: sharding.Rules = sharding.DEFAULT_RULES,
+  rules: sharding.Rules | sharding.LogicalRules = sharding.DEFAULT_RULES,
   policy: precision.Policy = precision.POLICIES["f32"],
 ) -> tuple[nnx.GraphDef, TrainState]:
   """`abstract_state` (same arguments), then `init_state`: the state, born sharded.

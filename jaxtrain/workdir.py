@@ -54,6 +54,7 @@ RESUMABLE = (
   "mesh.data",
   "mesh.fsdp",
   "mesh.tensor",
+  "mesh.rules",
 )
 LOCK_NAME = ".lock"
 

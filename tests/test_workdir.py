@@ -207,8 +207,8 @@ def saved_twice(tmp_path_factory):
 
 @pytest.mark.parametrize(
   "harm",
-  [damage._truncate, damage._zero, damage._delete, damage._torn_data_json, damage._torn_meta],
-  ids=["truncated", "zeroed", "deleted-file", "torn-iterator-state", "torn-metadata"],
+  [damage._truncate, damage._zero, damage._delete, damage._torn_meta],
+  ids=["truncated", "zeroed", "deleted-file", "torn-metadata"],
 )
 def test_a_damaged_step_is_reported_in_one_line(saved_twice, tmp_path, harm):
   path = tmp_path / "run"

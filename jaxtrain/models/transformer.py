@@ -17,7 +17,7 @@ Pre-norm blocks (RMSNorm) of causal self-attention and an MLP, with:
 Every parameter carries logical axis names (`vocab`, `embed`, `heads`,
 `kv_heads`, `mlp`, `layers`; `logical_axes` reads them), and the
 activations are named too (`batch`, `sequence`, `embed`, ...): `constrain`
-applies them under `flax.core.spmd` logical axis rules and does nothing without.
+applies them under `sharding.with_rules` and does nothing without.
 
 Example:
   >>> model = Transformer(vocab=256, seq_len=128, d_model=128, layers=2, heads=4,
@@ -32,8 +32,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from flax.core import spmd
 
+from jaxtrain import sharding
 from jaxtrain.config import ConfigError
 from jaxtrain.models import args
 
@@ -65,9 +65,7 @@ def logical_axes(model: nnx.Module) -> Any:
 
 def constrain(x: jax.Array, *names: str | None) -> jax.Array:
   """Names `x`'s axes; under logical axis rules (and a mesh), constrains its sharding."""
-  if not spmd.get_logical_axis_rules():
-    return x
-  return jax.lax.with_sharding_constraint(x, spmd.get_pspec(names))
+  return sharding.constrain(x, names)
 
 
 def _linear(din: int, dout: int, names: tuple[str, str], rngs: nnx.Rngs) -> nnx.Linear:

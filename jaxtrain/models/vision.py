@@ -3,7 +3,8 @@
 Both take `[B, H, W]` or `[B, H, W, C]` float images and return logits
 `[B, num_classes]`. With `dropout > 0`, dropout follows every hidden activation;
 it draws from the `dropout` stream of the `rngs=` passed to the call, and is off
-after `model.eval()`.
+after `model.eval()`. The MLP's parameters and hidden activations carry logical
+axis names (`embed`, `mlp`, `batch`) for `mesh.rules`.
 
 Example:
   >>> model = MLP(in_features=784, hidden=(512, 512), num_classes=10, rngs=nnx.Rngs(0))
@@ -17,8 +18,19 @@ from collections.abc import Sequence
 import jax
 from flax import nnx
 
+from jaxtrain import sharding
 from jaxtrain.config import ConfigError
 from jaxtrain.models import args
+
+# Logical axes of the MLP's kernels, alternating so that under tensor parallelism a
+# layer split on its outputs feeds one split on its inputs (Megatron's pairing).
+_LAYER_AXES = (("embed", "mlp"), ("mlp", "embed"))
+
+
+def _linear(din: int, dout: int, names: tuple[str | None, str | None], rngs: nnx.Rngs):
+  """A dense layer whose kernel and bias carry logical axis names (`sharding.named_axes`)."""
+  return nnx.Linear(din, dout, kernel_metadata={"logical_axes": names},
+                    bias_metadata={"logical_axes": names[1:]}, rngs=rngs)  # fmt: skip
 
 
 class MLP(nnx.Module):
@@ -38,15 +50,21 @@ class MLP(nnx.Module):
       args.positive("MLP", hidden=hidden)
     args.dropout_rate("MLP", dropout)
     widths = [in_features, *hidden]
-    self.hidden = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in itertools.pairwise(widths)])
-    self.head = nnx.Linear(widths[-1], num_classes, rngs=rngs)
+    self.hidden = nnx.List(
+      [
+        _linear(a, b, _LAYER_AXES[i % 2], rngs)
+        for i, (a, b) in enumerate(itertools.pairwise(widths))
+      ]
+    )
+    self.head = _linear(widths[-1], num_classes, (_LAYER_AXES[len(hidden) % 2][0], None), rngs)
     self.dropout = nnx.Dropout(dropout)
 
   def __call__(self, x: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
     """Returns the logits `[B, num_classes]` of images `x`."""
     x_BxD = x.reshape(x.shape[0], -1)
-    for layer in self.hidden:
-      x_BxD = self.dropout(nnx.relu(layer(x_BxD)), rngs=rngs)
+    for i, layer in enumerate(self.hidden):
+      x_BxD = sharding.constrain(nnx.relu(layer(x_BxD)), ("batch", _LAYER_AXES[i % 2][1]))
+      x_BxD = self.dropout(x_BxD, rngs=rngs)
     return self.head(x_BxD)
 
 
