@@ -30,11 +30,10 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
-from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers
 
 from jaxtrain import config as config_lib
-from jaxtrain import logs, record, sharding
+from jaxtrain import distributed, logs, record, sharding
 from jaxtrain.state import TrainState
 
 # Where steps saved by earlier versions keep the data position (Grain's handler, process 0).
@@ -253,12 +252,12 @@ class Checkpointer:
   ) -> tuple[Restored | None, str | None]:
     """Reads one step in every process: the bundle, or why it is unreadable."""
     meta, problem = self._read_meta(step)
-    if sharding.everywhere(problem is None):
+    if distributed.everywhere(problem is None):
       if accept:
         accept(meta, step)
       _check_fits(meta, abstract, step)
       restored, problem = self._read_all(step, abstract, meta)
-      if sharding.everywhere(problem is None):
+      if distributed.everywhere(problem is None):
         return restored, None
     return None, problem or "unreadable in another process"
 
@@ -294,8 +293,7 @@ class Checkpointer:
       target = self.directory / f"{step}.corrupt{n}"
     if jax.process_index() == 0 and source.exists():
       source.rename(target)
-    if jax.process_count() > 1:
-      multihost_utils.sync_global_devices(f"jaxtrain_set_aside_{step}")
+    distributed.barrier(f"set_aside_{step}")
     self._manager.reload()
     return target.name
 

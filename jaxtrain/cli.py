@@ -1,7 +1,9 @@
 """The command-line entry shared by experiments: absl flags, help, exit statuses.
 
 `define_flags` declares `--config` (its overrides checked against the config's
-keys), `--workdir` and `--resume`; `run(main)` runs `main` under
+keys), `--workdir`, `--resume`, and the flags that join a multi-process job
+(`--coordinator_address`, `--num_processes`, `--process_id`, `--init_timeout`,
+`--peer_timeout`: `jaxtrain.distributed`); `run(main)` runs `main` under
 `absl.app.run`. A bad flag, config value, model, loss or dataset ends the
 process with one line on stderr and exit status 2, before anything is compiled
 or written. A run stopped by SIGTERM after its checkpoint exits with status 3,
@@ -33,9 +35,10 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from jaxtrain import config as config_lib
-from jaxtrain import logs, parts, sharding, workdir
+from jaxtrain import distributed, logs, parts, workdir
 from jaxtrain.checkpoint import CheckpointError
 from jaxtrain.data.sources import DataError
+from jaxtrain.distributed import PeerError
 from jaxtrain.loop import NonFiniteError
 
 USAGE_ERRORS = (config_lib.ConfigError, DataError)
@@ -80,6 +83,7 @@ def define_flags(
     flags.DEFINE_enum("preset", presets[0], presets, "The config the overrides start from.")
     config = config(chosen)
   holder = define_config(config, model_help)
+  define_distributed_flags()
   return RunFlags(
     holder,
     flags.DEFINE_string("workdir", None, workdir_help, required=True),
@@ -90,6 +94,42 @@ def define_flags(
       "With checkpoints in the workdir: auto resumes unless the config changed a key a "
       "resume may not change; never refuses; force resumes and records the changes.",
     ),
+  )
+
+
+def define_distributed_flags() -> None:
+  """Defines the flags that `run` passes to `distributed.initialize`."""
+  flags.DEFINE_string(
+    "coordinator_address", None,
+    "host:port of process 0, where the processes of a multi-host job meet; with "
+    "--num_processes and --process_id. Unset: JAX_COORDINATOR_ADDRESS, or the cluster JAX "
+    "detects (Cloud TPU VM, SLURM), else one process.",
+  )  # fmt: skip
+  flags.DEFINE_integer("num_processes", None, "The processes of the job.", lower_bound=1)
+  flags.DEFINE_integer("process_id", None, "This process's index, from 0.", lower_bound=0)
+  flags.DEFINE_integer(
+    "init_timeout", distributed.INIT_TIMEOUT,
+    "Seconds to wait for every process to join; then exit with status 1.", lower_bound=1,
+  )  # fmt: skip
+  flags.DEFINE_integer(
+    "peer_timeout", distributed.PEER_TIMEOUT,
+    "Seconds a dead peer (no heartbeat) or a barrier may keep the others waiting.",
+    lower_bound=1,
+  )  # fmt: skip
+
+
+def _initialize() -> None:
+  """Joins the job that the distributed flags (or the environment) describe."""
+  f = flags.FLAGS
+  if "init_timeout" not in f:  # a module without define_flags
+    distributed.initialize()
+    return
+  distributed.initialize(
+    f.coordinator_address,
+    f.num_processes,
+    f.process_id,
+    init_timeout=f.init_timeout,
+    peer_timeout=f.peer_timeout,
   )
 
 
@@ -163,13 +203,13 @@ def run(main: Callable[[list[str]], Any]) -> None:
     if len(argv) > 1:
       fail(f"unexpected argument {argv[1]!r}; flags take the form --name=value")
     try:
-      sharding.initialize_distributed()
+      _initialize()
       if "config" in flags.FLAGS:  # fail before the experiment loads any data
         parts.validate(flags.FLAGS.config, jax.device_count())
       result = main(argv)
     except USAGE_ERRORS as e:
       fail(str(e))
-    except (CheckpointError, NonFiniteError, OSError) as e:  # saved steps are intact
+    except (CheckpointError, NonFiniteError, PeerError, OSError) as e:  # saved steps are intact
       fail(str(e), EXIT_FAILED)
     except KeyboardInterrupt:
       fail("stopped at once by Ctrl-C; rerun the same command to resume", EXIT_INTERRUPTED)

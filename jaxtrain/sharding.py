@@ -24,7 +24,6 @@ Example:
 import contextvars
 import functools
 import math
-import os
 import re
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -34,7 +33,6 @@ import numpy as np
 from flax import nnx
 from flax.core import spmd as core_spmd
 from flax.linen import spmd
-from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -365,36 +363,3 @@ def put_batch(local: Any, mesh: Mesh, batch_size: int, leading_dims: int = 0) ->
     return jax.make_array_from_callback(shape, sharding, shard)
 
   return jax.tree.map(put, local)
-
-
-def everywhere(ok: bool) -> bool:
-  """True when `ok` holds in every process; a collective all processes must reach together."""
-  if jax.process_count() == 1:
-    return ok
-  return bool(np.all(multihost_utils.process_allgather(np.array(ok))))
-
-
-def initialize_distributed() -> None:
-  """Joins a multi-process job when `JAX_COORDINATOR_ADDRESS` is set.
-
-  Every process of the job runs the same command with `JAX_COORDINATOR_ADDRESS`
-  (`host:port` of process 0), `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID` set.
-  Without the first variable this does nothing, and the run is single-process.
-
-  Raises:
-    ConfigError: when the address is set without the other two.
-  """
-  address = os.environ.get("JAX_COORDINATOR_ADDRESS")
-  if not address:
-    return
-  missing = [v for v in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID") if not os.environ.get(v)]
-  if missing:
-    raise ConfigError(f"JAX_COORDINATOR_ADDRESS is set without {' and '.join(missing)}")
-  # jaxtrain agrees on preemption itself (interrupt.StopSignals); JAX's service
-  # would take SIGTERM, and Orbax reports its own steps to that service's counter.
-  jax.config.update("jax_enable_preemption_service", False)
-  jax.distributed.initialize(
-    coordinator_address=address,
-    num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
-    process_id=int(os.environ["JAX_PROCESS_ID"]),
-  )

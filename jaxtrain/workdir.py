@@ -32,7 +32,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from jaxtrain import checkpoint, logs, record, sharding
+from jaxtrain import checkpoint, distributed, logs, record
 from jaxtrain import config as config_lib
 from jaxtrain import parts as parts_lib
 from jaxtrain.config import ConfigError
@@ -99,7 +99,7 @@ def hold(path: pathlib.Path) -> "Lock":
     lock = Lock(path, enabled=jax.process_index() == 0)
   except ConfigError as e:
     error = e
-  if not sharding.everywhere(error is None):
+  if not distributed.everywhere(error is None):
     if lock:
       lock.release()
     raise error or ConfigError(f"workdir {path}: process 0 could not lock it")

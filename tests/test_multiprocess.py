@@ -1,4 +1,5 @@
-"""Two real processes (jax.distributed on 127.0.0.1) train exactly like one."""
+"""Real processes (jax.distributed on 127.0.0.1) train exactly like one, resume on any count,
+and never wait forever on a peer."""
 
 import json
 import os
@@ -25,19 +26,19 @@ OVERRIDES = {
 }
 
 
-def _start(workdir, overrides, num_processes=2, devices_per_process=4):
+def _start(workdir, overrides, num_processes=2, devices_per_process=4, *, flags=(), start=None):
+  """Starts the processes (`start`: only those ids) of a digits job with the distributed flags."""
   port = portpicker.pick_unused_port()
   procs = []
-  for pid in range(num_processes):
+  for pid in range(num_processes) if start is None else start:
     env = dict(
       os.environ,
       PYTHONPATH=ROOT,
-      JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-      JAX_NUM_PROCESSES=str(num_processes),
-      JAX_PROCESS_ID=str(pid),
       XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}",
     )
     args = [f"--config.{k}={v}" for k, v in overrides.items()]
+    args += [f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={num_processes}",
+             f"--process_id={pid}", *flags]  # fmt: skip
     procs.append(
       subprocess.Popen(
         [sys.executable, "-m", "experiments.digits", f"--workdir={workdir}", *args],
@@ -138,3 +139,96 @@ def test_sigterm_to_one_process_stops_all_at_one_step(tmp_path, digits):
   assert [(x["step"], x["split"]) for x in multi] == [(x["step"], x["split"]) for x in single]
   for a, b in zip(multi, single, strict=True):
     assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+
+
+def _single(tmp_path, digits, overrides, name="single"):
+  """The uninterrupted one-process run on this process's 8 devices; its metric lines."""
+  config = helpers.tiny_config(**overrides)
+  config.model.hidden = (128,)
+  jaxtrain.train(config, helpers.mlp((128,)), digits, losses.classification,
+                 workdir=tmp_path / name)  # fmt: skip
+  return _lines(tmp_path / name)
+
+
+def _assert_same_run(lines, single):
+  assert [(x["step"], x["split"]) for x in lines] == [(x["step"], x["split"]) for x in single]
+  for a, b in zip(lines, single, strict=True):
+    for key in ("loss", "accuracy"):
+      if key in b:
+        assert a[key] == pytest.approx(b[key], abs=1e-5), (a, b)
+
+
+def test_saved_on_two_processes_resumes_on_one(tmp_path, digits):
+  workdir = tmp_path / "run"
+  codes, outputs = _launch(workdir, {**OVERRIDES, "train.steps": 30})
+  assert codes == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+  config = helpers.tiny_config(**OVERRIDES)
+  config.model.hidden = (128,)
+  result = jaxtrain.train(config, helpers.mlp((128,)), digits, losses.classification,
+                          workdir=workdir)  # fmt: skip
+  assert result.status == "completed"
+  run = json.loads((workdir / "run.json").read_text())
+  assert (run["resumed_from"], run["environment"]["process_count"]) == (30, 1)
+  _assert_same_run(_lines(workdir), _single(tmp_path, digits, OVERRIDES))
+
+
+def test_saved_on_one_process_resumes_on_two(tmp_path, digits):
+  workdir = tmp_path / "run"
+  config = helpers.tiny_config(**{**OVERRIDES, "train.steps": 30})
+  config.model.hidden = (128,)
+  jaxtrain.train(config, helpers.mlp((128,)), digits, losses.classification, workdir=workdir)
+  codes, outputs = _launch(workdir)
+  assert codes == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+  run = json.loads((workdir / "run.json").read_text())
+  assert (run["resumed_from"], run["environment"]["process_count"]) == (30, 2)
+  _assert_same_run(_lines(workdir), _single(tmp_path, digits, OVERRIDES))
+
+
+def test_a_killed_peer_ends_the_other_within_the_peer_timeout(tmp_path):
+  overrides = {**OVERRIDES, "train.steps": 100_000, "eval.every_steps": 0, "ckpt.every_steps": 0}
+  workdir = tmp_path / "run"
+  procs = _start(workdir, overrides, flags=["--peer_timeout=5"])
+  deadline = time.monotonic() + 120
+  while not (workdir / "metrics.jsonl").exists() or not _lines(workdir):
+    assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
+    time.sleep(0.05)
+  procs[1].send_signal(signal.SIGKILL)
+  killed = time.monotonic()
+  codes, outputs = _finish(procs, timeout=60)
+  waited = time.monotonic() - killed
+  assert codes[0] != 0 and waited < 30, (codes, waited, outputs[0][-3000:])
+  assert "stopped sending heartbeats" in outputs[0] or "Socket closed" in outputs[0]
+
+
+def test_a_peer_that_never_starts_ends_the_other_in_one_line(tmp_path):
+  started = time.monotonic()
+  procs = _start(tmp_path / "run", OVERRIDES, flags=["--init_timeout=3"], start=[0])
+  codes, outputs = _finish(procs, timeout=60)
+  assert codes == [1] and time.monotonic() - started < 30, outputs[0][-3000:]
+  assert outputs[0].strip().splitlines()[-1] == (
+    "error: process 0 of 2 could not join the coordinator at "
+    f"{_address(outputs[0])} within --init_timeout=3 s; is every process started, with the same "
+    "address and --num_processes?"
+  )
+  assert not (tmp_path / "run").exists()
+
+
+def _address(output):
+  return output.split("the coordinator at ")[1].split(" ")[0]
+
+
+@pytest.mark.parametrize(
+  "flags,expected",
+  [
+    (["--coordinator_address=127.0.0.1:1234"], "set all of --coordinator_address, "
+     "--num_processes and --process_id, or none (JAX then detects the cluster)"),
+    (["--coordinator_address=127.0.0.1:1234", "--num_processes=2", "--process_id=2"],
+     "process id 2 must be in [0, 2) for 2 processes"),
+    (["--coordinator_address=localhost", "--num_processes=2", "--process_id=0"],
+     "coordinator address 'localhost' must be host:port"),
+  ],
+  ids=["partial", "bad-id", "no-port"],
+)  # fmt: skip
+def test_bad_distributed_flags_are_one_line(tmp_path, flags, expected):
+  result = helpers.digits_cli(tmp_path / "run", *flags)
+  assert (result.returncode, result.stderr.strip()) == (2, f"error: {expected}")

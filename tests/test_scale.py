@@ -104,15 +104,17 @@ def test_a_rule_that_does_not_divide_names_the_parameter(corpus):
 
 def test_activation_that_does_not_divide_is_reported_before_compiling(corpus):
   """4 heads of width 16: the kernels (64 wide) divide over 8 devices, the heads do not."""
-  with pytest.raises(jaxtrain.ConfigError, match=r"activation of shape \(16, 32, 4, 16\) dimension 2 \(heads, size 4\) does not divide"):
-    jaxtrain.build(_config("tp", (1, 1, 8)), functools.partial(models.Transformer, **LM), corpus,
-                   losses.next_token)  # fmt: skip
+  model = functools.partial(models.Transformer, **LM)
+  expected = r"\(16, 32, 4, 16\) dimension 2 \(heads, size 4\) does not divide"
+  with pytest.raises(jaxtrain.ConfigError, match=expected):
+    jaxtrain.build(_config("tp", (1, 1, 8)), model, corpus, losses.next_token)
 
 
 def test_unnamed_models_keep_fsdp_by_the_largest_dimension(digits):
   config = helpers.tiny_config(**{"mesh.fsdp": 8, "mesh.data": 1})
   parts = jaxtrain.build(config, _plain_mlp, digits, losses.classification)
-  assert tuple(parts.state.params["hidden"][0]["kernel"].sharding.spec) == (None, "fsdp")  # 64 x 128
+  kernel = parts.state.params["hidden"][0]["kernel"]  # 64 x 128
+  assert tuple(kernel.sharding.spec) == (None, "fsdp")
 
 
 def _plain_mlp(rngs):
