@@ -197,7 +197,8 @@ def test_a_killed_peer_ends_the_other_within_the_peer_timeout(tmp_path):
   codes, outputs = _finish(procs, timeout=60)
   waited = time.monotonic() - killed
   assert codes[0] != 0 and waited < 30, (codes, waited, outputs[0][-3000:])
-  assert "stopped sending heartbeats" in outputs[0] or "Socket closed" in outputs[0]
+  # JAX's heartbeat check ends it, or gloo does first when the peer dies mid-collective.
+  assert any(s in outputs[0] for s in ("stopped sending heartbeats", "Socket closed", "gloo"))
 
 
 def test_a_peer_that_never_starts_ends_the_other_in_one_line(tmp_path):
