@@ -11,6 +11,7 @@ A quicker variant, in a workdir of its own:
 import functools
 
 import ml_collections
+from absl import flags
 
 import jaxtrain
 from jaxtrain import cli, data, losses, models
@@ -35,23 +36,28 @@ MODEL_HELP = {
   "hidden": "widths of the MLP's hidden layers",
   "dropout": "dropout rate after each hidden activation, in [0, 1)",
 }
-_FLAGS = cli.define_flags(get_config(), MODEL_HELP)
 
 
-def main(argv: list[str]) -> jaxtrain.TrainResult:
-  """Trains the digits MLP."""
-  del argv
-  config = _FLAGS.config.value
+def task(config: ml_collections.ConfigDict, workdir: str | None = None) -> tuple:
+  """The model, the dataset and the loss that `config` describes (`jaxtrain.plan` reads them)."""
+  del workdir
   if config.data.dir:
     raise jaxtrain.ConfigError(
       f"data.dir={config.data.dir!r}: the digits come with scikit-learn; leave data.dir empty"
     )
   model = functools.partial(models.MLP, 64, config.model.hidden, 10, dropout=config.model.dropout)
   loss = functools.partial(losses.classification, label_smoothing=config.loss.label_smoothing)
-  return jaxtrain.train(
-    config, model, data.digits(), loss, workdir=_FLAGS.workdir.value, resume=_FLAGS.resume.value
-  )
+  return model, data.digits(), loss
 
 
-if __name__ == "__main__":
+def main(argv: list[str]) -> jaxtrain.TrainResult:
+  """Trains the digits MLP."""
+  del argv
+  f = flags.FLAGS
+  model, dataset, loss = task(f.config)
+  return jaxtrain.train(f.config, model, dataset, loss, workdir=f.workdir, resume=f.resume)
+
+
+if __name__ == "__main__":  # flags only when run: jaxtrain.plan imports this module
+  cli.define_flags(get_config(), MODEL_HELP)
   cli.run(main)

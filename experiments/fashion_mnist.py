@@ -73,13 +73,18 @@ MODEL_HELP = {
 }
 
 
+def task(config: ml_collections.ConfigDict, workdir: str | None = None) -> tuple:
+  """The model, the dataset and the loss that `config` describes (`jaxtrain.plan` reads them)."""
+  del workdir
+  loss = functools.partial(losses.classification, label_smoothing=config.loss.label_smoothing)
+  return make_model(config.model), data.fashion_mnist(config.data.dir), loss
+
+
 def run(
   config: ml_collections.ConfigDict, workdir: str, resume: str = "auto"
 ) -> jaxtrain.TrainResult:
   """Trains the model that `config.model` names on Fashion-MNIST into `workdir`."""
-  model = make_model(config.model)
-  dataset = data.fashion_mnist(config.data.dir)
-  loss = functools.partial(losses.classification, label_smoothing=config.loss.label_smoothing)
+  model, dataset, loss = task(config)
   return jaxtrain.train(config, model, dataset, loss, workdir=workdir, resume=resume)
 
 

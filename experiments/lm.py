@@ -78,7 +78,9 @@ MODEL_HELP = {
 }
 
 
-def make_dataset(config: ml_collections.ConfigDict, workdir: str) -> tuple[data.Dataset, object]:
+def make_dataset(
+  config: ml_collections.ConfigDict, workdir: str | None
+) -> tuple[data.Dataset, object]:
   """The corpus as byte windows, or as BPE windows with the tokenizer (else None)."""
   length = config.model.seq_len
   if config.data.tokenizer == "byte":
@@ -86,7 +88,7 @@ def make_dataset(config: ml_collections.ConfigDict, workdir: str) -> tuple[data.
   if config.data.tokenizer != "bpe":
     raise jaxtrain.ConfigError(f"data.tokenizer={config.data.tokenizer!r} must be byte or bpe")
   text = data.python_stdlib(length, EVAL_FRACTION)
-  saved = jaxtrain.workdir.resolve(workdir) / bpe.FILE
+  saved = jaxtrain.workdir.resolve(workdir) / bpe.FILE if workdir else None
   return bpe.tokenize(text, config.data.vocab_size, length, saved)
 
 
@@ -100,13 +102,22 @@ def make_model(config: ml_collections.ConfigDict, vocab: int) -> functools.parti
   )  # fmt: skip
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, resume: str = "auto"):
-  """Trains the language model into `workdir`; returns the result and the tokenizer."""
+def task(config: ml_collections.ConfigDict, workdir: str | None = None) -> tuple:
+  """The model, the dataset and the loss that `config` describes, and the tokenizer (or None).
+
+  A BPE tokenizer is read from `workdir` when it holds one, else trained (and
+  kept there, with a `workdir`).
+  """
   jaxtrain.config.validate(config)
   dataset, tokenizer = make_dataset(config, workdir)
   vocab = tokenizer.get_vocab_size() if tokenizer else data.text.VOCAB
-  model = make_model(config, vocab)
-  result = jaxtrain.train(config, model, dataset, losses.next_token, workdir=workdir, resume=resume)
+  return make_model(config, vocab), dataset, losses.next_token, tokenizer
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, resume: str = "auto"):
+  """Trains the language model into `workdir`; returns the result and the tokenizer."""
+  model, dataset, loss, tokenizer = task(config, workdir)
+  result = jaxtrain.train(config, model, dataset, loss, workdir=workdir, resume=resume)
   return result, tokenizer
 
 

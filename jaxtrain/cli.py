@@ -79,7 +79,7 @@ def define_flags(
     The flag holders.
   """
   if presets:
-    chosen = _preset(presets)
+    chosen = chosen_preset(presets)
     flags.DEFINE_enum("preset", presets[0], presets, "The config the overrides start from.")
     config = config(chosen)
   holder = define_config(config, model_help)
@@ -133,7 +133,7 @@ def _initialize() -> None:
   )
 
 
-def _preset(presets: Sequence[str]) -> str:
+def chosen_preset(presets: Sequence[str]) -> str:
   """The `--preset=NAME` (or `--preset NAME`) of the command line, read before flags parse."""
   args = sys.argv[1:]
   for i, arg in enumerate(args):

@@ -318,6 +318,8 @@ def _dispatch(
   compiled = s.run_record.count_compilations(parts.chunk.compilations(), c.step)
   if compiled:  # compiling is not training time
     s.meter.exclude(time.perf_counter() - start)
+    if "memory" not in s.run_record.fields:  # the executable just compiled: no second compile
+      s.run_record.update(memory=parts.chunk.memory(parts.spec.abstract, chunk))
   if timed:
     jax.block_until_ready(chunk_metrics)
     chosen = tuner.add(time.perf_counter() - start, compiled, s.prefetch.timings())

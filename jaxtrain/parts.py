@@ -107,6 +107,10 @@ class Chunk:
     """How many executables the chunk holds: 1 after the first call, unless shapes changed."""
     return step_lib.compilations(self.jitted)
 
+  def memory(self, state: Any, batches: Any) -> dict[str, int]:
+    """One device's bytes for these shapes (`step.compiled_memory`); compiles unless called."""
+    return step_lib.compiled_memory(self.jitted, state, batches, self._no_votes)
+
 
 class Parts(NamedTuple):
   """The pieces of a run, as `build` makes them and `train` runs them.

@@ -282,6 +282,22 @@ def make_train_chunk(
   )
 
 
+def compiled_memory(jitted: Callable, *args: Any) -> dict[str, int]:
+  """One device's memory for `jitted` on `args` (arrays or `jax.ShapeDtypeStruct`s), in bytes.
+
+  From XLA's `memory_analysis()` of the executable compiled ahead of time, which
+  is the one a call has already compiled when there was one (no second compile).
+  `peak` is the arguments plus the outputs that do not reuse a donated argument
+  (`alias`), plus the temporaries: everything the executable's buffers hold at
+  once. (XLA's own `peak_memory_in_bytes` leaves temporaries out on CPU.)
+  """
+  stats = jitted.lower(*args).compile().memory_analysis()
+  get = lambda name: int(getattr(stats, f"{name}_size_in_bytes", 0) or 0)  # noqa: E731
+  out = {k: get(k) for k in ("argument", "output", "alias", "temp", "generated_code")}
+  out["peak"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
+  return out
+
+
 def make_eval_accumulate(
   eval_fn: Callable[[TrainState, Batch], dict[str, jax.Array]],
   state_shardings: TrainState,
