@@ -26,8 +26,9 @@ OVERRIDES = {
 }
 
 
-def _start(workdir, overrides, num_processes=2, devices_per_process=4, *, flags=(), start=None):
-  """Starts the processes (`start`: only those ids) of a digits job with the distributed flags."""
+def _start(workdir, overrides, num_processes=2, devices_per_process=4, *, flags=(), start=None,
+           module="experiments.digits"):  # fmt: skip
+  """Starts the processes (`start`: only those ids) of a job with the distributed flags."""
   port = portpicker.pick_unused_port()
   procs = []
   for pid in range(num_processes) if start is None else start:
@@ -41,7 +42,7 @@ def _start(workdir, overrides, num_processes=2, devices_per_process=4, *, flags=
              f"--process_id={pid}", *flags]  # fmt: skip
     procs.append(
       subprocess.Popen(
-        [sys.executable, "-m", "experiments.digits", f"--workdir={workdir}", *args],
+        [sys.executable, "-m", module, f"--workdir={workdir}", *args],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,
@@ -233,3 +234,39 @@ def _address(output):
 def test_bad_distributed_flags_are_one_line(tmp_path, flags, expected):
   result = helpers.digits_cli(tmp_path / "run", *flags)
   assert (result.returncode, result.stderr.strip()) == (2, f"error: {expected}")
+
+
+LM = {
+  "model.d_model": 64,
+  "model.layers": 2,
+  "model.heads": 4,
+  "model.kv_heads": 4,
+  "model.mlp": 128,
+  "model.seq_len": 32,
+  "train.steps": 10,
+  "train.steps_per_loop": 5,
+  "train.log_every": 5,
+  "train.batch_size": 16,
+  "eval.every_steps": 0,
+  "eval.batch_size": 64,
+  "optim.warmup_steps": 2,
+}
+
+
+def test_the_language_model_on_two_processes_matches_one_device(tmp_path):
+  """The same `python -m experiments.lm` command: 2 processes x 4 devices, FSDP x TP."""
+  sharded = {**LM, "mesh.rules": "fsdp_tp", "mesh.fsdp": 4, "mesh.tensor": 2}
+  procs = _start(tmp_path / "two", sharded, module="experiments.lm", flags=["--sample_tokens=4"])
+  codes, outputs = _finish(procs)
+  assert codes == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+  args = [f"--config.{k}={v}" for k, v in LM.items()]
+  one = subprocess.run(
+    [sys.executable, "-m", "experiments.lm", f"--workdir={tmp_path / 'one'}", "--sample_tokens=4",
+     *args],
+    cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS=""), capture_output=True,
+    text=True, timeout=240, check=False,
+  )  # fmt: skip
+  assert one.returncode == 0, one.stderr[-3000:]
+  run = json.loads((tmp_path / "two" / "run.json").read_text())
+  assert run["environment"]["device_count"] == 8 and run["environment"]["process_count"] == 2
+  _assert_same_run(_lines(tmp_path / "two"), _lines(tmp_path / "one"))
