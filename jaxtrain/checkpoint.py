@@ -37,7 +37,7 @@ from jaxtrain import distributed, logs, record, sharding
 from jaxtrain.state import TrainState
 
 # Where steps saved by earlier versions keep the data position (Grain's handler, process 0).
-OLD_DATA = "process_0-of-1.json"
+OLD_DATA = "process_0-of-*.json"
 
 
 class CheckpointError(RuntimeError):
@@ -266,7 +266,8 @@ class Checkpointer:
     try:
       meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
       if "data" not in meta:  # saved before the data position moved into the record
-        meta["data"] = json.loads((self.directory / str(step) / "data" / OLD_DATA).read_text())
+        old = next((self.directory / str(step) / "data").glob(OLD_DATA))
+        meta["data"] = json.loads(old.read_text())
     except Exception as e:  # an unreadable record: a damaged step
       return None, f"{type(e).__name__}: {e}"
     return meta, None

@@ -1,7 +1,7 @@
 """A run's memory per device, before it runs: state bytes, the compiled chunk, what fits.
 
-    python -m jaxtrain.plan experiments.lm --config.mesh.fsdp=8 --config.mesh.rules=fsdp
-    python -m jaxtrain.plan experiments.lm --preset=gpu --device_memory=80GB
+    python -m jaxtrain.plan experiments.lm --device_memory=64MB
+    python -m jaxtrain.plan experiments.lm --preset=gpu --config.mesh.rules=fsdp
 
 It takes an experiment's flags (`--preset`, `--config.KEY=VALUE`), builds the
 run's abstract state on the mesh those describe (`jax.eval_shape`: nothing is

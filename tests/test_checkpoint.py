@@ -1,8 +1,10 @@
 """Checkpoints in one process: corruption fallback, resharding, retention, failures."""
 
+import json
 import logging
 import shutil
 
+import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -90,6 +92,36 @@ def test_damaged_newest_step_falls_back_to_the_previous(tmp_path, caplog, damage
     "20",
     "30.corrupt",
   ]
+
+
+class _GrainItem:
+  """The data item of steps written before the data position moved into the record."""
+
+  def __init__(self, state):
+    self.state = state
+
+  def get_state(self):
+    return json.dumps(self.state).encode()
+
+  def set_state(self, raw):
+    self.state = json.loads(raw)
+
+
+def test_a_step_with_the_older_per_process_data_item_restores(tmp_path):
+  mesh = helpers.mesh((1, 1, 1), n=1)
+  state = _state(mesh, seed=7)
+  manager = ocp.CheckpointManager(tmp_path)
+  meta = {"checksums": checkpoint.checksums(state), "structure": checkpoint.structure(state)}
+  manager.save(7, args=ocp.args.Composite(
+    state=ocp.args.StandardSave(state),
+    data=grain.checkpoint.CheckpointSave(_GrainItem({"next_batch": 7})),
+    meta=ocp.args.JsonSave(meta),
+  ))  # fmt: skip
+  manager.wait_until_finished()
+  manager.close()
+  restored = checkpoint.Checkpointer(tmp_path, keep=5, async_save=False).restore(_abstract(mesh))
+  assert (restored.step, restored.data_state) == (7, {"next_batch": 7})
+  assert _equal(restored.state, state)
 
 
 def test_empty_newer_folder_is_set_aside(tmp_path, caplog):
