@@ -83,8 +83,7 @@ def define_flags(
     flags.DEFINE_enum("preset", presets[0], presets, "The config the overrides start from.")
     config = config(chosen)
   holder = define_config(config, model_help)
-  define_distributed_flags()
-  return RunFlags(
+  defined = RunFlags(
     holder,
     flags.DEFINE_string("workdir", None, workdir_help, required=True),
     flags.DEFINE_enum(
@@ -95,6 +94,8 @@ def define_flags(
       "resume may not change; never refuses; force resumes and records the changes.",
     ),
   )
+  define_distributed_flags()
+  return defined
 
 
 def define_distributed_flags() -> None:

@@ -121,6 +121,8 @@ def test_the_help_lists_the_presets_and_the_sampling_flags(tmp_path):
   shown = _lm(["--help"], tmp_path)
   assert shown.returncode == 0
   flag_lines = [x.split(":")[0].strip() for x in shown.stdout.splitlines() if x.startswith("  --")]
-  assert flag_lines == ["--preset", "--workdir", "--resume", "--prompt", "--sample_tokens",
-                        "--temperature", "--top_k", "--verbosity"]  # fmt: skip
+  assert flag_lines == ["--preset", "--workdir", "--resume", "--coordinator_address",
+                        "--num_processes", "--process_id", "--init_timeout", "--peer_timeout",
+                        "--prompt", "--sample_tokens", "--temperature", "--top_k",
+                        "--verbosity"]  # fmt: skip
   assert "  model.kv_heads=2 " in shown.stdout and "grouped-query attention" in shown.stdout
