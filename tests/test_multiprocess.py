@@ -185,6 +185,24 @@ def test_saved_on_one_process_resumes_on_two(tmp_path, digits):
   _assert_same_run(_lines(workdir), _single(tmp_path, digits, OVERRIDES))
 
 
+def test_saved_on_one_device_resumes_on_eight(tmp_path, digits):
+  workdir = tmp_path / "run"
+  args = [f"--config.{k}={v}" for k, v in {**OVERRIDES, "train.steps": 30}.items()]
+  one = subprocess.run(
+    [sys.executable, "-m", "experiments.digits", f"--workdir={workdir}", *args],
+    cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS=""), capture_output=True,
+    text=True, timeout=240, check=False,
+  )  # fmt: skip
+  assert one.returncode == 0, one.stderr[-3000:]
+  assert json.loads((workdir / "run.json").read_text())["environment"]["device_count"] == 1
+  config = helpers.tiny_config(**OVERRIDES)
+  config.model.hidden = (128,)
+  jaxtrain.train(config, helpers.mlp((128,)), digits, losses.classification, workdir=workdir)
+  run = json.loads((workdir / "run.json").read_text())
+  assert (run["resumed_from"], run["environment"]["device_count"]) == (30, 8)
+  _assert_same_run(_lines(workdir), _single(tmp_path, digits, OVERRIDES))
+
+
 def test_a_killed_peer_ends_the_other_within_the_peer_timeout(tmp_path):
   overrides = {**OVERRIDES, "train.steps": 100_000, "eval.every_steps": 0, "ckpt.every_steps": 0}
   workdir = tmp_path / "run"
