@@ -34,7 +34,7 @@ import ml_collections
 import numpy as np
 from absl import flags
 
-from jaxtrain import cli, step
+from jaxtrain import cli, logs, step
 from jaxtrain import config as config_lib
 from jaxtrain import parts as parts_lib
 from jaxtrain import sharding as sharding_lib
@@ -138,7 +138,11 @@ def search(
         end = f"the {len(dataset.train)} train records"
         break
       trial.train.batch_size = batch
-      memory = chunk_memory(parts_lib.prepare(trial, model, dataset, loss))["peak"]
+      try:
+        memory = chunk_memory(parts_lib.prepare(trial, model, dataset, loss))["peak"]
+      except config_lib.ConfigError as e:  # e.g. the host-memory check of a CPU plan
+        end = f"batch {batch} refused: {logs.brief(e, 120)}"
+        break
       if memory > device_memory:
         break
       best, peak, batch = batch, memory, batch * 2
@@ -224,6 +228,12 @@ if __name__ == "__main__":
                     getattr(experiment, "MODEL_HELP", None))  # fmt: skip
   if presets:
     flags.DEFINE_enum("preset", presets[0], presets, "The config the overrides start from.")
-  flags.DEFINE_string("workdir", None, "A run's folder to read a saved tokenizer from; optional.")
-  flags.DEFINE_string("device_memory", None, "e.g. 80GB: also find the largest batch that fits.")
+  flags.DEFINE_string(
+    "workdir", None, "Optional: a run's folder, whose saved tokenizer is read rather than trained."
+  )
+  flags.DEFINE_string(
+    "device_memory", None,
+    "One device's memory, e.g. 80GB (10^9 bytes) or 16GiB (2^30): also find the largest "
+    "batch that fits.",
+  )  # fmt: skip
   cli.run(main)
