@@ -193,8 +193,12 @@ class _Session:
         throughput=self.throughput,
       )
       self.signals = interrupt.StopSignals(self.spec.mesh)
-      self.writer = metrics.JsonlWriter(self.path / "metrics.jsonl" if is_main else None)
-      self.progress = metrics.Progress(self.config.train.steps, c.step, is_main)
+      self.writer = metrics.Writers(
+        self.path, enabled=is_main, purge_step=c.step + 1 if self.restored else None,
+        attempt=self.run_record.fields.get("attempt", 1),
+      )  # fmt: skip
+      t = self.config.train
+      self.progress = metrics.Progress(t.steps, c.step, is_main, every=t.log_every)
       parts = parts_lib.assemble(
         self.spec, workdir_lib.resumed_state(self.config, self.spec, self.restored)
       )
@@ -339,9 +343,12 @@ def _log(s: _Session, end_step: int, chunk_metrics: Any, wait: float) -> None:
   c.in_a_row = int(runs[-1])
   c.skipped += int(np.sum(host["skipped"]))
   s.meter.add(host, wait)
-  s.progress.update(t.steps_per_loop, loss=float(np.mean(host["loss"])))
   if end_step % t.log_every == 0:
-    s.writer.write(end_step, "train", s.meter.summary(time.perf_counter(), host))
+    summary = s.meter.summary(time.perf_counter(), host)
+    s.writer.write(end_step, "train", summary)
+    rate = "tokens_per_sec" if "tokens_per_sec" in summary else "samples_per_sec"
+    s.progress.update(0, **{rate: summary[rate]})
+  s.progress.update(t.steps_per_loop, loss=float(np.mean(host["loss"])))
   if t.max_skipped and np.max(runs) >= t.max_skipped:
     raise NonFiniteError(
       f"{np.max(runs)} updates in a row had a non-finite loss or gradient and were skipped "
@@ -361,7 +368,10 @@ def _evaluate(
     c.verdict = monitor_lib.summary(state.monitor, s.spec.watch)
     s.progress.update(0, **monitor_lib.progress_fields(c.verdict))
   s.meter.exclude(time.perf_counter() - start)  # throughput counts training only
-  s.writer.write(c.step, "eval", c.eval_metrics)
+  watched = monitor_lib.progress_fields(c.verdict) if e.metric else {}
+  s.writer.write(
+    c.step, "eval", {**c.eval_metrics, **{f"monitor_{k}": v for k, v in watched.items()}}
+  )
   s.progress.update(0, **{f"eval_{n}": v for n, v in c.eval_metrics.items()})
   if workdir_lib.best_rule(s.config)[0] and (
     not e.restore_best or c.verdict["best_step"] == c.step

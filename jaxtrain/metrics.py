@@ -1,10 +1,12 @@
-"""Metric lines (`metrics.jsonl`), throughput meters and the progress bar.
+"""Metric lines (`metrics.jsonl`), TensorBoard scalars (`tb/`), throughput meters, progress.
 
 Only process 0 writes; the other processes get writers that do nothing, so the
-loop never branches on the process index.
+loop never branches on the process index. `Writers` sends every line to the
+JSONL file and, as `split/name` scalars, to TensorBoard event files written by
+`tensorboardX`.
 
 Example:
-  >>> writer = JsonlWriter(workdir / "metrics.jsonl")
+  >>> writer = Writers(workdir, enabled=True)
   >>> writer.write(100, "train", {"loss": 0.31, "lr": 1e-3})
 """
 
@@ -40,6 +42,68 @@ class JsonlWriter:
     """Closes the file."""
     if self._file:
       self._file.close()
+
+
+class TensorBoardWriter:
+  """Writes each numeric value as the scalar `split/name` at `step` into `folder`.
+
+  A resumed run passes `purge_step`, the step after its restored one: TensorBoard hides
+  what an earlier attempt wrote from that step on, as `truncate_jsonl` drops it
+  from the JSONL. Each writer's file has its own suffix (the attempt), so no
+  attempt's file replaces another's.
+  """
+
+  def __init__(self, folder: pathlib.Path | None, purge_step: int | None = None, suffix: str = ""):
+    self._writer = None
+    if folder is not None:
+      import tensorboardX  # noqa: PLC0415 (process 0 only; imports protobuf)
+
+      with logs.naming(folder):
+        self._writer = tensorboardX.SummaryWriter(
+          str(folder), purge_step=purge_step, filename_suffix=suffix, flush_secs=10
+        )
+
+  def write(self, step: int, split: str, values: dict[str, float]) -> None:
+    """Adds one scalar a finite number; others are left out."""
+    if self._writer is None:
+      return
+    for name, raw in values.items():
+      value = _jsonable(raw)
+      if isinstance(value, int | float) and not isinstance(value, bool):
+        self._writer.add_scalar(f"{split}/{name}", value, step)
+
+  def close(self) -> None:
+    """Flushes and closes the event file."""
+    if self._writer is not None:
+      self._writer.close()
+
+
+class Writers:
+  """The run's metric writers: `metrics.jsonl` and TensorBoard's `tb/`, in `workdir`.
+
+  Args:
+    workdir: the run's folder.
+    enabled: False in every process but 0: nothing is written.
+    purge_step: the step after a resumed run's restored one (see `TensorBoardWriter`).
+    attempt: the run's attempt number, which names its event file.
+  """
+
+  def __init__(self, workdir: pathlib.Path, *, enabled: bool, purge_step: int | None = None,
+               attempt: int = 1):  # fmt: skip
+    self._writers = (
+      JsonlWriter(workdir / "metrics.jsonl" if enabled else None),
+      TensorBoardWriter(workdir / "tb" if enabled else None, purge_step, f".attempt{attempt}"),
+    )
+
+  def write(self, step: int, split: str, values: dict[str, float]) -> None:
+    """Writes one line to each writer."""
+    for writer in self._writers:
+      writer.write(step, split, values)
+
+  def close(self) -> None:
+    """Closes every writer."""
+    for writer in self._writers:
+      writer.close()
 
 
 def _jsonable(value: Any) -> Any:
@@ -134,15 +198,26 @@ class Meter:
 
 
 class Progress:
-  """A tqdm bar over the run's steps with steps/s, loss and the ETA."""
+  """The run's progress on stderr: step, loss, eval metrics, the monitor's best, rate, ETA.
 
-  def __init__(self, total: int, initial: int, enabled: bool):
+  On a terminal, a tqdm bar. Otherwise (a log file, a pipe, a batch job) plain
+  lines without carriage returns: one every `every` steps and one per
+  evaluation, such as `step 200/1000 (20%) loss=0.31 eval_accuracy=0.9
+  samples_per_sec=5120 eta 0:01:10`.
+  """
+
+  def __init__(self, total: int, initial: int, enabled: bool, every: int = 0,
+               terminal: bool | None = None):  # fmt: skip
+    self._terminal = sys.stderr.isatty() if terminal is None else terminal
+    self._active = enabled and initial < total  # a finished run has nothing to show
+    self._total, self._step, self._every = total, initial, every
+    self._start, self._start_step = time.perf_counter(), initial
     self._bar = tqdm.tqdm(
       total=total,
       initial=initial,
       unit="step",
       dynamic_ncols=True,
-      disable=not enabled or initial >= total,  # a finished run has nothing to show
+      disable=not (self._active and self._terminal),
       file=sys.stderr,
       mininterval=0.5,
     )
@@ -150,9 +225,30 @@ class Progress:
 
   def update(self, steps: int, **postfix: float) -> None:
     """Advances by `steps`; `postfix` values are shown until replaced."""
-    self._postfix.update({k: f"{v:.4g}" for k, v in postfix.items()})
-    self._bar.set_postfix(self._postfix, refresh=False)
-    self._bar.update(steps)
+    self._postfix.update(
+      {k: f"{v:.0f}" if abs(v) >= 1e4 else f"{v:.4g}" for k, v in postfix.items()}
+    )
+    self._step += steps
+    if self._terminal:
+      self._bar.set_postfix(self._postfix, refresh=False)
+      self._bar.update(steps)
+    elif self._active and (
+      (steps and self._every and self._step % self._every == 0)
+      or (not steps and any(k.startswith("eval_") for k in postfix))
+    ):
+      print(self.line(), file=sys.stderr, flush=True)
+
+  def line(self) -> str:
+    """The plain progress line for the current step."""
+    fields = " ".join(f"{k}={v}" for k, v in self._postfix.items())
+    done = self._step - self._start_step
+    elapsed = time.perf_counter() - self._start
+    eta = ""
+    if done > 0 and self._step < self._total:
+      seconds = int(elapsed / done * (self._total - self._step))
+      eta = f" eta {seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+    share = f"{self._step / self._total:.0%}"
+    return f"step {self._step}/{self._total} ({share}) {fields}{eta}".replace("  ", " ")
 
   def close(self) -> None:
     """Closes the bar."""

@@ -215,6 +215,11 @@ def progress_fields(verdict: dict[str, Any]) -> dict[str, float]:
   return fields
 
 
+def line_fields(verdict: dict[str, Any]) -> dict[str, float]:
+  """What an eval line of `metrics.jsonl` and TensorBoard carry of the monitor."""
+  return {f"monitor_{k}": v for k, v in progress_fields(verdict).items()}
+
+
 def record_fields(verdict: dict[str, Any], status: str) -> dict[str, Any]:
   """What `run.json` records of the monitor."""
   return {
