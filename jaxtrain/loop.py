@@ -191,6 +191,7 @@ class _Session:
         resumed_from=self.restored.step if self.restored else None,
         forced=workdir_lib.forced_changes(self.config, self.restored),
         throughput=self.throughput,
+        rules=self.spec.rules,
       )
       self.signals = interrupt.StopSignals(self.spec.mesh)
       self.writer = metrics.Writers(

@@ -1,9 +1,11 @@
 """The run record: `config.json` and `run.json` in the workdir.
 
 `run.json` says what ran, where and how it ended: status (`running`,
-`completed`, `failed`, ...), the stop reason, the final step, the git commit and
-dirty flag, package versions, devices and mesh, the data fingerprint, seeds,
-times, and how often the training chunk was compiled. Every update rewrites the
+`completed`, `failed`, ...), the stop reason, the final step, the command line,
+the git commit and dirty flag (with the diff saved as `git.diff`), every
+installed package's version, the host, devices, mesh and sharding rules, the
+data's fingerprints, seeds, where the initial weights came from, times, the
+compiled chunk's memory, and how often it was compiled. Every update rewrites the
 file atomically, so a crash never leaves half a record.
 
 Example:
@@ -82,17 +84,50 @@ def versions() -> dict[str, str | None]:
 
 
 def git_info(path: str | os.PathLike) -> dict[str, Any]:
-  """Returns `{"commit", "dirty"}` of the git checkout holding `path`, or nulls."""
+  """Returns `{"commit", "dirty", "diff"}` of the git checkout holding `path`, or nulls.
+
+  `diff` is the text of `git diff HEAD` (tracked files) plus the names of
+  untracked files, when the tree is dirty; `save_diff` writes it beside the record.
+  """
 
   def git(*args: str) -> str:
     return subprocess.run(
       ["git", "-C", str(path), *args], capture_output=True, text=True, timeout=10, check=True
-    ).stdout.strip()
+    ).stdout
 
   try:
-    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain"))}
+    status = git("status", "--porcelain")
+    info = {"commit": git("rev-parse", "HEAD").strip(), "dirty": bool(status.strip())}
+    if info["dirty"]:
+      untracked = [line[3:] for line in status.splitlines() if line.startswith("??")]
+      info["diff"] = git("diff", "HEAD") + "".join(f"untracked: {n}\n" for n in untracked)
+    return info
   except (OSError, subprocess.SubprocessError):
     return {"commit": None, "dirty": None}
+
+
+def installed() -> dict[str, str]:
+  """Every installed distribution and its version, as `pip freeze` lists them."""
+  found = {}
+  for dist in importlib.metadata.distributions():
+    name = dist.metadata["Name"]
+    if name:
+      found[name] = dist.version
+  return dict(sorted(found.items(), key=lambda kv: kv[0].lower()))
+
+
+def host() -> dict[str, Any]:
+  """The machine: host name, operating system, CPU model and count."""
+  cpu = platform.processor() or platform.machine()
+  try:
+    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+      if line.startswith("model name"):
+        cpu = line.split(":", 1)[1].strip()
+        break
+  except OSError:
+    pass
+  return {"hostname": platform.node(), "os": platform.platform(), "cpu": cpu,
+          "cpu_count": os.cpu_count()}  # fmt: skip
 
 
 def environment(mesh: Mesh) -> dict[str, Any]:
@@ -105,6 +140,8 @@ def environment(mesh: Mesh) -> dict[str, Any]:
     "process_count": jax.process_count(),
     "mesh": dict(mesh.shape),
     "command": " ".join(sys.argv),
+    "argv": [sys.executable, *sys.argv],
+    "host": host(),
   }
 
 
@@ -129,20 +166,45 @@ def mark_failed(workdir: pathlib.Path, reason: str) -> None:
   write_json(path, fields)
 
 
+def describe_rules(rules: Any) -> dict[str, Any] | None:
+  """The sharding rules as JSON: a logical table by name, or the path rules' patterns."""
+  if rules is None:
+    return None
+  if hasattr(rules, "table"):
+    return {"kind": "logical", "name": rules.name, "table": [list(r) for r in rules.table]}
+  return {"kind": "path", "patterns": [pattern for pattern, _ in rules]}
+
+
 def run_fields(
-  config: ml_collections.ConfigDict, mesh: Mesh, data: Dataset, workdir: pathlib.Path
+  config: ml_collections.ConfigDict,
+  mesh: Mesh,
+  data: Dataset,
+  workdir: pathlib.Path,
+  rules: Any = None,
 ) -> dict[str, Any]:
   """Returns what `run.json` records about a run before it starts."""
 
   def fingerprint(source: Any) -> str | None:
     return source.fingerprint() if hasattr(source, "fingerprint") else None
 
+  git = git_info(pathlib.Path.cwd())
+  diff, saved = git.pop("diff", None), workdir / "git.diff"
+  if jax.process_index() == 0:
+    with logs.naming(saved):
+      if diff is None:
+        saved.unlink(missing_ok=True)  # an earlier attempt's: this one ran clean code
+      else:
+        saved.write_text(diff)
+  if diff is not None:
+    git["diff_file"] = saved.name
   return {
     "workdir": str(workdir.resolve()),
     "config_hash": config_lib.config_hash(config),
-    "git": git_info(pathlib.Path.cwd()),
+    "git": git,
     "versions": versions(),
+    "packages": installed(),
     "environment": environment(mesh),
+    "sharding": describe_rules(rules),
     "data": {
       "name": data.name,
       "train_size": len(data.train),
@@ -166,6 +228,7 @@ def start(
   resumed_from: int | None,
   forced: dict[str, Any] | None = None,
   throughput: dict[str, Any] | None = None,
+  rules: Any = None,
 ) -> "RunRecord":
   """Writes `config.json`, trims `metrics.jsonl` to the resumed step, starts `run.json`.
 
@@ -179,6 +242,7 @@ def start(
     resumed_from: the restored step, or None for a fresh run.
     forced: the changed keys a forced resume let through, `{key: (old, new)}`.
     throughput: the tokens and model FLOPs a step takes and the devices' peak, if known.
+    rules: the sharding rules that placed the state.
   """
   is_main = jax.process_index() == 0
   if is_main:
@@ -188,9 +252,13 @@ def start(
       with logs.naming(workdir / name):
         (workdir / name).write_text(text)
     metrics.truncate_jsonl(workdir / "metrics.jsonl", resumed_from or 0)  # a killed run's tail
-  fields = run_fields(config, mesh, data, workdir)
+  fields = run_fields(config, mesh, data, workdir, rules)
   fields["forced_changes"] = {k: list(v) for k, v in (forced or {}).items()} or None
   fields["throughput"] = throughput
+  fields["initial_weights"] = (
+    {"source": "resumed", "step": resumed_from} if resumed_from is not None
+    else {"source": "fresh", "seed": config.train.seed}
+  )  # fmt: skip
   return RunRecord(workdir, is_main, fields, resumed_from=resumed_from)
 
 

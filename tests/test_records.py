@@ -1,8 +1,12 @@
 """The run's records: TensorBoard scalars equal to metrics.jsonl, plain progress lines."""
 
+import importlib.metadata
 import json
 import shutil
+import subprocess
+import sys
 
+import jax
 import pytest
 from tensorboard.backend.event_processing import event_accumulator
 
@@ -78,3 +82,40 @@ def test_the_command_line_prints_no_carriage_returns_off_a_terminal(tmp_path):
   assert "\r" not in result.stderr
   steps = [x.split()[1] for x in result.stderr.splitlines() if x.startswith("step ")]
   assert steps[0] == "50/100" and steps[-1] == "100/100"
+
+
+def _git(cwd, *args):
+  subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True)
+
+
+def test_the_record_names_the_code_the_machine_and_the_weights(tmp_path, digits, monkeypatch):
+  project = tmp_path / "project"
+  project.mkdir()
+  (project / "train.py").write_text("print('v1')\n")
+  _git(project, "init", "-q")
+  _git(project, "-c", "user.email=a@b", "-c", "user.name=a", "add", "train.py")
+  _git(project, "-c", "user.email=a@b", "-c", "user.name=a", "commit", "-qm", "v1")
+  (project / "train.py").write_text("print('v2')\n")  # a change not committed
+  (project / "notes.txt").write_text("new\n")
+  monkeypatch.chdir(project)
+  workdir = tmp_path / "run"
+  _train(digits, workdir)
+  run = json.loads((workdir / "run.json").read_text())
+  assert run["git"]["dirty"] is True and len(run["git"]["commit"]) == 40
+  diff = (workdir / run["git"]["diff_file"]).read_text()
+  assert "-print('v1')" in diff and "+print('v2')" in diff and "untracked: notes.txt" in diff
+  assert run["packages"]["jax"] == jax.__version__
+  assert run["packages"]["optax"] == importlib.metadata.version("optax")
+  assert run["environment"]["host"]["cpu"] and run["environment"]["host"]["cpu_count"] >= 1
+  assert run["environment"]["argv"][0] == sys.executable
+  assert run["sharding"]["name"] == "auto" and ["embed", "fsdp"] in run["sharding"]["table"]
+  assert run["initial_weights"] == {"source": "fresh", "seed": 0}
+  assert run["memory"]["peak"] > 0 and run["first_chunk_seconds"] > 0
+  assert run["data"]["train_fingerprint"] and run["seeds"] == {"train.seed": 0}
+  _git(project, "-c", "user.email=a@b", "-c", "user.name=a", "commit", "-qam", "v2")
+  (project / "notes.txt").unlink()
+  _train(digits, workdir, **{"train.steps": 60})
+  run = json.loads((workdir / "run.json").read_text())
+  assert run["git"]["dirty"] is False and "diff_file" not in run["git"]
+  assert not (workdir / "git.diff").exists()
+  assert run["initial_weights"] == {"source": "resumed", "step": 40}
