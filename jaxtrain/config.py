@@ -104,6 +104,8 @@ DEFAULTS: dict[str, tuple[Any, str]] = {
   "early_stop.warmup_steps": (0, "evaluations before this step are not counted"),
   "early_stop.divergence": (None, "stop at once when worse than this; None: never"),
   "early_stop.restore_best": (False, "end with the best evaluation's checkpointed state"),
+  "profile.start_step": (0, "the first step of the profiler window (a chunk boundary at or after)"),
+  "profile.steps": (0, "steps a jax.profiler trace covers, into workdir/tb; 0: no trace"),
   "plateau.factor": (1.0, "lr multiplier per plateau of early_stop.metric; 1 turns it off"),
   "plateau.patience": (2, "reduce at this many evaluations in a row without improvement"),
   "plateau.cooldown": (0, "evaluations ignored after a reduction"),
@@ -125,6 +127,8 @@ POSITIVE = (
   "precision.loss_scale_period",
 )
 NON_NEGATIVE = (
+  "profile.start_step",
+  "profile.steps",
   "eval.every_steps",
   "ckpt.every_steps",
   "train.unroll",

@@ -27,7 +27,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from jaxtrain import checkpoint, interrupt, logs, metrics, record, sharding, throughput
+from jaxtrain import checkpoint, interrupt, logs, metrics, profiler, record, sharding, throughput
 from jaxtrain import monitor as monitor_lib
 from jaxtrain import parts as parts_lib
 from jaxtrain import state as state_lib
@@ -169,6 +169,7 @@ class _Session:
   ):
     self.config, self.spec, self.ckpt, self.path, self.restored = config, spec, ckpt, path, restored
     self.run_record = self.prefetch = self.writer = self.progress = self.signals = None
+    self.profiler = None
     step = restored.step if restored else 0
     meta = restored.meta if restored else {"eval": {}, "skipped": 0}
     self.carry = _Carry(step, meta["eval"], meta["skipped"], saved=restored and restored.step)
@@ -198,8 +199,9 @@ class _Session:
         self.path, enabled=is_main, purge_step=c.step + 1 if self.restored else None,
         attempt=self.run_record.fields.get("attempt", 1),
       )  # fmt: skip
-      t = self.config.train
+      t, p = self.config.train, self.config.profile
       self.progress = metrics.Progress(t.steps, c.step, is_main, every=t.log_every)
+      self.profiler = profiler.Window(p.start_step, p.steps, self.path / "tb" if is_main else None)
       parts = parts_lib.assemble(
         self.spec, workdir_lib.resumed_state(self.config, self.spec, self.restored)
       )
@@ -259,7 +261,7 @@ class _Session:
 
   def close(self) -> None:
     """Stops the stream and the writers, waits for saves, puts the signal handlers back."""
-    for part in (self.prefetch, self.writer, self.progress, self.signals):
+    for part in (self.prefetch, self.writer, self.progress, self.signals, self.profiler):
       if part:
         part.close()
     self.ckpt.close(abandon=self.interrupted_at_once)
@@ -316,10 +318,13 @@ def _dispatch(
   c, timed = s.carry, tuner is not None and tuner.timing
   if timed:  # time the devices alone: from a finished state to finished metrics
     jax.block_until_ready(state)
+  s.profiler.before(c.step)
   start = time.perf_counter()
-  with jax.transfer_guard("disallow"):  # nothing moves implicitly in the hot loop
+  with jax.transfer_guard("disallow"), s.profiler.annotate(c.step):  # no implicit transfers
     state, chunk_metrics = parts.chunk(state, chunk, s.signals.votes())
   c.step += s.config.train.steps_per_loop
+  if window := s.profiler.after(c.step, state):
+    s.run_record.update(profile=window)
   compiled = s.run_record.count_compilations(parts.chunk.compilations(), c.step)
   if compiled:  # compiling is not training time
     s.meter.exclude(time.perf_counter() - start)

@@ -55,6 +55,8 @@ RESUMABLE = (
   "mesh.fsdp",
   "mesh.tensor",
   "mesh.rules",
+  "profile.start_step",
+  "profile.steps",
 )
 LOCK_NAME = ".lock"
 

@@ -2,6 +2,7 @@
 
 import importlib.metadata
 import json
+import pathlib
 import shutil
 import subprocess
 import sys
@@ -119,3 +120,15 @@ def test_the_record_names_the_code_the_machine_and_the_weights(tmp_path, digits,
   assert run["git"]["dirty"] is False and "diff_file" not in run["git"]
   assert not (workdir / "git.diff").exists()
   assert run["initial_weights"] == {"source": "resumed", "step": 40}
+
+
+def test_a_profiled_run_leaves_a_trace_the_profiler_opens(tmp_path, digits):
+  _train(digits, tmp_path, **{"profile.start_step": 12, "profile.steps": 10})
+  window = json.loads((tmp_path / "run.json").read_text())["profile"]
+  assert (window["start_step"], window["end_step"]) == (15, 25)  # whole chunks of 5 steps
+  folder = pathlib.Path(window["folder"])
+  assert folder.parent == tmp_path / "tb" / "plugins" / "profile"
+  assert list(folder.glob("*.trace.json.gz"))  # for Perfetto
+  data = jax.profiler.ProfileData.from_file(str(next(folder.glob("*.xplane.pb"))))
+  names = {event.name for plane in data.planes for line in plane.lines for event in line.events}
+  assert "train_chunk" in names
