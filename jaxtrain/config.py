@@ -48,6 +48,7 @@ DEFAULTS: dict[str, tuple[Any, str]] = {
   "train.log_every": (100, "steps between train lines in metrics.jsonl"),
   "train.unroll": (0, "steps unrolled in the scanned chunk; 0: chosen per backend and step"),
   "train.compile_cache": ("", "JAX's compilation cache folder; '': ~/.cache/jaxtrain/xla; off"),
+  "train.log_norms": (False, "also log grad_norm, param_norm and update_norm (a pass more)"),
   "train.max_skipped": (20, "non-finite updates skipped in a row before the run fails; 0: never"),
   "eval.every_steps": (500, "steps between evaluations; 0: only at the end"),
   "eval.batch_size": (512, "global eval batch; the last partial batch is padded and masked"),

@@ -211,8 +211,9 @@ def prepare(
     o = config.optim  # its patterns apply only to the optimizer it describes
     groups = config_lib.parse_lr_groups(o.lr_groups) if from_config else {}
     preflight.check_paths(abstract.params, o.freeze if from_config else (), groups)
-    step_fn = functools.partial(step_lib.train_step, graphdef=graphdef, tx=tx,
-                                loss_fn=loss_fn, schedule=schedule, policy=policy)  # fmt: skip
+    step_fn = functools.partial(step_lib.train_step, graphdef=graphdef, tx=tx, loss_fn=loss_fn,
+                                schedule=schedule, policy=policy,
+                                log_norms=t.log_norms)  # fmt: skip
     eval_names, jaxpr = preflight.check_steps(
       loss_fn=loss_fn,
       step_fn=step_fn,

@@ -44,6 +44,7 @@ def train_step(
   loss_fn: LossFn,
   schedule: optax.Schedule | None = None,
   policy: precision.Policy = precision.POLICIES["f32"],
+  log_norms: bool = False,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step.
 
@@ -57,6 +58,8 @@ def train_step(
       `learning_rate` in an `optax.inject_hyperparams` state is, if any.
     policy: the precision policy (`jaxtrain.precision`); with loss scaling,
       `loss_scale` joins the metrics.
+    log_norms: add the global norms `grad_norm`, `param_norm` (after the
+      update) and `update_norm` (the change of the parameters) to the metrics.
 
   Returns:
     The new state, and scalar metrics: the batch means of the loss function's
@@ -103,7 +106,20 @@ def train_step(
     metrics["lr"] = lr
   metrics["skipped"] = 1.0 - finite.astype(jnp.float32)
   metrics["skipped_in_a_row"] = new_state.skipped
+  if log_norms:
+    metrics.update(norms(grads, state.params, new_state.params))
   return new_state, metrics
+
+
+def norms(grads: Any, old: Any, new: Any) -> dict[str, jax.Array]:
+  """The global norms of the gradients, the new parameters and the update, in float32."""
+  f32 = lambda tree: jax.tree.map(lambda x: x.astype(jnp.float32), tree)  # noqa: E731
+  change = jax.tree.map(jnp.subtract, f32(new), f32(old))
+  return {
+    "grad_norm": optax.global_norm(f32(grads)),
+    "param_norm": optax.global_norm(f32(new)),
+    "update_norm": optax.global_norm(change),
+  }
 
 
 def compute_model(

@@ -43,6 +43,7 @@ RESUMABLE = (
   "train.steps",  # continue a finished run, or end sooner
   "train.steps_per_loop",  # when it divides the checkpoint's step
   "train.log_every",
+  "train.log_norms",
   "train.unroll",
   "train.compile_cache",
   "eval.every_steps",

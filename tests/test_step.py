@@ -227,3 +227,24 @@ def test_observe_sets_the_lr_multiplier_without_recompiling(digits):
   assert float(optax.tree_utils.tree_get(state.opt_state, "lr_multiplier")) == 0.25
   assert step_lib.compilations(chunk_fn) == 1
   assert step_lib.compilations(observe) == 1
+
+
+def test_log_norms_are_the_gradient_parameter_and_update_norms(digits):
+  mesh = helpers.mesh((1, 1, 1), n=1)
+  tx = optax.sgd(0.1)
+  graphdef, state = state_lib.create_state(helpers.mlp(), tx, seed=0, mesh=mesh)
+  batch = helpers.take(helpers.global_batches(digits.train, 32, 1), 0)
+  step = functools.partial(step_lib.train_step, graphdef=graphdef, tx=tx,
+                           loss_fn=losses.classification, log_norms=True)  # fmt: skip
+  new, metrics = jax.jit(step)(state, batch)
+
+  def loss(params):
+    model = nnx.merge(graphdef, params, state.model_state)
+    return losses.classification(model, batch, None)["loss"].mean()
+
+  grad_norm = optax.global_norm(jax.grad(loss)(state.params))
+  np.testing.assert_allclose(metrics["grad_norm"], grad_norm, rtol=1e-5)
+  np.testing.assert_allclose(metrics["update_norm"], 0.1 * grad_norm, rtol=1e-4)
+  np.testing.assert_allclose(metrics["param_norm"], optax.global_norm(new.params), rtol=1e-6)
+  _, plain = jax.jit(functools.partial(step, log_norms=False))(state, batch)
+  assert "grad_norm" not in plain
