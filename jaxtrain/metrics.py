@@ -24,7 +24,7 @@ from jaxtrain import logs
 
 
 class JsonlWriter:
-  """Appends one JSON object a line: `{"step": N, "split": ..., **values}`."""
+  """Appends one JSON object a line: `{"step": N, "split": ..., **values, "time": T}`."""
 
   def __init__(self, path: pathlib.Path | None):
     self._path = path
@@ -32,11 +32,12 @@ class JsonlWriter:
       self._file = open(path, "a", buffering=1) if path else None  # noqa: SIM115 (held open)
 
   def write(self, step: int, split: str, values: dict[str, float]) -> None:
-    """Writes one line; non-finite numbers become null."""
+    """Writes one line, with `time` (Unix seconds); non-finite numbers become null."""
     if self._file:
       clean = {k: _jsonable(v) for k, v in values.items()}
+      line = {"step": step, "split": split, **clean, "time": round(time.time(), 3)}
       with logs.naming(self._path):
-        self._file.write(json.dumps({"step": step, "split": split, **clean}) + "\n")
+        self._file.write(json.dumps(line) + "\n")
 
   def close(self) -> None:
     """Closes the file."""

@@ -28,7 +28,7 @@ def _expected(workdir):
   out = {}
   for line in (workdir / "metrics.jsonl").read_text().splitlines():
     row = json.loads(line)
-    step, split = row.pop("step"), row.pop("split")
+    step, split, _ = row.pop("step"), row.pop("split"), row.pop("time")
     out.update({(f"{split}/{k}", step): v for k, v in row.items() if isinstance(v, int | float)})
   return out
 

@@ -20,7 +20,7 @@ from tests import helpers
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 ARGS = ["--config.ckpt.every_steps=100", "--config.train.log_every=50"]
-TIMING = ("steps_per_sec", "samples_per_sec", "data_wait_frac")
+TIMING = ("steps_per_sec", "samples_per_sec", "data_wait_frac", "time")
 
 
 def _start(workdir, *extra):
