@@ -198,9 +198,7 @@ def run(main: Callable[[list[str]], Any]) -> None:
     sys.exit(0)
 
   def guarded(argv: list[str]) -> None:
-    if not flags.FLAGS["verbosity"].present:  # INFO lines only when asked for
-      absl_logging.set_verbosity(absl_logging.WARNING)
-    logs.quiet_orbax_logs()
+    _quiet()
     if len(argv) > 1:
       fail(f"unexpected argument {argv[1]!r}; flags take the form --name=value")
     try:
@@ -220,6 +218,28 @@ def run(main: Callable[[list[str]], Any]) -> None:
     app.run(guarded, flags_parser=parse_flags)
   except KeyboardInterrupt:  # before main started: while importing or parsing
     fail("stopped by Ctrl-C before training started", EXIT_INTERRUPTED)
+
+
+def _quiet() -> None:
+  if not flags.FLAGS["verbosity"].present:  # INFO lines only when asked for
+    absl_logging.set_verbosity(absl_logging.WARNING)
+  logs.quiet_orbax_logs()
+
+
+def run_tool(main: Callable[[list[str]], Any]) -> None:
+  """Runs a tool's `main(argv)` (report, replay): positional arguments, run's logging and errors.
+
+  A `ConfigError` or `DataError` is one line and exit status 2.
+  """
+
+  def guarded(argv: list[str]) -> Any:
+    _quiet()
+    try:
+      return main(argv)
+    except USAGE_ERRORS as e:
+      fail(str(e))
+
+  app.run(guarded, flags_parser=parse_flags)
 
 
 def _exit_for(result: Any) -> None:

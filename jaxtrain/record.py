@@ -141,8 +141,22 @@ def environment(mesh: Mesh) -> dict[str, Any]:
     "mesh": dict(mesh.shape),
     "command": " ".join(sys.argv),
     "argv": [sys.executable, *sys.argv],
+    "module": _main_module(),
     "host": host(),
   }
+
+
+def _main_module() -> str | None:
+  """The experiment run as `python -m NAME` (what `jaxtrain.replay` reruns), else None.
+
+  An experiment module defines `get_config` and `task`; any other main module
+  (a notebook, a script, pytest) is not one.
+  """
+  main = sys.modules.get("__main__")
+  spec = getattr(main, "__spec__", None)
+  if spec is None or not (hasattr(main, "get_config") and hasattr(main, "task")):
+    return None
+  return spec.name
 
 
 def check_writable(path: pathlib.Path) -> None:

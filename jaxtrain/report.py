@@ -27,7 +27,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
-from absl import app, flags
+from absl import flags
 
 from jaxtrain import cli
 from jaxtrain.config import ConfigError
@@ -260,7 +260,4 @@ if __name__ == "__main__":
   flags.DEFINE_string(
     "out", None, "The report's folder; default DIR/report (several: report/ beside)."
   )
-  try:
-    app.run(main, flags_parser=cli.parse_flags)
-  except ConfigError as e:
-    cli.fail(str(e))
+  cli.run_tool(main)

@@ -1,0 +1,174 @@
+"""Rerun a run from its record and check, step by step, that it reproduces.
+
+    python -m jaxtrain.replay runs/digits
+    python -m jaxtrain.replay runs/digits --out runs/digits_again
+
+It reads the run's `config.json` and `run.json`, refuses with one line (exit 2)
+when the code or the data differ from the record (the git commit and the saved
+diff; the data's fingerprints), unless `--force`, then trains the same config,
+seeds included, with the experiment module that ran it (`python -m NAME`) into a
+new workdir (default `DIR_replay`), and compares every line of the two
+`metrics.jsonl` files, timing fields aside: exit 0 when all match (to `--atol`,
+exactly by default), 1 naming the first step that does not.
+
+From Python:
+  >>> replay.compare(original_lines, new_lines, atol=0.0)   # [] when they match
+"""
+
+import importlib
+import json
+import math
+import pathlib
+import sys
+from typing import Any
+
+import ml_collections
+from absl import flags
+
+import jaxtrain
+from jaxtrain import cli, record
+from jaxtrain import config as config_lib
+from jaxtrain.config import ConfigError
+
+TIMING = ("time", "steps_per_sec", "samples_per_sec", "tokens_per_sec", "mfu", "data_wait_frac")
+
+
+def rebuild_config(module: Any, saved: dict[str, Any]) -> ml_collections.ConfigDict:
+  """The experiment's config with every key set as `config.json` recorded it."""
+  presets = getattr(module, "PRESETS", ())
+  config = module.get_config(presets[0]) if presets else module.get_config()
+  known = dict(config_lib.flatten(config))
+  for key, raw in _flat(saved).items():
+    if key not in known:
+      raise ConfigError(f"the recorded key {key} is not in {module.__name__}'s config any more")
+    value = raw
+    if isinstance(known[key], tuple) and isinstance(raw, list):
+      value = tuple(tuple(v) if isinstance(v, list) else v for v in raw)
+    *parents, leaf = key.split(".")
+    node = config
+    for part in parents:
+      node = node[part]
+    node[leaf] = value
+  return config
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flat(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
+def code_problems(recorded: dict[str, Any], workdir: pathlib.Path) -> list[str]:
+  """How the code here differs from the record's: commit, dirty tree, diff."""
+  here = record.git_info(pathlib.Path.cwd())
+  if recorded.get("commit") is None:
+    return ["the run was not started in a git checkout, so its code cannot be checked"]
+  problems = []
+  if here.get("commit") != recorded["commit"]:
+    problems.append(f"the code is at commit {str(here.get('commit'))[:10]}, the run's at "
+                    f"{recorded['commit'][:10]}")  # fmt: skip
+  saved = workdir / recorded["diff_file"] if recorded.get("diff_file") else None
+  old = saved.read_text() if saved and saved.exists() else ""
+  if here.get("diff", "") != old:
+    problems.append("the uncommitted changes differ from the run's git.diff")
+  return problems
+
+
+def data_problems(recorded: dict[str, Any], dataset: Any) -> list[str]:
+  """How the dataset here differs from the record's fingerprints and sizes."""
+  problems = []
+  for split in ("train", "eval"):
+    source = getattr(dataset, split)
+    was = recorded.get(f"{split}_fingerprint")
+    now = source.fingerprint() if hasattr(source, "fingerprint") else None
+    if was != now:
+      problems.append(
+        f"the {split} data's fingerprint is {str(now)[:12]}, the run's {str(was)[:12]}"
+      )
+    if recorded.get(f"{split}_size") not in (None, len(source)):
+      problems.append(
+        f"the {split} data has {len(source)} records, the run's {recorded[f'{split}_size']}"
+      )
+  return problems
+
+
+def compare(original: list[dict], new: list[dict], atol: float = 0.0) -> list[str]:
+  """Each line where the replay's metrics differ from the original's, as text; [] if none."""
+  out = []
+  index = {(x["step"], x["split"]): x for x in new}
+  for line in original:
+    key = (line["step"], line["split"])
+    other = index.pop(key, None)
+    if other is None:
+      out.append(f"step {key[0]} {key[1]}: missing from the replay")
+      continue
+    for name, value in line.items():
+      if name in ("step", "split", *TIMING):
+        continue
+      if not _close(value, other.get(name), atol):
+        out.append(f"step {key[0]} {key[1]}: {name} {value!r} in the run, {other.get(name)!r} now")
+  out += [f"step {s} {split}: only in the replay" for s, split in index]
+  return out
+
+
+def _close(a: Any, b: Any, atol: float) -> bool:
+  if isinstance(a, int | float) and isinstance(b, int | float):
+    return a == b or (math.isfinite(a) and math.isfinite(b) and abs(a - b) <= atol)
+  return a == b
+
+
+def _lines(workdir: pathlib.Path) -> list[dict]:
+  path = workdir / "metrics.jsonl"
+  return (
+    [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+  )
+
+
+def main(argv: list[str]) -> None:
+  """Replays the run named on the command line."""
+  if len(argv) != 2:
+    raise ConfigError("usage: python -m jaxtrain.replay DIR [--out NEW] [--force] [--atol=0]")
+  f = flags.FLAGS
+  workdir = jaxtrain.workdir.resolve(argv[1])
+  try:
+    run = json.loads((workdir / "run.json").read_text())
+    saved = json.loads((workdir / "config.json").read_text())
+  except (OSError, ValueError) as e:
+    raise ConfigError(f"{argv[1]}: not a run's workdir ({e})") from e
+  name = (run.get("environment") or {}).get("module")
+  if not name:
+    raise ConfigError(f"{argv[1]}: run.json names no experiment module; replay reruns runs "
+                      "started as python -m NAME")  # fmt: skip
+  module = importlib.import_module(name)
+  config = rebuild_config(module, saved)
+  model, dataset, loss = module.task(config, None)[:3]
+  problems = code_problems(run.get("git") or {}, workdir) + data_problems(
+    run.get("data") or {}, dataset
+  )
+  if problems and not f.force:
+    raise ConfigError(f"not replaying {argv[1]}: {'; '.join(problems)} (--force replays anyway)")
+  out = jaxtrain.workdir.resolve(f.out or f"{workdir}_replay")
+  print(f"replaying {name} from {workdir} into {out}", file=sys.stderr)
+  for problem in problems:
+    print(f"warning: {problem}", file=sys.stderr)
+  jaxtrain.train(config, model, dataset, loss, workdir=out, resume="never")
+  original, new = _lines(workdir), _lines(out)
+  differences = compare(original, new, f.atol)
+  if differences:
+    print(f"replay differs from the run at {len(differences)} value(s); first: {differences[0]}")
+    sys.exit(1)
+  print(f"replay matches the run: {len(original)} metric lines, every value equal"
+        + (f" to {f.atol}" if f.atol else ""))  # fmt: skip
+
+
+if __name__ == "__main__":
+  flags.DEFINE_string("out", None, "The new workdir; default DIR_replay. It must hold no run.")
+  flags.DEFINE_bool("force", False, "Replay even when the code or the data differ from the record.")
+  flags.DEFINE_float(
+    "atol", 0.0, "Largest difference of a metric that still matches.", lower_bound=0
+  )
+  cli.run_tool(main)
