@@ -183,6 +183,17 @@ def flatten(config: ml_collections.ConfigDict, prefix: str = "") -> Iterator[tup
       yield f"{prefix}{key}", value
 
 
+def flatten_dict(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+  """A nested dict (a `config.json`, say) as `{dotted_key: value}`."""
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(flatten_dict(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
 def unknown_key_message(key: str, known: list[str]) -> str:
   """Returns the one-line error for an unknown key, with the closest known key."""
   close = difflib.get_close_matches(key, known, n=1)

@@ -38,7 +38,7 @@ def rebuild_config(module: Any, saved: dict[str, Any]) -> ml_collections.ConfigD
   presets = getattr(module, "PRESETS", ())
   config = module.get_config(presets[0]) if presets else module.get_config()
   known = dict(config_lib.flatten(config))
-  for key, raw in _flat(saved).items():
+  for key, raw in config_lib.flatten_dict(saved).items():
     if key not in known:
       raise ConfigError(f"the recorded key {key} is not in {module.__name__}'s config any more")
     value = raw
@@ -50,16 +50,6 @@ def rebuild_config(module: Any, saved: dict[str, Any]) -> ml_collections.ConfigD
       node = node[part]
     node[leaf] = value
   return config
-
-
-def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      out.update(_flat(value, f"{prefix}{key}."))
-    else:
-      out[f"{prefix}{key}"] = value
-  return out
 
 
 def code_problems(recorded: dict[str, Any], workdir: pathlib.Path) -> list[str]:

@@ -30,6 +30,7 @@ import matplotlib.pyplot as plt
 from absl import flags
 
 from jaxtrain import cli
+from jaxtrain import config as config_lib
 from jaxtrain.config import ConfigError
 
 LOG_SPAN = 10.0  # a quantity whose largest value is this many times its smallest: log scale
@@ -63,17 +64,13 @@ def load(workdir: str | os.PathLike, name: str | None = None) -> Run:
   except (OSError, ValueError) as e:
     raise ConfigError(f"{workdir}: not a run's workdir ({e})") from e
   lines = [json.loads(x) for x in text.splitlines() if x.strip()]
-  return Run(name or pathlib.Path(workdir).name or str(path), path, record, _flat(config), lines)
-
-
-def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      out.update(_flat(value, f"{prefix}{key}."))
-    else:
-      out[f"{prefix}{key}"] = value
-  return out
+  return Run(
+    name or pathlib.Path(workdir).name or str(path),
+    path,
+    record,
+    config_lib.flatten_dict(config),
+    lines,
+  )
 
 
 def _keys(runs: list[Run], split: str) -> list[str]:

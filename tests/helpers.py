@@ -121,3 +121,12 @@ class SlowSource:
   def __getitem__(self, index):
     time.sleep(self.latency)
     return self.source[index]
+
+
+def bytes_per_device(tree):
+  """The most bytes of `tree`'s arrays that any one device holds."""
+  held = {}
+  for leaf in jax.tree.leaves(tree):
+    for shard in leaf.addressable_shards:
+      held[shard.device] = held.get(shard.device, 0) + shard.data.nbytes
+  return max(held.values())

@@ -75,21 +75,12 @@ def test_preset_trains_like_one_device(corpus, one_device, rules):
   assert trace.sharding.spec == kernel.sharding.spec
 
 
-def _bytes_per_device(tree):
-  """The most bytes of `tree` that any one device holds."""
-  held = {}
-  for leaf in jax.tree.leaves(tree):
-    for shard in leaf.addressable_shards:
-      held[shard.device] = held.get(shard.device, 0) + shard.data.nbytes
-  return max(held.values())
-
-
 def test_fsdp_holds_an_eighth_of_params_and_optimizer_state_per_device(corpus):
   parts = jaxtrain.build(_config("fsdp", (1, 8, 1)), functools.partial(models.Transformer, **LM),
                          corpus, losses.next_token)  # fmt: skip
   held = (parts.state.params, parts.state.opt_state)
   total = sum(x.nbytes for x in jax.tree.leaves(held))
-  assert _bytes_per_device(held) <= total / 8 * 1.05
+  assert helpers.bytes_per_device(held) <= total / 8 * 1.05
 
 
 def test_a_rule_that_does_not_divide_names_the_parameter(corpus):
