@@ -48,35 +48,51 @@ class JsonlWriter:
 class TensorBoardWriter:
   """Writes each numeric value as the scalar `split/name` at `step` into `folder`.
 
-  A resumed run passes `purge_step`, the step after its restored one: TensorBoard hides
-  what an earlier attempt wrote from that step on, as `truncate_jsonl` drops it
-  from the JSONL. Each writer's file has its own suffix (the attempt), so no
-  attempt's file replaces another's.
+  Events are written and flushed in the calling thread (tensorboardX's record
+  writer, without its background thread), so a failed write is an `OSError`
+  naming the folder, raised where the line was written. A resumed run passes
+  `purge_step`, the step after its restored one: TensorBoard hides what an
+  earlier attempt wrote from that step on, as `truncate_jsonl` drops it from the
+  JSONL. Each writer's file has its own suffix (the attempt), so no attempt's
+  file replaces another's.
   """
 
   def __init__(self, folder: pathlib.Path | None, purge_step: int | None = None, suffix: str = ""):
-    self._writer = None
-    if folder is not None:
-      import tensorboardX  # noqa: PLC0415 (process 0 only; imports protobuf)
+    self._folder, self._writer = folder, None
+    if folder is None:
+      return
+    from tensorboardX import event_file_writer  # noqa: PLC0415 (process 0 only: protobuf)
+    from tensorboardX.proto import event_pb2  # noqa: PLC0415
 
-      with logs.naming(folder):
-        self._writer = tensorboardX.SummaryWriter(
-          str(folder), purge_step=purge_step, filename_suffix=suffix, flush_secs=10
-        )
+    self._event = event_pb2.Event
+    with logs.naming(folder):
+      folder.mkdir(parents=True, exist_ok=True)
+      self._writer = event_file_writer.EventsWriter(str(folder / "events"), suffix)
+      if purge_step is not None:
+        start = event_pb2.SessionLog(status=event_pb2.SessionLog.START)
+        self._writer.write_event(self._event(step=purge_step, session_log=start))
+      self._writer.flush()
 
   def write(self, step: int, split: str, values: dict[str, float]) -> None:
     """Adds one scalar a finite number; others are left out."""
     if self._writer is None:
       return
-    for name, raw in values.items():
-      value = _jsonable(raw)
-      if isinstance(value, int | float) and not isinstance(value, bool):
-        self._writer.add_scalar(f"{split}/{name}", value, step)
+    from tensorboardX import summary  # noqa: PLC0415
+
+    with logs.naming(self._folder):
+      for name, raw in values.items():
+        value = _jsonable(raw)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+          scalar = summary.scalar(f"{split}/{name}", float(value))
+          self._writer.write_event(self._event(wall_time=time.time(), step=step, summary=scalar))
+      self._writer.flush()
 
   def close(self) -> None:
-    """Flushes and closes the event file."""
+    """Closes the event file."""
     if self._writer is not None:
-      self._writer.close()
+      with logs.naming(self._folder):
+        self._writer.close()
+      self._writer = None
 
 
 class Writers:

@@ -2,6 +2,7 @@
 
 import importlib.metadata
 import json
+import os
 import pathlib
 import shutil
 import subprocess
@@ -132,3 +133,26 @@ def test_a_profiled_run_leaves_a_trace_the_profiler_opens(tmp_path, digits):
   data = jax.profiler.ProfileData.from_file(str(next(folder.glob("*.xplane.pb"))))
   names = {event.name for plane in data.planes for line in plane.lines for event in line.events}
   assert "train_chunk" in names
+
+
+def test_a_full_disk_under_tensorboard_is_one_named_error(tmp_path):
+  mount = tmp_path / "disk"
+  mount.mkdir()
+  made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)],
+                        capture_output=True, check=False)  # fmt: skip
+  if made.returncode:
+    pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode().strip()}")
+  try:
+    writer = metrics.TensorBoardWriter(mount / "tb")
+    fd = os.open(mount / "filler", os.O_WRONLY | os.O_CREAT)
+    with pytest.raises(OSError, match="No space left"):
+      while True:
+        os.write(fd, b"\0" * 4096)
+    os.close(fd)
+    with pytest.raises(
+      OSError, match=rf"^could not write {mount / 'tb'}: No space left on device$"
+    ):
+      for step in range(1, 2000):  # a page of events fills the last free space
+        writer.write(step, "train", {"loss": 1.0, "lr": 0.1})
+  finally:
+    subprocess.run(["umount", "-l", str(mount)], check=False)
