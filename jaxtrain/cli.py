@@ -229,7 +229,8 @@ def _quiet() -> None:
 def run_tool(main: Callable[[list[str]], Any]) -> None:
   """Runs a tool's `main(argv)` (report, replay): positional arguments, run's logging and errors.
 
-  A `ConfigError` or `DataError` is one line and exit status 2.
+  A `ConfigError` or `DataError` is one line and exit status 2; a failed
+  checkpoint, write or peer one line and 1; Ctrl-C 130.
   """
 
   def guarded(argv: list[str]) -> Any:
@@ -238,6 +239,10 @@ def run_tool(main: Callable[[list[str]], Any]) -> None:
       return main(argv)
     except USAGE_ERRORS as e:
       fail(str(e))
+    except (CheckpointError, NonFiniteError, PeerError, OSError) as e:
+      fail(str(e), EXIT_FAILED)
+    except KeyboardInterrupt:
+      fail("stopped at once by Ctrl-C", EXIT_INTERRUPTED)
 
   app.run(guarded, flags_parser=parse_flags)
 

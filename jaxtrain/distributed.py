@@ -37,6 +37,7 @@ from jaxtrain.config import ConfigError
 INIT_TIMEOUT = 300  # seconds; jax.distributed.initialize's default
 PEER_TIMEOUT = 100  # seconds; JAX's heartbeat timeout by default
 EXIT_PEER = 1
+JAX_GRACE = 10  # seconds JAX waits past the watchdog, so a join that times out is one line
 _settings = {"peer_timeout": PEER_TIMEOUT}
 _barrier_ids = itertools.count()
 
@@ -64,7 +65,9 @@ def initialize(
       the others give up.
 
   Raises:
-    ConfigError: for an incomplete or invalid setting, before anything joins.
+    ConfigError: for an incomplete or invalid setting (before anything joins),
+      or JAX refusing the setting.
+    PeerError: when JAX fails to join for another reason.
   """
   for name, value in (("init_timeout", init_timeout), ("peer_timeout", peer_timeout)):
     if value < 1:
@@ -91,13 +94,15 @@ def initialize(
       coordinator_address=address,
       num_processes=count,
       process_id=index,
-      initialization_timeout=init_timeout,
+      initialization_timeout=init_timeout + JAX_GRACE,  # the watchdog's line comes first
       heartbeat_timeout_seconds=peer_timeout,
     )
   except ValueError as e:  # no arguments and no cluster JAX recognises: one process
     if address is None and "coordinator_address" in str(e):
       return
     raise ConfigError(f"jax.distributed.initialize: {e}") from e
+  except RuntimeError as e:  # the coordinator's port taken, say
+    raise PeerError(f"{who} could not join {where}: {str(e).splitlines()[0]}") from e
   finally:
     watchdog.cancel()
 

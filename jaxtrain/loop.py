@@ -196,7 +196,7 @@ class _Session:
       )
       self.signals = interrupt.StopSignals(self.spec.mesh)
       self.writer = metrics.Writers(
-        self.path, enabled=is_main, purge_step=c.step + 1 if self.restored else None,
+        self.path, enabled=is_main, purge_step=c.step + 1 if self.restored else 0,
         attempt=self.run_record.fields.get("attempt", 1),
       )  # fmt: skip
       t, p = self.config.train, self.config.profile
@@ -323,7 +323,9 @@ def _dispatch(
   with jax.transfer_guard("disallow"), s.profiler.annotate(c.step):  # no implicit transfers
     state, chunk_metrics = parts.chunk(state, chunk, s.signals.votes())
   c.step += s.config.train.steps_per_loop
-  if window := s.profiler.after(c.step, state):
+  stopped = time.perf_counter()
+  if window := s.profiler.after(c.step, state):  # waiting and writing the trace: not training
+    s.meter.exclude(time.perf_counter() - stopped)
     s.run_record.update(profile=window)
   compiled = s.run_record.count_compilations(parts.chunk.compilations(), c.step)
   if compiled:  # compiling is not training time
@@ -374,10 +376,8 @@ def _evaluate(
     c.verdict = monitor_lib.summary(state.monitor, s.spec.watch)
     s.progress.update(0, **monitor_lib.progress_fields(c.verdict))
   s.meter.exclude(time.perf_counter() - start)  # throughput counts training only
-  watched = monitor_lib.progress_fields(c.verdict) if e.metric else {}
-  s.writer.write(
-    c.step, "eval", {**c.eval_metrics, **{f"monitor_{k}": v for k, v in watched.items()}}
-  )
+  watched = monitor_lib.line_fields(c.verdict) if e.metric else {}
+  s.writer.write(c.step, "eval", {**c.eval_metrics, **watched})
   s.progress.update(0, **{f"eval_{n}": v for n, v in c.eval_metrics.items()})
   if workdir_lib.best_rule(s.config)[0] and (
     not e.restore_best or c.verdict["best_step"] == c.step

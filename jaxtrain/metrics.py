@@ -50,11 +50,11 @@ class TensorBoardWriter:
 
   Events are written and flushed in the calling thread (tensorboardX's record
   writer, without its background thread), so a failed write is an `OSError`
-  naming the folder, raised where the line was written. A resumed run passes
-  `purge_step`, the step after its restored one: TensorBoard hides what an
-  earlier attempt wrote from that step on, as `truncate_jsonl` drops it from the
-  JSONL. Each writer's file has its own suffix (the attempt), so no attempt's
-  file replaces another's.
+  naming the folder, raised where the line was written. The loop passes
+  `purge_step`, the step after a resumed run's restored one (0 for a fresh
+  start): TensorBoard hides what an earlier attempt wrote from that step on, as
+  `truncate_jsonl` drops it from the JSONL. Each writer's file has its own
+  suffix (the attempt), so no attempt's file replaces another's.
   """
 
   def __init__(self, folder: pathlib.Path | None, purge_step: int | None = None, suffix: str = ""):
@@ -101,7 +101,8 @@ class Writers:
   Args:
     workdir: the run's folder.
     enabled: False in every process but 0: nothing is written.
-    purge_step: the step after a resumed run's restored one (see `TensorBoardWriter`).
+    purge_step: the step after a resumed run's restored one, 0 for a fresh start
+      (see `TensorBoardWriter`); None hides nothing.
     attempt: the run's attempt number, which names its event file.
   """
 

@@ -200,7 +200,7 @@ def prepare(
   mesh = sharding.make_mesh(shape, devices)
   rules = sharding.logical(config.mesh.rules) if rules is None else rules
   if isinstance(rules, sharding.LogicalRules):  # the model's activations are constrained too
-    loss_fn = sharding.with_rules(loss_fn, rules)
+    loss_fn = sharding.with_rules(loss_fn, rules, mesh)
   p = config.precision
   policy = precision.get_policy(p.policy, p.f32_modules, p.loss_scale_period)
   from_config = tx is None

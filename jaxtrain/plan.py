@@ -10,8 +10,9 @@ precision policy and remat, on the devices of this machine. It prints each
 device's bytes of parameters, optimizer state and the rest of the state, and
 the compiled chunk's arguments, temporaries (activations and gradients) and
 peak from XLA's `memory_analysis()`. With `--device_memory`, it also searches,
-for each remat policy the model offers (`model.remat`), the largest power-of-two
-batch whose compiled peak fits. Nothing is trained or written.
+for each remat policy the model offers (`model.remat`), the largest batch
+(doubling from the data-parallel device count) whose compiled peak fits.
+Nothing is trained or written.
 
 An experiment module takes part by defining `get_config()` (or
 `get_config(preset)` with `PRESETS`) and `task(config, workdir)`, which returns
@@ -114,7 +115,7 @@ def chunk_memory(spec: parts_lib.Spec) -> dict[str, int]:
 def search(
   config: ml_collections.ConfigDict, task: Any, workdir: str | None, device_memory: int
 ) -> list[tuple[str, int, int | None, str]]:
-  """For each remat policy, the largest power-of-two batch whose compiled peak fits.
+  """For each remat policy, the largest batch (doubling from the dp devices) that fits.
 
   Batches start at the data-parallel device count and double, each compiled
   ahead of time, until one does not fit or the train records run out; the
@@ -196,7 +197,7 @@ def main(argv: list[str]) -> None:
     peak = chunk_memory(spec)["peak"]
     verdict = "fits" if peak <= limit else "does NOT fit"
     lines.append(f"device memory {human(limit)}: this run {verdict} ({peak / limit:.0%} of it)")
-    lines.append("largest power-of-two batch that fits, by remat policy:")
+    lines.append("largest batch that fits (doubling from the data-parallel devices), by remat:")
     for remat, batch, best, end in search(config, module.task, f.workdir, limit):
       shown = f"batch {batch:>8}  peak {human(best):>12}" if batch else "no batch fits"
       lines.append(f"  remat {remat:<14} {shown}  (limited by {end})")

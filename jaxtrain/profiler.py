@@ -3,7 +3,8 @@
 `profile.start_step` and `profile.steps` choose the steps. The trace starts at
 the first chunk boundary at or after `start_step` (pick one past the first
 chunk, whose time is mostly compiling) and stops once `steps` steps have run,
-so it covers whole chunks. Each step is annotated (`StepTraceAnnotation`), and
+so it covers whole chunks. Each chunk is annotated (`StepTraceAnnotation`
+`train_chunk`, numbered by its first step), and
 the trace lands in `workdir/tb/plugins/profile/<time>/`, where TensorBoard's
 profile plugin finds it; the `.trace.json.gz` beside it opens in Perfetto.
 

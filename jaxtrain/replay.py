@@ -133,7 +133,10 @@ def main(argv: list[str]) -> None:
   if not name:
     raise ConfigError(f"{argv[1]}: run.json names no experiment module; replay reruns runs "
                       "started as python -m NAME")  # fmt: skip
-  module = importlib.import_module(name)
+  try:
+    module = importlib.import_module(name)
+  except ImportError as e:
+    raise ConfigError(f"{argv[1]}: cannot import its experiment {name!r}: {e}") from e
   config = rebuild_config(module, saved)
   model, dataset, loss = module.task(config, None)[:3]
   problems = code_problems(run.get("git") or {}, workdir) + data_problems(

@@ -197,29 +197,35 @@ def logical_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   """Constrains `x`'s sharding by its axes' logical `names` under rules; else returns `x`.
 
-  The rules are `with_rules`'s, or else those of Flax's `logical_axis_rules` context.
+  The rules and mesh are `with_rules`'s; else Flax's `logical_axis_rules` context
+  with the context mesh (`jax.set_mesh`).
   """
-  rules = _current.get()
+  rules, mesh = _current.get() or (None, None)
   if rules is None and core_spmd.get_logical_axis_rules():
     rules = LogicalRules(tuple(core_spmd.get_logical_axis_rules()))
-  mesh = jax.sharding.get_abstract_mesh()
-  if rules is None or mesh.empty:
+  if mesh is None:
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+      return x
+  if rules is None:
     return x
   spec = logical_spec(names, x.shape, mesh, rules, f"an activation of shape {tuple(x.shape)}")
+  if isinstance(mesh, Mesh):  # traced outside jax.set_mesh, as jit does with Auto axes
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
   return jax.lax.with_sharding_constraint(x, spec)
 
 
-_current: contextvars.ContextVar[LogicalRules | None] = contextvars.ContextVar(
+_current: contextvars.ContextVar[tuple[LogicalRules, Mesh] | None] = contextvars.ContextVar(
   "jaxtrain_logical_rules", default=None
 )
 
 
-def with_rules(fn: Callable, rules: LogicalRules) -> Callable:
-  """`fn` run under the logical-axis `rules` (Flax's too): what it traces may `constrain`."""
+def with_rules(fn: Callable, rules: LogicalRules, mesh: Mesh) -> Callable:
+  """`fn` run under the logical-axis `rules` on `mesh` (Flax's rules too): it may `constrain`."""
 
   @functools.wraps(fn)
   def wrapped(*args, **kwargs):
-    token = _current.set(rules)
+    token = _current.set((rules, mesh))
     try:
       with core_spmd.logical_axis_rules(rules.table):
         return fn(*args, **kwargs)
@@ -269,12 +275,15 @@ def tree_shardings(
   Raises:
     ConfigError: a logical rule that does not divide a dimension.
   """
+  leaves = jax.tree_util.tree_leaves_with_path(tree)
+  params = {path_str(p).removeprefix("params/"): tuple(x.shape) for p, x in leaves
+            if path_str(p).startswith("params/")}  # fmt: skip
 
   def spec(path: tuple[Any, ...], x: Any) -> NamedSharding:
     where = path_str(path)
     if not isinstance(rules, LogicalRules):
       return NamedSharding(mesh, leaf_spec(where, x.shape, mesh, rules))
-    axes = _names_of(where, len(x.shape), names or {})
+    axes = _names_of(where, tuple(x.shape), names or {}, params)
     if axes is None:
       return NamedSharding(mesh, leaf_spec(where, x.shape, mesh, rules.fallback))
     return NamedSharding(mesh, logical_spec(axes, x.shape, mesh, rules, where))
@@ -282,13 +291,20 @@ def tree_shardings(
   return jax.tree_util.tree_map_with_path(spec, tree)
 
 
-def _names_of(path: str, ndim: int, names: dict[str, tuple[str | None, ...]]) -> Any:
-  """The names of the longest parameter path that ends `path`, if it has `ndim` axes."""
+def _names_of(path: str, shape: tuple[int, ...], names: dict, shapes: dict) -> Any:
+  """The names of the longest parameter path that ends `path`, if the leaf is shaped like it.
+
+  `shapes` holds the parameters' shapes where known (a `TrainState`'s `params`):
+  Adafactor's factored moments, say, end with a parameter's path but are not
+  shaped like it.
+  """
   parts = path.split("/")
   for i in range(len(parts)):
-    axes = names.get("/".join(parts[i:]))
+    key = "/".join(parts[i:])
+    axes = names.get(key)
     if axes is not None:
-      return tuple(axes) if len(axes) == ndim else None
+      fits = len(axes) == len(shape) and shapes.get(key, shape) == shape
+      return tuple(axes) if fits else None
   return None
 
 
@@ -302,8 +318,8 @@ def named_axes(model: Any) -> dict[str, tuple[str | None, ...]]:
   for path, variable in nnx.iter_graph(model):
     if isinstance(variable, nnx.Param):
       meta = variable.get_metadata()
-      axes = next((meta[k] for k in ("logical_axes", "sharding_names", "sharding") if meta.get(k)),
-                  None)  # fmt: skip
+      keys = ("logical_axes", "out_sharding", "sharding_names", "sharding")
+      axes = next((meta[k] for k in keys if meta.get(k)), None)
       if axes is not None:
         found["/".join(str(p) for p in path)] = tuple(axes)
   return found

@@ -131,3 +131,24 @@ def test_named_mlp_shards_by_its_names(digits):
   assert specs["hidden"][0] == {"kernel": ("fsdp", "tensor"), "bias": ("tensor",)}
   assert specs["head"] == {"kernel": ("tensor", None), "bias": (None,)}
   assert math.isfinite(parts.evaluate(parts.state)["loss"])
+
+
+def test_the_training_chunk_itself_constrains_the_activations(corpus):
+  """Traced by jit outside any context mesh, as the loop runs it."""
+  model = functools.partial(models.Transformer, **LM)
+  parts = jaxtrain.build(_config("tp", (2, 1, 4)), model, corpus, losses.next_token)
+  with parts.batches() as batches:
+    chunk = next(batches)
+  text = parts.chunk.jitted.lower(parts.state, chunk, helpers.no_votes(parts.spec.mesh)).as_text()
+  assert text.count("sharding_constraint") >= 8  # tokens, rows, q, k, v, MLP, blocks, logits
+
+
+def test_factored_optimizer_state_is_not_taken_for_its_parameter(corpus):
+  """Adafactor's row and column moments end with a parameter's path but are shaped otherwise."""
+  model = functools.partial(models.Transformer, **LM)
+  adafactor = {"optim.name": "adafactor", "optim.momentum": 0.0, "optim.lr": 1e-2}
+  parts = jaxtrain.build(_config("fsdp", (1, 8, 1), **adafactor), model,
+                         corpus, losses.next_token)  # fmt: skip
+  with parts.batches() as batches:
+    _, metrics = parts.chunk(parts.state, next(batches))
+  assert np.isfinite(np.asarray(metrics["loss"])).all()
