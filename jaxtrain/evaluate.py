@@ -58,6 +58,9 @@ class Evaluator:
       transform=transform,
     )
     self._put = functools.partial(sharding.put_batch, mesh=mesh, batch_size=batch_size)
+    # XLA's CPU backend can deadlock in a cross-device all-reduce when many
+    # multi-device executions queue up (seen on 8 devices): there, one batch in flight.
+    self._one_in_flight = mesh.devices.flat[0].platform == "cpu" and mesh.size > 1
 
   def __call__(self, state: TrainState) -> dict[str, float]:
     """Returns the mean of every metric over the eval source."""
@@ -74,7 +77,6 @@ class Evaluator:
       sums = self._accumulate(sums, state, batch)
       if j + 1 < n:  # the next batch is read while this one runs
         batch = self._put(self._batches[j + 1])
-      # One batch in flight: XLA's CPU backend can deadlock in a cross-device
-      # all-reduce when many multi-device executions queue up (seen on 8 devices).
-      jax.block_until_ready(sums)
+      if self._one_in_flight:
+        jax.block_until_ready(sums)
     return jax.device_get(sums)
