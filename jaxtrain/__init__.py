@@ -7,13 +7,14 @@ The public surface:
   ConfigError, DataError      bad input, reported in one line (exit status 2)
   CheckpointError             a checkpoint that cannot be written or read
   NonFiniteError              too many non-finite updates in a row
-  config, data, losses, models, monitor, optim, precision, sharding, step, workdir
-                              the modules
+  config, data, finetune, losses, models, monitor, optim, precision, sharding, step,
+  weights, workdir            the modules
 """
 
 from jaxtrain import (
   config,
   data,
+  finetune,
   losses,
   models,
   monitor,
@@ -21,6 +22,7 @@ from jaxtrain import (
   precision,
   sharding,
   step,
+  weights,
   workdir,
 )
 from jaxtrain.checkpoint import CheckpointError
@@ -42,6 +44,7 @@ __all__ = [
   "config",
   "create_state",
   "data",
+  "finetune",
   "losses",
   "merge_model",
   "models",
@@ -51,5 +54,6 @@ __all__ = [
   "sharding",
   "step",
   "train",
+  "weights",
   "workdir",
 ]

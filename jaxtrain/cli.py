@@ -134,14 +134,18 @@ def _initialize() -> None:
   )
 
 
-def chosen_preset(presets: Sequence[str]) -> str:
-  """The `--preset=NAME` (or `--preset NAME`) of the command line, read before flags parse."""
+def chosen_preset(presets: Sequence[str], flag: str = "--preset") -> str:
+  """The `--preset=NAME` (or `--preset NAME`, or another `flag`), read before flags parse.
+
+  An experiment whose defaults depend on one key reads it this way, such as
+  `chosen_preset(("full", "lora"), "--config.finetune")`.
+  """
   args = sys.argv[1:]
   for i, arg in enumerate(args):
-    if arg.startswith("--preset"):
+    if arg == flag or arg.startswith(flag + "="):
       name = arg.partition("=")[2] if "=" in arg else (args[i + 1] if i + 1 < len(args) else "")
       if name not in presets:
-        fail(f"--preset={name!r} must be one of {', '.join(presets)}")
+        fail(f"{flag}={name!r} must be one of {', '.join(presets)}")
       return name
   return presets[0]
 

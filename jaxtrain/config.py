@@ -35,11 +35,12 @@ NO_DECAY = (r"(^|/)bias$", r"(^|/)scale$", r"(^|/)embedding$")
 # Parameters that Muon leaves to its Adam branch, besides those under 2 dimensions:
 # embeddings and the head, and norm scales and biases (2-D when layers are stacked).
 MUON_ADAM = (r"(^|/)(embed|position|head)/", r"(^|/)(scale|bias)$")
+LAYER_PATTERN = r"(^|/)layers/(\d+)/"  # the last group is a parameter's layer index
 INT32_LIMIT = 2**31  # steps, counts and sizes live in int32 arrays
 SEED_LIMIT = 2**32  # jax.random.PRNGKey keeps 32 bits of a seed: 2**32 is seed 0 again
 
 # Every framework key: (default, meaning). A None default is an optional float.
-# `model.*` belongs to each experiment.
+# `model.*`, and top-level keys outside the sections (`finetune`, say), belong to each experiment.
 DEFAULTS: dict[str, tuple[Any, str]] = {
   "train.steps": (1000, "optimizer steps in the whole run"),
   "train.batch_size": (128, "global batch, split over the data-parallel devices"),
@@ -71,6 +72,15 @@ DEFAULTS: dict[str, tuple[Any, str]] = {
   "optim.accum_steps": (1, "micro-batches whose gradients are averaged into one update"),
   "optim.freeze": ((), "regexes of parameter paths that are not trained"),
   "optim.lr_groups": ((), "'REGEX=MULTIPLIER' learning-rate factors by parameter path"),
+  "optim.trainable": ((), "regexes: train only the parameters whose paths match one; (): all"),
+  "optim.layer_decay": (1.0, "layer i of L trains at lr*decay**(L-i), embeddings one less; 1: off"),
+  "optim.layer_pattern": (LAYER_PATTERN, "optim.layer_decay: regex whose last group is the layer"),
+  "optim.unfreeze": ((), "'REGEX=STEP': the matching parameters train from STEP on (unfreezing)"),
+  "init.source": ("", "initial weights: a .safetensors file, or a workdir or checkpoint step"),
+  "init.convert": ("", "the source's tensor names: '' (parameter paths) or bert (Hugging Face)"),
+  "init.map": ((), "'REGEX=REPLACEMENT' renames of source paths (the first that matches)"),
+  "init.skip": ((), "regexes of source paths not loaded"),
+  "init.fresh": ((), "regexes of parameters that keep their own init; all others must load"),
   "loss.label_smoothing": (0.0, "classification: weight spread evenly over the classes"),
   "precision.policy": ("f32", f"precision policy: {', '.join(POLICIES)}"),
   "precision.f32_modules": ((), "regexes of module paths kept in float32 under any policy"),
@@ -281,13 +291,21 @@ def _check_optim(config: ml_collections.ConfigDict) -> None:
     ("loss.label_smoothing", 0 <= config.loss.label_smoothing < 1, "must be in [0, 1)"),
   ):
     _require(ok, key, config, problem)
-  for key in ("optim.no_decay", "optim.freeze", "optim.muon_adam"):
+  _require(0 < o.layer_decay <= 1, "optim.layer_decay", config, "must be in (0, 1]")
+  _require(_compiles(o.layer_pattern) and re.compile(o.layer_pattern).groups > 0,
+           "optim.layer_pattern", config, "must be a regex with a group for the layer index")
+  for key in ("optim.no_decay", "optim.freeze", "optim.muon_adam", "optim.trainable"):
     for pattern in get(config, key):
       _require(_compiles(pattern), key, config, f"has a bad regular expression {pattern!r}")
-  try:
-    parse_lr_groups(o.lr_groups)
-  except ValueError as e:
-    raise ConfigError(f"optim.lr_groups={o.lr_groups!r}: {e}") from None
+  for key, parse in (("optim.lr_groups", parse_lr_groups), ("optim.unfreeze", parse_unfreeze)):
+    try:
+      parse(get(config, key))
+    except ValueError as e:
+      raise ConfigError(f"{key}={get(config, key)!r}: {e}") from None
+  for pattern, step in parse_unfreeze(o.unfreeze).items():
+    _require(step % o.accum_steps == 0 and step < config.train.steps, "optim.unfreeze", config,
+             f"{pattern}={step}: the step must be below train.steps and a multiple of "
+             f"optim.accum_steps={o.accum_steps}")  # fmt: skip
 
 
 def _check_schedule_length(config: ml_collections.ConfigDict) -> None:
@@ -332,6 +350,17 @@ def parse_lr_groups(entries: Any) -> dict[str, float]:
     if not 0 <= groups[pattern] < math.inf:
       raise ValueError(f"{entry!r} needs a finite, non-negative multiplier")
   return groups
+
+
+def parse_unfreeze(entries: Any) -> dict[str, int]:
+  """`("layers/5/=100", ...)` to `{"layers/5/": 100}`; raises ValueError for a bad entry."""
+  starts = {}
+  for entry in entries:
+    pattern, sep, value = str(entry).rpartition("=")
+    if not sep or not pattern or not _compiles(pattern) or not value.strip().isdigit():
+      raise ValueError(f"{entry!r} is not REGEX=STEP")
+    starts[pattern] = int(value)
+  return starts
 
 
 def _check_monitor(config: ml_collections.ConfigDict) -> None:
@@ -400,7 +429,7 @@ def _check_keys_and_types(config: ml_collections.ConfigDict) -> None:
   base = dict(flatten(defaults))
   _check_complete(config, base)
   for key, value in flatten(config):
-    if key.startswith("model."):
+    if key.startswith("model.") or "." not in key:  # the experiment's own keys
       if isinstance(value, float) and not math.isfinite(value):
         raise ConfigError(f"{key}={value!r} must be finite")
       continue

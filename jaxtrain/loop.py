@@ -131,8 +131,9 @@ def train(
   session = None
   try:
     ckpt, restored = workdir_lib.open_checkpoints(
-      config, spec.abstract, path, resume, best=workdir_lib.best_rule(config)
-    )
+      config, parts_lib.checkpointed(spec, spec.abstract), path, resume,
+      best=workdir_lib.best_rule(config), initial=spec.initial,
+    )  # fmt: skip
     session = _Session(config, spec, ckpt, path, restored)
     return session.run()
   finally:
@@ -193,6 +194,8 @@ class _Session:
         forced=workdir_lib.forced_changes(self.config, self.restored),
         throughput=self.throughput,
         rules=self.spec.rules,
+        initial=self.spec.initial,
+        parameters=parts_lib.parameter_counts(self.spec),
       )
       self.signals = interrupt.StopSignals(self.spec.mesh)
       self.writer = metrics.Writers(
@@ -229,7 +232,7 @@ class _Session:
       if e.restore_best and status in ("completed", "stopped_early"):
         fields["last_eval"] = eval_metrics
         state, eval_metrics = workdir_lib.restore_best(
-          self.ckpt, self.spec.abstract, c.verdict["best_step"], state, eval_metrics
+          self.ckpt, self.spec, c.verdict["best_step"], state, eval_metrics
         )
         fields["restored_step"] = int(jax.device_get(state.step))
     self.run_record.update(status=status, eval=eval_metrics, **fields)
@@ -297,7 +300,8 @@ def _loop(s: _Session, parts: parts_lib.Parts) -> state_lib.TrainState:
     halt = bool(c.stop) or _monitor_stopped(c)
     if halt or c.step == t.steps or _every(s.config.ckpt.every_steps, c.step) or best:
       now = halt or c.step == t.steps  # nothing left to overlap with: save in place
-      bundle = checkpoint.bundle(c.step, state, {"next_batch": c.step}, {}, best, copy=not now)
+      saved = parts_lib.checkpointed(s.spec, state)
+      bundle = checkpoint.bundle(c.step, saved, {"next_batch": c.step}, {}, best, copy=not now)
       if now:
         _save(s, bundle._replace(meta=_meta(s)))
       else:  # a device copy, saved while the next chunk trains on the state
@@ -402,6 +406,7 @@ def _meta(s: _Session) -> dict[str, Any]:
   return record.checkpoint_meta(
     s.config, s.spec.mesh, meter=s.meter.state_dict(), eval_metrics=c.eval_metrics,
     skipped=c.skipped, monitor=workdir_lib.monitor_key(s.config),
+    initial=s.spec.initial and s.spec.initial.sha256,
   )  # fmt: skip
 
 

@@ -17,7 +17,7 @@ Example:
 
 import contextlib
 import contextvars
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -86,16 +86,19 @@ def classification(
   rngs: nnx.Rngs | None,
   *,
   label_smoothing: float = 0.0,
+  inputs: Sequence[str] = ("image",),
 ) -> dict[str, jax.Array]:
   """Softmax cross-entropy and accuracy of `model(batch["image"])` against `batch["label"]`.
 
   Args:
     model: returns logits `[B, C]`; called with `rngs=` for dropout.
-    batch: `image` and integer `label` `[B]` arrays.
+    batch: the `inputs` and integer `label` `[B]` arrays.
     rngs: the step's random streams, or None in evaluation.
     label_smoothing: the target puts `1 - label_smoothing` on the label and
       spreads `label_smoothing` evenly over all `C` classes; `loss` is the
       cross-entropy against it, in training and evaluation alike.
+    inputs: the batch fields passed to the model, in order; a text classifier
+      takes `("ids", "attention_mask")`.
 
   Returns:
     `loss` and `accuracy` per example, in float32.
@@ -103,7 +106,7 @@ def classification(
   Example:
     >>> loss_fn = functools.partial(classification, label_smoothing=0.1)
   """
-  logits_BxC = _float_logits(model(batch["image"], rngs=rngs))
+  logits_BxC = _float_logits(model(*(batch[k] for k in inputs), rngs=rngs))
   labels_B = batch["label"]
   _integer_labels(labels_B, "label")
   expect_range("label", logits_BxC.shape[-1], why=f"the model's {logits_BxC.shape[-1]} logits")

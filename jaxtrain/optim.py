@@ -25,7 +25,7 @@ import ml_collections
 import optax
 
 from jaxtrain import config as config_lib
-from jaxtrain import sharding
+from jaxtrain import finetune, sharding
 from jaxtrain.config import DECAY_OPTIMIZERS, MUON_ADAM, NO_DECAY, OPTIMIZERS, SCHEDULES
 
 __all__ = [
@@ -292,6 +292,10 @@ def optimizer(
   frozen: Sequence[str] = (),
   accum_steps: int = 1,
   multiplier: bool = False,
+  trainable: Sequence[str] = (),
+  layer_decay: float = 1.0,
+  layer_pattern: str = finetune.LAYER_PATTERN,
+  unfreeze: Mapping[str, int] | None = None,
 ) -> optax.GradientTransformation:
   """The full chain: clipping, the optimizer, per-group rates, freezing, accumulation.
 
@@ -311,29 +315,49 @@ def optimizer(
     accum_steps: average the gradients of this many calls into one update
       (`optax.MultiSteps`), equal to one update on a batch that many times larger.
     multiplier: chain `lr_multiplier()` after the optimizer, for reduce-on-plateau.
+    trainable: if given, only parameters whose paths match one are trained
+      (`finetune.train_only`), as if every other one were in `frozen`.
+    layer_decay: below 1, layer-wise learning-rate decay (`finetune.layerwise_decay`).
+    layer_pattern: the regex whose last group is a parameter's layer index.
+    unfreeze: `{path pattern: first update}`, gradual unfreezing
+      (`finetune.unfreeze_schedule`); the groups' gradients are held at zero
+      before their start, ahead of clipping.
 
   Returns:
     The transform.
   """
-  tx = base(
-    name,
-    learning_rate,
-    weight_decay=weight_decay,
-    no_decay=no_decay,
-    momentum=momentum,
-    nesterov=nesterov,
-    centered=centered,
-    muon_adam=muon_adam,
-    muon_adam_scale=muon_adam_scale,
-  )
-  if lr_groups:
-    tx = optax.chain(tx, scale_by_path(lr_groups))
+
+  def make(lr: optax.ScalarOrSchedule) -> optax.GradientTransformation:
+    tx = base(
+      name,
+      lr,
+      weight_decay=weight_decay,
+      no_decay=no_decay,
+      momentum=momentum,
+      nesterov=nesterov,
+      centered=centered,
+      muon_adam=muon_adam,
+      muon_adam_scale=muon_adam_scale,
+    )
+    if lr_groups:
+      tx = optax.chain(tx, scale_by_path(lr_groups))
+    if layer_decay < 1:
+      tx = optax.chain(tx, finetune.layerwise_decay(layer_decay, layer_pattern))
+    return tx
+
+  tx = make(learning_rate)
+  if unfreeze:
+    tx = finetune.unfreeze_schedule(make, learning_rate, unfreeze)
   if multiplier:
     tx = optax.chain(tx, lr_multiplier())
   if clip_norm:
     tx = optax.chain(optax.clip_by_global_norm(clip_norm), tx)
+  if unfreeze:
+    tx = optax.chain(finetune.hold_until(unfreeze), tx)
   if frozen:
     tx = freeze(tx, frozen)
+  if trainable:
+    tx = finetune.train_only(tx, trainable)
   if accum_steps > 1:
     tx = optax.MultiSteps(tx, every_k_schedule=accum_steps)
   return tx
@@ -372,6 +396,10 @@ def from_config(
     frozen=tuple(o.freeze),
     accum_steps=o.accum_steps,
     multiplier=multiplier,
+    trainable=tuple(o.trainable),
+    layer_decay=o.layer_decay,
+    layer_pattern=o.layer_pattern,
+    unfreeze={p: s // o.accum_steps for p, s in config_lib.parse_unfreeze(o.unfreeze).items()},
   )
   return tx, sched
 

@@ -20,6 +20,7 @@ Example:
 
 import functools
 import logging
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -30,7 +31,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxtrain import cache, logs, optim, precision, preflight, sharding
+from jaxtrain import cache, logs, optim, precision, preflight, sharding, weights
 from jaxtrain import config as config_lib
 from jaxtrain import monitor as monitor_lib
 from jaxtrain import state as state_lib
@@ -63,6 +64,10 @@ class Spec(NamedTuple):
     eval_batch_size: the global eval batch.
     steps_per_loop: steps per compiled chunk.
     augment: the train and the eval image transform (or None).
+    initial: the initial weights loaded from `init.source`, or None.
+    frozen: the parameters the optimizer never trains (`optim.freeze`, `optim.trainable`).
+    omit: parameters loaded from `init.source` and never trained, which
+      checkpoints leave out (they are read from the source again on resume).
   """
 
   mesh: Mesh
@@ -84,6 +89,9 @@ class Spec(NamedTuple):
   eval_batch_size: int
   steps_per_loop: int
   augment: tuple[Any, Any]
+  initial: weights.Initial | None = None
+  frozen: frozenset[str] = frozenset()
+  omit: frozenset[str] = frozenset()
 
 
 class Chunk:
@@ -208,12 +216,11 @@ def prepare(
   with jax.set_mesh(mesh):
     graphdef = preflight.graphdef(model)
     abstract = _abstract_state(model, tx, seed=t.seed, mesh=mesh, rules=rules, policy=policy)
-    o = config.optim  # its patterns apply only to the optimizer it describes
-    groups = config_lib.parse_lr_groups(o.lr_groups) if from_config else {}
-    preflight.check_paths(abstract.params, o.freeze if from_config else (), groups)
+    frozen = preflight.check_paths(abstract.params, _path_patterns(config, from_config))
+    initial = weights.plan(config.init, abstract.params)
     step_fn = functools.partial(step_lib.train_step, graphdef=graphdef, tx=tx, loss_fn=loss_fn,
-                                schedule=schedule, policy=policy,
-                                log_norms=t.log_norms)  # fmt: skip
+                                schedule=schedule, policy=policy, log_norms=t.log_norms,
+                                frozen=frozen)  # fmt: skip
     eval_names, jaxpr = preflight.check_steps(
       loss_fn=loss_fn,
       step_fn=step_fn,
@@ -246,7 +253,26 @@ def prepare(
     eval_batch_size=config.eval.batch_size,
     steps_per_loop=t.steps_per_loop,
     augment=_transforms(d, data),
+    initial=initial,
+    frozen=frozen,
+    omit=frozenset(initial.names) & frozen if initial else frozenset(),
   )
+
+
+def _path_patterns(config: ml_collections.ConfigDict, from_config: bool) -> dict[str, Any]:
+  """The `optim` keys' path regexes (only for the optimizer the section describes)."""
+  if not from_config:
+    return {}
+  o = config.optim
+  patterns = {
+    "optim.freeze": o.freeze,
+    "optim.trainable": o.trainable,
+    "optim.lr_groups": config_lib.parse_lr_groups(o.lr_groups),
+    "optim.unfreeze": config_lib.parse_unfreeze(o.unfreeze),
+  }
+  if o.layer_decay < 1:
+    patterns["optim.layer_pattern"] = (o.layer_pattern,)
+  return patterns
 
 
 def validate(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, int, int]:
@@ -256,6 +282,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, 
     ConfigError: naming the first bad key and the problem.
   """
   config_lib.validate(config)
+  weights.check_config(config.init)
   shape = sharding.mesh_shape(config.mesh, num_devices)
   batches = {k: config_lib.get(config, k) for k in ("train.batch_size", "eval.batch_size")}
   sharding.check_batches(shape, batches)
@@ -322,9 +349,9 @@ def assemble(spec: Spec, state: state_lib.TrainState | None = None) -> Parts:
 
 def fresh_state(spec: Spec) -> state_lib.TrainState:
   """The initial state, born sharded, with the monitor set up for its mode and baseline."""
-  state = state_lib.init_state(
-    spec.model_fn, spec.tx, seed=spec.seed, abstract=spec.abstract, policy=spec.policy
-  )
+  loaded = spec.initial.arrays() if spec.initial else None
+  state = state_lib.init_state(spec.model_fn, spec.tx, seed=spec.seed, abstract=spec.abstract,
+                               policy=spec.policy, loaded=loaded)  # fmt: skip
   return state.replace(monitor=fresh_monitor(spec))
 
 
@@ -336,6 +363,29 @@ def fresh_monitor(spec: Spec, lr_scale: Any = 1.0) -> monitor_lib.MonitorState:
     return monitor_lib.init(spec.watch)._replace(lr_scale=jnp.asarray(scale, jnp.float32))
 
   return jax.jit(init, out_shardings=shardings)(lr_scale)
+
+
+def parameter_counts(spec: Spec) -> dict[str, int]:
+  """The model's parameter values in all, and those the optimizer trains."""
+  leaves = jax.tree_util.tree_flatten_with_path(spec.abstract.params)[0]
+  sizes = {sharding.path_str(p): math.prod(x.shape) for p, x in leaves}
+  total = sum(sizes.values())
+  return {"total": total, "trainable": total - sum(sizes[p] for p in spec.frozen)}
+
+
+def checkpointed(spec: Spec, state: Any) -> Any:
+  """What a checkpoint holds of `state` (or of its abstract form): all but `spec.omit`."""
+  if not spec.omit:
+    return state
+  return state.replace(params=weights.strip(state.params, spec.omit))
+
+
+def completed(spec: Spec, state: state_lib.TrainState) -> state_lib.TrainState:
+  """A restored `checkpointed` state with the parameters it left out read from the source."""
+  if not spec.omit:
+    return state
+  base = fresh_state(spec).params
+  return state.replace(params=weights.fill(state.params, base))
 
 
 def stream(spec: Spec, start: int = 0, workers: int = 0) -> pipeline.Prefetcher:

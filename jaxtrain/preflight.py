@@ -193,26 +193,43 @@ def check_sizes(*, train_size: int, batch_size: int, crop_padding: int, batch: B
       )
 
 
-def check_paths(params: Any, freeze: Iterable[str], lr_groups: Iterable[str]) -> None:
-  """Every `optim.freeze` and `optim.lr_groups` pattern must match a parameter; not all frozen.
+def check_paths(params: Any, patterns: dict[str, Iterable[str]]) -> frozenset[str]:
+  """Every pattern of each key (`optim.freeze`, ...) must match a parameter; not all frozen.
+
+  Args:
+    params: the (abstract) parameters.
+    patterns: `{config key: regexes}`; `optim.freeze` and `optim.trainable` also
+      decide which parameters never train.
+
+  Returns:
+    The paths of the parameters that never train.
 
   Raises:
     ConfigError: naming the key and the pattern (a typo in a regex otherwise freezes or
-      scales nothing, silently).
+      scales nothing, silently), or when nothing would train.
   """
   paths = [sharding.path_str(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
   if not paths:
     raise ConfigError("the model has no parameters (no nnx.Param) to train")
   shown = ", ".join(paths[:4]) + (", ..." if len(paths) > 4 else "")
-  for key, patterns in (("optim.freeze", list(freeze)), ("optim.lr_groups", list(lr_groups))):
-    for pattern in patterns:
+  for key, found in patterns.items():
+    for pattern in found:
       if not any(re.search(pattern, path) for path in paths):
         raise ConfigError(f"{key}: {pattern!r} matches no parameter (the paths: {shown})")
-  freeze = list(freeze)
-  if freeze and all(any(re.search(p, path) for p in freeze) for path in paths):
+  freeze = list(patterns.get("optim.freeze", ()))
+  trainable = list(patterns.get("optim.trainable", ()))
+  frozen = frozenset(
+    path for path in paths
+    if any(re.search(p, path) for p in freeze)
+    or (trainable and not any(re.search(p, path) for p in trainable))
+  )  # fmt: skip
+  if len(frozen) == len(paths) and not trainable:
     raise ConfigError(
       f"optim.freeze={tuple(freeze)!r} matches every parameter ({shown}); nothing would train"
     )
+  if len(frozen) == len(paths):
+    raise ConfigError(f"optim.freeze and optim.trainable leave no parameter to train ({shown})")
+  return frozen
 
 
 def check_metric(key: str, metric: str, names: Iterable[str]) -> None:

@@ -243,6 +243,8 @@ def start(
   forced: dict[str, Any] | None = None,
   throughput: dict[str, Any] | None = None,
   rules: Any = None,
+  initial: Any = None,
+  parameters: dict[str, int] | None = None,
 ) -> "RunRecord":
   """Writes `config.json`, trims `metrics.jsonl` to the resumed step, starts `run.json`.
 
@@ -257,6 +259,8 @@ def start(
     forced: the changed keys a forced resume let through, `{key: (old, new)}`.
     throughput: the tokens and model FLOPs a step takes and the devices' peak, if known.
     rules: the sharding rules that placed the state.
+    initial: the `weights.Initial` loaded into a fresh state, if any.
+    parameters: the model's parameter count, `total` and `trainable`.
   """
   is_main = jax.process_index() == 0
   if is_main:
@@ -269,11 +273,17 @@ def start(
   fields = run_fields(config, mesh, data, workdir, rules)
   fields["forced_changes"] = {k: list(v) for k, v in (forced or {}).items()} or None
   fields["throughput"] = throughput
-  fields["initial_weights"] = (
-    {"source": "resumed", "step": resumed_from} if resumed_from is not None
-    else {"source": "fresh", "seed": config.train.seed}
-  )  # fmt: skip
+  fields["initial_weights"] = initial_weights(config.train.seed, resumed_from, initial)
+  fields["parameters"] = parameters
   return RunRecord(workdir, is_main, fields, resumed_from=resumed_from)
+
+
+def initial_weights(seed: int, resumed_from: int | None, initial: Any) -> dict[str, Any]:
+  """Where the first state came from: `fresh` (the seed), `loaded` (a source) or `resumed`."""
+  loaded = initial.describe() if initial else None
+  if resumed_from is not None:
+    return {"source": "resumed", "step": resumed_from, **({"base": loaded} if loaded else {})}
+  return {**loaded, "seed": seed} if loaded else {"source": "fresh", "seed": seed}
 
 
 def checkpoint_meta(
@@ -284,6 +294,7 @@ def checkpoint_meta(
   eval_metrics: dict[str, float],
   skipped: int,
   monitor: list[Any],
+  initial: str | None = None,
 ) -> dict[str, Any]:
   """What a checkpoint records beside the state: enough to resume exactly and to audit.
 
@@ -294,6 +305,8 @@ def checkpoint_meta(
     eval_metrics: the last evaluation's metrics.
     skipped: the updates skipped so far.
     monitor: the settings the monitor's state means something under.
+    initial: the sha256 of the initial weights' source, if any (a resume
+      reads the parameters a checkpoint leaves out from it again).
   """
   return {
     "config": json.loads(config_lib.to_json(config)),
@@ -304,6 +317,7 @@ def checkpoint_meta(
     "eval": eval_metrics,
     "skipped": skipped,
     "monitor": monitor,
+    "initial_sha256": initial,
     "time": now(),
   }
 

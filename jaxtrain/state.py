@@ -19,6 +19,7 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh
@@ -67,16 +68,22 @@ def init_fn(
   seed: int,
   policy: precision.Policy = precision.POLICIES["f32"],
 ) -> Callable[[], TrainState]:
-  """Returns a function of no arguments that builds the initial state.
+  """Returns `init(loaded=None)`, which builds the initial state.
 
-  The parameters are stored in the policy's `param_dtype`, and the optimizer
-  state is made for them.
+  `loaded` maps parameter paths to values that replace the model's own
+  initialisation (pretrained weights, `jaxtrain.weights`). The parameters are
+  stored in the policy's `param_dtype`, and the optimizer state is made for them.
   """
 
-  def init() -> TrainState:
+  def init(loaded: dict[str, jax.Array] | None = None) -> TrainState:
     key = jax.random.PRNGKey(seed)
     model = model_fn(rngs=nnx.Rngs(jax.random.fold_in(key, 0)))
     _, params, rest = split_model(model)
+    if loaded:
+      params = jax.tree.map_with_path(
+        lambda p, x: loaded[sharding.path_str(p)].astype(x.dtype)
+        if sharding.path_str(p) in loaded else x, params,
+      )  # fmt: skip
     params = policy.cast_to_param(params)
     return TrainState(
       step=jnp.zeros((), jnp.int32),
@@ -151,16 +158,30 @@ def init_state(
   seed: int,
   abstract: TrainState,
   policy: precision.Policy = precision.POLICIES["f32"],
+  loaded: dict[str, Any] | None = None,
 ) -> TrainState:
   """Creates the initial state directly in the layout of `abstract`.
 
   A jitted init whose outputs carry the shardings, so no full copy ever lives
-  on one device.
+  on one device. `loaded` (`{parameter path: array}`, such as pretrained
+  weights) replaces those parameters' initialisation; each array is put on the
+  devices in its parameter's layout first, from any process's full copy.
   """
   shardings = jax.tree.map(lambda x: x.sharding, abstract)
   mesh = jax.tree.leaves(shardings)[0].mesh
+  placed = None
+  if loaded:
+    where = {sharding.path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(
+      abstract.params)[0]}  # fmt: skip
+    placed = {path: _place(np.asarray(value), where[path].sharding)
+              for path, value in loaded.items()}  # fmt: skip
   with jax.set_mesh(mesh):
-    return jax.jit(init_fn(model_fn, tx, seed, policy), out_shardings=shardings)()
+    return jax.jit(init_fn(model_fn, tx, seed, policy), out_shardings=shardings)(placed)
+
+
+def _place(value: np.ndarray, where: jax.sharding.Sharding) -> jax.Array:
+  """A host array on the devices in `where`'s layout; each process puts its own shards."""
+  return jax.make_array_from_callback(value.shape, where, lambda index: value[index])
 
 
 def create_state(

@@ -45,6 +45,7 @@ def train_step(
   schedule: optax.Schedule | None = None,
   policy: precision.Policy = precision.POLICIES["f32"],
   log_norms: bool = False,
+  frozen: frozenset[str] = frozenset(),
 ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step.
 
@@ -60,6 +61,9 @@ def train_step(
       `loss_scale` joins the metrics.
     log_norms: add the global norms `grad_norm`, `param_norm` (after the
       update) and `update_norm` (the change of the parameters) to the metrics.
+    frozen: paths of parameters the optimizer never trains (`optim.freeze`,
+      `optim.trainable`): their gradients are not computed (`stop_gradient`),
+      so a frozen backbone costs no weight gradients.
 
   Returns:
     The new state, and scalar metrics: the batch means of the loss function's
@@ -74,6 +78,10 @@ def train_step(
   scaling = policy.loss_scaling
 
   def objective(params: Any) -> tuple[jax.Array, tuple[Any, ...]]:
+    if frozen:
+      params = jax.tree.map_with_path(
+        lambda p, x: jax.lax.stop_gradient(x) if sharding.path_str(p) in frozen else x, params
+      )
     model = compute_model(graphdef, params, state.model_state, policy)
     model.train()
     per_example = loss_fn(model, policy.cast_to_compute(batch), step_rngs(key))

@@ -265,7 +265,9 @@ def open_checkpoints(
   abstract: Any,
   path: pathlib.Path,
   resume: str,
+  *,
   best: tuple[str, str] = ("", "min"),
+  initial: Any = None,
 ) -> tuple[checkpoint.Checkpointer, checkpoint.Restored | None]:
   """Opens `path/checkpoints` and restores the newest readable step, if `resume` allows.
 
@@ -275,6 +277,8 @@ def open_checkpoints(
     path: the workdir.
     resume: one of `RESUME_MODES`.
     best: the metric and mode of the best step to keep (`ckpt.best_metric`).
+    initial: the run's `weights.Initial`, if any: a checkpoint that left
+      parameters out resumes only from the same source (by sha256).
 
   Returns:
     The checkpointer, and the restored bundle or None for a fresh start.
@@ -299,7 +303,7 @@ def open_checkpoints(
         "use another workdir, or --resume=auto to resume"
       )
     restored = ckpt.restore(abstract, accept=lambda meta, step: _check_resumable(
-      config, resume, meta, step))  # fmt: skip
+      config, resume, meta, step, initial))  # fmt: skip
   except checkpoint.CheckpointError as e:
     if jax.process_index() == 0:
       record.mark_failed(path, f"CheckpointError: {e}")
@@ -314,9 +318,21 @@ def open_checkpoints(
 
 
 def _check_resumable(
-  config: ml_collections.ConfigDict, resume: str, meta: Mapping[str, Any], step: int
+  config: ml_collections.ConfigDict,
+  resume: str,
+  meta: Mapping[str, Any],
+  step: int,
+  initial: Any = None,
 ) -> None:
   """Raises `ConfigError` when `config` may not resume the checkpoint at `step`."""
+  saved_sha = meta.get("initial_sha256")
+  if saved_sha and (initial is None or initial.sha256 != saved_sha):
+    now = f"holds {initial.sha256[:12]}..." if initial else "is empty"
+    raise ConfigError(
+      f"the checkpoint at step {step} left out frozen parameters of the initial weights "
+      f"{saved_sha[:12]}..., and init.source now {now}; give the same source to resume, "
+      "or use another workdir"
+    )
   if "config" in meta:
     check_resume(resume, meta["config"], config, step)
   else:  # saved before checkpoints held their config: only the data order is known
@@ -363,12 +379,15 @@ def resumed_state(
   """The restored state, with a fresh monitor if what it watches changed; None to start afresh."""
   if not restored:
     return None
+  state = restored.state
+  if spec.omit:
+    state = parts_lib.completed(spec, state)  # the frozen parameters it left out
   if restored.meta.get("monitor") == monitor_key(config):
-    return restored.state
+    return state
   if config.early_stop.metric:
     logging.warning("early_stop.metric, mode or baseline changed: the monitor starts afresh")
-  scale = restored.state.monitor.lr_scale  # the learning rate carries on
-  return restored.state.replace(monitor=parts_lib.fresh_monitor(spec, scale))
+  scale = state.monitor.lr_scale  # the learning rate carries on
+  return state.replace(monitor=parts_lib.fresh_monitor(spec, scale))
 
 
 def start_batch(restored: checkpoint.Restored | None) -> int:
@@ -382,7 +401,7 @@ def start_batch(restored: checkpoint.Restored | None) -> int:
 
 def restore_best(
   ckpt: checkpoint.Checkpointer,
-  abstract: Any,
+  spec: parts_lib.Spec,
   best_step: int | None,
   state: Any,
   eval_metrics: dict[str, float],
@@ -394,9 +413,9 @@ def restore_best(
   if best_step == int(jax.device_get(state.step)):
     return state, eval_metrics
   try:
-    best = ckpt.restore_step(best_step, abstract)
+    best = ckpt.restore_step(best_step, parts_lib.checkpointed(spec, spec.abstract))
   except checkpoint.CheckpointError as error:  # not saved, say restore_best was off until now
     logging.warning("early_stop.restore_best: keeping the final state: %s", error)
     return state, eval_metrics
   logs.note(f"early_stop.restore_best: the best state, step {best_step}, restored")
-  return best.state, best.meta["eval"]
+  return parts_lib.completed(spec, best.state), best.meta["eval"]

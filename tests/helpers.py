@@ -93,6 +93,13 @@ def mesh(shape, n=None):
   return sharding.make_mesh(shape, jax.devices()[:n] if n else None)
 
 
+def subprocess_env():
+  """A user's environment for a child process: this checkout importable, one CPU device."""
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  env.pop("XLA_FLAGS", None)
+  return env
+
+
 def digits_cli(workdir, *overrides, timeout=180):
   """Runs `python -m experiments.digits --workdir=workdir *overrides` and returns the result."""
   return subprocess.run(

@@ -1,6 +1,7 @@
 """Data sources and Grain pipelines."""
 
 from jaxtrain.data.checks import check_dataset, check_source
+from jaxtrain.data.labelled import fortunes
 from jaxtrain.data.pipeline import Prefetcher, eval_batches, train_chunks
 from jaxtrain.data.records import RecordSource, write_records
 from jaxtrain.data.sources import (
@@ -30,6 +31,7 @@ __all__ = [
   "digits",
   "eval_batches",
   "fashion_mnist",
+  "fortunes",
   "python_stdlib",
   "read_idx",
   "train_chunks",
