@@ -76,7 +76,8 @@ def get_config(mode: str = "full") -> ml_collections.ConfigDict:
   return config
 
 
-MODEL_HELP = {
+MODEL_HELP = {  # the model.* keys, and the experiment's own top-level finetune
+  "finetune": "what trains: full, frozen, lora or scratch; each mode has its own defaults",
   "max_len": "tokens per text, [CLS] and [SEP] included; longer texts are cut",
   "dropout": "dropout in the encoder and before the head, in [0, 1)",
   "lora_rank": "rank of the LoRA adapters; 0: none",

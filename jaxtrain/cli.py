@@ -71,7 +71,8 @@ def define_flags(
   Args:
     config: the experiment's config, with every default; with `presets`, its
       `get_config(preset)`, called with the `--preset` of the command line.
-    model_help: a one-line meaning for each `model.*` key, for `--help`.
+    model_help: a one-line meaning for each `model.*` key (and top-level
+      experiment key), for `--help`.
     workdir_help: the help of `--workdir`.
     presets: the preset names `--preset` takes, the default first.
 
@@ -163,7 +164,8 @@ def define_config(
 
   Args:
     config: the experiment's config, with every default.
-    model_help: a one-line meaning for each `model.*` key, for `--help`.
+    model_help: a one-line meaning for each `model.*` key (and top-level
+      experiment key), for `--help`.
 
   Returns:
     The flag holder; `.value` is the resolved config once flags are parsed.
