@@ -305,13 +305,6 @@ def from_hf(tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
   return out
 
 
-def from_hf_shapes(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
-  """`from_hf` for shapes alone (what the loader checks before reading any tensor)."""
-  fake = {k: np.lib.stride_tricks.as_strided(np.zeros((), np.float32), s, (0,) * len(s))
-          for k, s in shapes.items()}  # fmt: skip
-  return {k: tuple(v.shape) for k, v in from_hf(fake).items()}
-
-
 def to_hf(params: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
   """Parameters (flat, by path: `encoder/...`, `head/...`) with Hugging Face names.
 
