@@ -22,6 +22,7 @@ Example (an experiment module):
   ...   cli.run(main)
 """
 
+import importlib
 import keyword
 import re
 import sys
@@ -149,6 +150,21 @@ def chosen_preset(presets: Sequence[str], flag: str = "--preset") -> str:
         fail(f"{flag}={name!r} must be one of {', '.join(presets)}")
       return name
   return presets[0]
+
+
+def import_experiment(name: str) -> Any:
+  """Imports an experiment module that defines `get_config()` and `task(config, workdir)`.
+
+  Raises:
+    ConfigError: when it cannot be imported or lacks either.
+  """
+  try:
+    module = importlib.import_module(name)
+  except ImportError as e:
+    raise config_lib.ConfigError(f"cannot import experiment {name!r}: {e}") from e
+  if not hasattr(module, "task") or not hasattr(module, "get_config"):
+    raise config_lib.ConfigError(f"{name} defines no task(config, workdir) and get_config()")
+  return module
 
 
 def define_config(

@@ -45,7 +45,7 @@ DEFAULTS: dict[str, tuple[Any, str]] = {
   "train.steps": (1000, "optimizer steps in the whole run"),
   "train.batch_size": (128, "global batch, split over the data-parallel devices"),
   "train.steps_per_loop": (10, "steps per compiled dispatch (the lax.scan length)"),
-  "train.seed": (0, "parameters, dropout and the data order derive from it"),
+  "train.seed": (0, "parameters, dropout and (without data.seed) the data order derive from it"),
   "train.log_every": (100, "steps between train lines in metrics.jsonl"),
   "train.unroll": (0, "steps unrolled in the scanned chunk; 0: chosen per backend and step"),
   "train.compile_cache": ("", "JAX's compilation cache folder; '': ~/.cache/jaxtrain/xla; off"),
@@ -91,6 +91,7 @@ DEFAULTS: dict[str, tuple[Any, str]] = {
   "mesh.rules": ("auto", f"logical-axis sharding: {', '.join(RULES)} (auto: fsdp_tp)"),
   "data.name": ("", "the dataset's name, set by the experiment; recorded in run.json"),
   "data.dir": ("", "a folder to read the dataset from; it must hold it when given"),
+  "data.seed": (-1, "the data order's seed; -1: train.seed's"),
   "data.workers": (0, "Grain worker processes; 0 reads in a thread; -1: chosen from timings"),
   "data.max_workers": (0, "the most workers=-1 starts; 0: the CPUs less one, at most 8"),
   "data.crop_padding": (0, "train images: random crop after this much zero padding; 0: off"),
@@ -241,6 +242,7 @@ def _check_ranges(config: ml_collections.ConfigDict) -> None:
   for key in NON_NEGATIVE:
     _require(get(config, key) >= 0, key, config, "must not be negative")
   _require(config.data.workers >= -1, "data.workers", config, "must be a count, or -1 for auto")
+  _require(config.data.seed >= -1, "data.seed", config, "must be a seed, or -1 for train.seed's")
   o = config.optim
   _require(0 <= o.decay_fraction <= 1, "optim.decay_fraction", config, "must be in [0, 1]")
   _require(
@@ -449,6 +451,6 @@ def _check_keys_and_types(config: ml_collections.ConfigDict) -> None:
       raise ConfigError(f"{key}={value!r} must be of type {want.__name__}")
     if want is float and not math.isfinite(value):
       raise ConfigError(f"{key}={value!r} must be finite")
-    limit, name = (SEED_LIMIT, "2**32") if key == "train.seed" else (INT32_LIMIT, "2**31")
+    limit, name = (SEED_LIMIT, "2**32") if key.endswith(".seed") else (INT32_LIMIT, "2**31")
     if want is int and abs(value) >= limit:
       raise ConfigError(f"{key}={value!r} must be below {name}")

@@ -41,10 +41,12 @@ class Evaluator:
     mesh: Mesh,
     policy: precision.Policy = precision.POLICIES["f32"],
     transform: Any = None,
+    eval_fn: Any = None,
   ):
-    eval_fn = functools.partial(
-      step_lib.eval_step, graphdef=graphdef, loss_fn=loss_fn, policy=policy
-    )
+    if eval_fn is None:
+      eval_fn = functools.partial(
+        step_lib.eval_step, graphdef=graphdef, loss_fn=loss_fn, policy=policy
+      )
     self._accumulate = step_lib.make_eval_accumulate(eval_fn, shardings, mesh)
     # Zero sums made on the devices (XLA drops the unused eval computation).
     self._zeros = jax.jit(

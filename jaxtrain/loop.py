@@ -12,13 +12,16 @@ With `early_stop.metric` set, every evaluation feeds the state's monitor
 (`jaxtrain.monitor`), which may stop the run or lower the learning rate; its
 state is checkpointed with the rest, so a resumed run stops at the same step.
 SIGTERM and the first Ctrl-C save a checkpoint at the next chunk boundary and
-stop (`preempted`, `interrupted`); a second Ctrl-C stops at once.
+stop (`preempted`, `interrupted`); a second Ctrl-C stops at once. A `prune`
+callback (a sweep's pruner, `jaxtrain.sweep`) sees every evaluation and may stop
+the run after its checkpoint (`pruned`).
 """
 
 import dataclasses
 import logging
 import pathlib
 import time
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -26,6 +29,7 @@ import ml_collections
 import numpy as np
 import optax
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from jaxtrain import checkpoint, interrupt, logs, metrics, profiler, record, sharding, throughput
 from jaxtrain import monitor as monitor_lib
@@ -52,6 +56,7 @@ class TrainResult(NamedTuple):
     eval_metrics: the metrics, such as `loss` and `accuracy`, of the last
       evaluation, or of the best one with `early_stop.restore_best`.
     status: `completed`; `stopped_early` when the monitor stopped the run;
+      `pruned` when the `prune` callback did;
       `preempted` (SIGTERM) or `interrupted` (Ctrl-C) when it stopped after a
       checkpoint: run it again to resume.
     reason: why it stopped, in a line (None when completed).
@@ -85,6 +90,7 @@ def train(
   rules: sharding.Rules | sharding.LogicalRules | None = None,
   tx: optax.GradientTransformation | None = None,
   schedule: optax.Schedule | None = None,
+  prune: Callable[[int, dict[str, float]], bool] | None = None,
 ) -> TrainResult:
   """Trains `model` on `data` as `config` says, writing the run into `workdir`.
 
@@ -107,6 +113,9 @@ def train(
     schedule: with `tx`, its learning-rate schedule of the update count, for
       the `lr` metric; without it, the `learning_rate` hyperparameter of an
       `optax.inject_hyperparams` state is reported when there is one.
+    prune: called as `prune(step, eval_metrics)` after each evaluation (in
+      process 0, whose answer every process follows); True stops the run,
+      after a checkpoint, with status `pruned`.
 
   Returns:
     The final state, the model's graph definition, the last eval metrics, the
@@ -134,7 +143,7 @@ def train(
       config, parts_lib.checkpointed(spec, spec.abstract), path, resume,
       best=workdir_lib.best_rule(config), initial=spec.initial,
     )  # fmt: skip
-    session = _Session(config, spec, ckpt, path, restored)
+    session = _Session(config, spec, ckpt, path, restored, prune=prune)
     return session.run()
   finally:
     if session:
@@ -155,6 +164,7 @@ class _Carry:
   stop: int = interrupt.RUNNING  # the processes' top vote to stop
   pending: tuple[int, Any, float] | None = None  # a chunk's (end step, metrics, wait), unread
   deferred: checkpoint.Bundle | None = None  # taken at a boundary, saved while the next runs
+  pruned: bool = False  # the prune callback stopped the run
 
 
 class _Session:
@@ -167,8 +177,11 @@ class _Session:
     ckpt: checkpoint.Checkpointer,
     path: pathlib.Path,
     restored: checkpoint.Restored | None,
+    *,
+    prune: Callable[[int, dict[str, float]], bool] | None = None,
   ):
     self.config, self.spec, self.ckpt, self.path, self.restored = config, spec, ckpt, path, restored
+    self.prune = prune
     self.run_record = self.prefetch = self.writer = self.progress = self.signals = None
     self.profiler = None
     step = restored.step if restored else 0
@@ -218,7 +231,9 @@ class _Session:
     self.ckpt.wait()
     c, e = self.carry, self.config.early_stop
     status = "completed"
-    if c.verdict and c.verdict["reason"]:
+    if c.pruned:
+      status = "pruned"
+    elif c.verdict and c.verdict["reason"]:
       status = "stopped_early"
     elif c.stop and c.step < self.config.train.steps:
       status = interrupt.STATUS[c.stop]
@@ -229,7 +244,7 @@ class _Session:
       fields.update(monitor_lib.record_fields(c.verdict, status))
       if status == "stopped_early":
         logs.note(f"stopped early at step {c.step}: {reason}")
-      if e.restore_best and status in ("completed", "stopped_early"):
+      if e.restore_best and status in ("completed", "stopped_early"):  # not when pruned
         fields["last_eval"] = eval_metrics
         state, eval_metrics = workdir_lib.restore_best(
           self.ckpt, self.spec, c.verdict["best_step"], state, eval_metrics
@@ -242,6 +257,8 @@ class _Session:
     kept = self._kept()
     if status == "stopped_early":
       return monitor_lib.stop_reason(self.config.early_stop.metric, self.carry.verdict)
+    if status == "pruned":
+      return f"pruned at step {self.carry.step} by the sweep's pruner"
     if status in ("preempted", "interrupted"):
       signal = "SIGTERM" if status == "preempted" else "Ctrl-C"
       return f"{signal} at step {self.carry.step}; {kept}: rerun the same command to resume"
@@ -280,7 +297,7 @@ def _loop(s: _Session, parts: parts_lib.Parts) -> state_lib.TrainState:
   if c.step >= t.steps:
     logs.note(f"step {c.step} is train.steps={t.steps}: nothing to train (raise it to go on)")
   s.meter.start_clock(time.perf_counter())
-  while c.step < t.steps and not _monitor_stopped(c):
+  while c.step < t.steps and not _monitor_stopped(c) and not c.pruned:
     chunk = next(s.prefetch)
     state, chunk_metrics = _dispatch(s, parts, tuner, state, chunk)
     if c.pending:
@@ -297,7 +314,7 @@ def _loop(s: _Session, parts: parts_lib.Parts) -> state_lib.TrainState:
     best = None
     if evaluated:
       state, best = _evaluate(s, parts, state)
-    halt = bool(c.stop) or _monitor_stopped(c)
+    halt = bool(c.stop) or _monitor_stopped(c) or c.pruned
     if halt or c.step == t.steps or _every(s.config.ckpt.every_steps, c.step) or best:
       now = halt or c.step == t.steps  # nothing left to overlap with: save in place
       saved = parts_lib.checkpointed(s.spec, state)
@@ -383,6 +400,8 @@ def _evaluate(
   watched = monitor_lib.line_fields(c.verdict) if e.metric else {}
   s.writer.write(c.step, "eval", {**c.eval_metrics, **watched})
   s.progress.update(0, **{f"eval_{n}": v for n, v in c.eval_metrics.items()})
+  if s.prune:
+    c.pruned = _agreed(s.prune(c.step, c.eval_metrics) if jax.process_index() == 0 else False)
   if workdir_lib.best_rule(s.config)[0] and (
     not e.restore_best or c.verdict["best_step"] == c.step
   ):
@@ -408,6 +427,13 @@ def _meta(s: _Session) -> dict[str, Any]:
     skipped=c.skipped, monitor=workdir_lib.monitor_key(s.config),
     initial=s.spec.initial and s.spec.initial.sha256,
   )  # fmt: skip
+
+
+def _agreed(verdict: bool) -> bool:
+  """Process 0's verdict, in every process."""
+  if jax.process_count() == 1:
+    return bool(verdict)
+  return bool(multihost_utils.broadcast_one_to_all(np.int32(verdict)))
 
 
 def _every(every: int, step: int) -> bool:

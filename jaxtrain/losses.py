@@ -110,7 +110,7 @@ def classification(
   labels_B = batch["label"]
   _integer_labels(labels_B, "label")
   expect_range("label", logits_BxC.shape[-1], why=f"the model's {logits_BxC.shape[-1]} logits")
-  if label_smoothing:
+  if not isinstance(label_smoothing, int | float) or label_smoothing:  # an array: per member
     targets_BxC = optax.smooth_labels(
       jax.nn.one_hot(labels_B, logits_BxC.shape[-1]), label_smoothing
     )

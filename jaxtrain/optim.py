@@ -181,7 +181,7 @@ def base(
   Returns:
     Exactly the Optax optimizer of that name with these arguments.
   """
-  if weight_decay and name not in DECAY_OPTIMIZERS:
+  if _nonzero(weight_decay) and name not in DECAY_OPTIMIZERS:
     raise ValueError(f"weight decay needs one of {DECAY_OPTIMIZERS}, not {name!r}")
   mask, mom = decay_mask(no_decay), momentum or None
   builders = {
@@ -208,6 +208,11 @@ def base(
   if name not in builders:
     raise ValueError(f"unknown optimizer {name!r} (known: {', '.join(OPTIMIZERS)})")
   return builders[name]()
+
+
+def _nonzero(value: Any) -> bool:
+  """A number other than 0, or an array (a value held in the optimizer state)."""
+  return not isinstance(value, int | float) or value != 0
 
 
 def muon_dimensions(adam: Sequence[str] = MUON_ADAM) -> Callable[[Any], Any]:
@@ -370,10 +375,47 @@ def from_config(
 
   With `optim.accum_steps = k` the schedule counts updates, `train.steps // k` of them.
   """
+  sched = _schedule(config, config.optim.lr)
+  return _chain(config, sched, config.optim.weight_decay, multiplier), sched
+
+
+TUNABLE = ("learning_rate", "weight_decay")  # what `tunable` holds in the optimizer state
+
+
+def tunable(
+  config: ml_collections.ConfigDict, *, multiplier: bool = False
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """`from_config`'s transform with `learning_rate` and `weight_decay` in its state.
+
+  `optax.inject_hyperparams` holds the schedule's peak `learning_rate` (the
+  schedule is `unit(count) * learning_rate`) and, for the optimizers with
+  decoupled decay but adafactor, `weight_decay` as arrays of the optimizer
+  state, so a vmapped stack of states trains each with its own values in one
+  program (`jaxtrain.population`). Set them with
+  `optax.tree_utils.tree_set(opt_state, learning_rate=..., weight_decay=...)`.
+
+  Returns:
+    The transform, and the unit schedule (peak 1) of the update count.
+  """
   o = config.optim
-  sched = schedule(
+  unit = _schedule(config, 1.0)
+  decays = o.name in DECAY_OPTIMIZERS and o.name != "adafactor"
+
+  def make(learning_rate: jax.Array, weight_decay: Any) -> optax.GradientTransformation:
+    lr = lambda count: unit(count) * learning_rate  # noqa: E731
+    return _chain(config, lr, weight_decay, multiplier)
+
+  if decays:
+    return optax.inject_hyperparams(make)(learning_rate=o.lr, weight_decay=o.weight_decay), unit
+  fixed = lambda learning_rate: make(learning_rate, o.weight_decay)  # noqa: E731
+  return optax.inject_hyperparams(fixed)(learning_rate=o.lr), unit
+
+
+def _schedule(config: ml_collections.ConfigDict, lr: float) -> optax.Schedule:
+  o = config.optim
+  return schedule(
     o.schedule,
-    lr=o.lr,
+    lr=lr,
     total_steps=config.train.steps // o.accum_steps,
     warmup_steps=o.warmup_steps,
     decay_fraction=o.decay_fraction,
@@ -381,10 +423,16 @@ def from_config(
     boundaries=tuple(o.boundaries),
     scales=tuple(o.scales),
   )
-  tx = optimizer(
+
+
+def _chain(
+  config: ml_collections.ConfigDict, sched: optax.Schedule, weight_decay: Any, multiplier: bool
+) -> optax.GradientTransformation:
+  o = config.optim
+  return optimizer(
     o.name,
     sched,
-    weight_decay=o.weight_decay,
+    weight_decay=weight_decay,
     no_decay=tuple(o.no_decay),
     momentum=o.momentum,
     nesterov=o.nesterov,
@@ -401,7 +449,6 @@ def from_config(
     layer_pattern=o.layer_pattern,
     unfreeze={p: s // o.accum_steps for p, s in config_lib.parse_unfreeze(o.unfreeze).items()},
   )
-  return tx, sched
 
 
 class LrMultiplierState(NamedTuple):

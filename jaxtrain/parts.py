@@ -60,6 +60,7 @@ class Spec(NamedTuple):
     loss_fn: the loss.
     model_fn: builds the model from `rngs=`.
     seed: the run's seed.
+    data_seed: the data order's seed (`data.seed`, else `seed`).
     batch_size: the global train batch.
     eval_batch_size: the global eval batch.
     steps_per_loop: steps per compiled chunk.
@@ -85,6 +86,7 @@ class Spec(NamedTuple):
   loss_fn: step_lib.LossFn
   model_fn: state_lib.ModelFn
   seed: int
+  data_seed: int
   batch_size: int
   eval_batch_size: int
   steps_per_loop: int
@@ -249,6 +251,7 @@ def prepare(
     loss_fn=loss_fn,
     model_fn=model,
     seed=t.seed,
+    data_seed=t.seed if d.seed < 0 else d.seed,
     batch_size=t.batch_size,
     eval_batch_size=config.eval.batch_size,
     steps_per_loop=t.steps_per_loop,
@@ -396,7 +399,7 @@ def stream(spec: Spec, start: int = 0, workers: int = 0) -> pipeline.Prefetcher:
   chunks = pipeline.train_chunks(
     spec.data.train,
     batch_size=spec.batch_size,
-    seed=spec.seed,
+    seed=spec.data_seed,
     steps_per_loop=spec.steps_per_loop,
     workers=workers,
     rows=sharding.process_rows(spec.mesh, spec.batch_size),

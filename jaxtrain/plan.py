@@ -25,7 +25,6 @@ From Python:
 """
 
 import copy
-import importlib
 import re
 import sys
 from typing import Any
@@ -91,7 +90,7 @@ def abstract_chunk(spec: parts_lib.Spec) -> Any:
   chunks = pipeline.train_chunks(
     spec.data.train,
     batch_size=spec.batch_size,
-    seed=spec.seed,
+    seed=spec.data_seed,
     steps_per_loop=spec.steps_per_loop,
     rows=(0, spec.batch_size),
     transform=spec.augment[0],
@@ -212,11 +211,9 @@ def _load(argv: list[str]) -> Any:
              "[--device_memory=80GB]")  # fmt: skip
   argv.remove(names[0])
   try:
-    module = importlib.import_module(names[0])
-  except ImportError as e:
-    cli.fail(f"cannot import experiment {names[0]!r}: {e}")
-  if not hasattr(module, "task") or not hasattr(module, "get_config"):
-    cli.fail(f"{names[0]} defines no task(config, workdir) and get_config(); it cannot be planned")
+    module = cli.import_experiment(names[0])
+  except config_lib.ConfigError as e:
+    cli.fail(f"{e}; it cannot be planned" if "defines no" in str(e) else str(e))
   sys.modules["jaxtrain_plan_experiment"] = module
   return module
 

@@ -232,6 +232,72 @@ def write(runs: list[Run], out: str | os.PathLike) -> pathlib.Path:
   return folder
 
 
+def sweep_figures(table: list[dict[str, Any]], metric: str, mode: str) -> dict[str, Any]:
+  """A sweep's plots: its metric against each parameter, and the best so far against trial."""
+  scored = [r for r in table if r["best"] is not None]
+  out = {}
+  for key in dict.fromkeys(k for r in table for k in r["params"]):
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for status, marker in (("pruned", "x"), ("", "o")):
+      rows = [r for r in scored if (r["status"] == "pruned") == bool(status) and key in r["params"]]
+      xs = [r["params"][key] for r in rows]
+      ax.scatter([str(x) if isinstance(x, str) else x for x in xs], [r["best"] for r in rows],
+                 marker=marker, label=status or "finished")  # fmt: skip
+    numbers = [r["params"][key] for r in scored if isinstance(r["params"].get(key), float)]
+    if numbers and min(numbers) > 0 and max(numbers) / min(numbers) >= LOG_SPAN:
+      ax.set_xscale("log")
+    ax.set(xlabel=key, ylabel=f"best {metric}", title=f"{metric} against {key}")
+    ax.legend()
+    out[f"{metric.removeprefix('eval/')}_vs_{key}"] = fig
+  fig, ax = plt.subplots(figsize=(6, 4))
+  ax.plot([r["trial"] for r in scored], [r["best"] for r in scored], "o", label="trial")
+  best, running = [], None
+  for r in scored:
+    better = running is None or (r["best"] > running if mode == "max" else r["best"] < running)
+    running = r["best"] if better else running
+    best.append(running)
+  ax.step([r["trial"] for r in scored], best, where="post", label="best so far")
+  ax.set(xlabel="trial", ylabel=f"best {metric}", title="best so far against trial")
+  ax.legend()
+  out["best_so_far"] = fig
+  return out
+
+
+def sweep_summary(table: list[dict[str, Any]], metric: str, plots: list[str],
+                  command: str | None) -> str:  # fmt: skip
+  """The Markdown table of a sweep's trials."""
+  keys = list(dict.fromkeys(k for r in table for k in r["params"]))
+  head = ["trial", *keys, f"best {metric}", "status", "time (s)", "workdir"]
+  lines = ["# Sweep", "", "| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+  for r in table:
+    cells = [r["trial"], *[r["params"].get(k) for k in keys], r["best"], r["status"],
+             r["seconds"] and round(r["seconds"], 1), r["workdir"]]  # fmt: skip
+    lines.append("| " + " | ".join(_fmt(c) for c in cells) + " |")
+  if command:
+    lines += ["", "The best trial again:", "", "```", command, "```"]
+  lines += ["", "## Plots", ""] + [f"![{p}]({p}.png)" for p in plots]
+  lines += ["", "The finished trials' curves side by side: [runs/summary.md](runs/summary.md)."]
+  return "\n".join(lines) + "\n"
+
+
+def write_sweep(table: list[dict[str, Any]], root: pathlib.Path, metric: str, mode: str,
+                command: str | None = None) -> pathlib.Path:  # fmt: skip
+  """Writes a sweep's `report/`: `summary.md`, its plots, and `runs/`, the trials' report."""
+  folder = root / "report"
+  folder.mkdir(parents=True, exist_ok=True)
+  plots = sweep_figures(table, metric, mode)
+  for stem, fig in plots.items():
+    fig.savefig(folder / f"{stem}.png")
+    plt.close(fig)
+  (folder / "summary.md").write_text(sweep_summary(table, metric, list(plots), command))
+  runs = [load(root / r["workdir"], f"trial {r['trial']}") for r in table
+          if r["workdir"] and (root / r["workdir"] / "run.json").exists()]  # fmt: skip
+  runs = [r for r in runs if "population" not in r.record]  # one run per trial only
+  if runs:
+    write(runs, folder / "runs")
+  return folder
+
+
 def default_out(dirs: list[str]) -> pathlib.Path:
   """`DIR/report` for one run; `report/` in the runs' common folder for several."""
   paths = [pathlib.Path(d).expanduser().resolve() for d in dirs]

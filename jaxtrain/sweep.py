@@ -1,0 +1,509 @@
+r"""Hyperparameter sweeps: Optuna trials, each an ordinary run, pruned by its evaluations.
+
+    python -m jaxtrain.sweep --experiment experiments.digits --workdir runs/sweep \\
+      --space 'optim.lr=loguniform(1e-4,1e-2)' --space 'optim.name=choice(adam,rmsprop,adagrad)' \\
+      --trials 8 --metric eval/accuracy --mode max
+
+Each trial trains the experiment (its `get_config()` and `task(config, workdir)`,
+with the sweep's `--config.KEY=VALUE` overrides and the trial's values) into
+`DIR/trials/NNNN` with `jaxtrain.train`: its own config, run record, metrics
+and checkpoints. Optuna's sampler (`--sampler`, TPE by default) proposes the
+values, and its pruner (`--pruner`, the median rule by default) sees every
+evaluation of `--metric`, stopping trials that fall behind (status `pruned` in
+their `run.json`). A trial's objective is the best value of the metric among
+its evaluations.
+
+The study lives in `DIR/study.db` (SQLite), or in `--storage`, such as
+`postgresql://user:password@host/db`, where the same command on several
+machines shares the trials: `--trials` counts the whole study's. Rerunning the
+command resumes: finished trials are kept and a trial that was killed runs
+again with the same values, from its checkpoint (at once when it ran on this
+machine; after the heartbeat's grace period, `GRACE` seconds, when elsewhere).
+At the end, `DIR/report/` holds the trials' table and plots, and the command
+that reproduces the best trial is printed.
+
+With `--population P` and a space of only float keys that one compiled
+program can vary (`jaxtrain.population.KEYS`), P trials at a time train
+together as one vmapped population.
+"""
+
+import ast
+import functools
+import os
+import shlex
+import socket
+import sys
+import time
+import warnings
+from typing import Any, NamedTuple
+
+import jax
+import ml_collections
+import optuna
+import sqlalchemy
+from absl import flags
+
+from jaxtrain import cli, loop, parts, population, report, space
+from jaxtrain import config as config_lib
+from jaxtrain import workdir as workdir_lib
+from jaxtrain.checkpoint import CheckpointError
+from jaxtrain.config import ConfigError
+from jaxtrain.data.sources import DataError
+
+HEARTBEAT = 10  # seconds between a running trial's heartbeats in the study
+GRACE = 60  # seconds without a heartbeat after which another machine runs the trial again
+SAMPLERS = {
+  "tpe": optuna.samplers.TPESampler,
+  "random": optuna.samplers.RandomSampler,
+  "qmc": optuna.samplers.QMCSampler,
+  "grid": optuna.samplers.GridSampler,
+}
+PRUNERS = {
+  "median": optuna.pruners.MedianPruner,
+  "percentile": optuna.pruners.PercentilePruner,
+  "halving": optuna.pruners.SuccessiveHalvingPruner,
+  "hyperband": optuna.pruners.HyperbandPruner,
+  "none": optuna.pruners.NopPruner,
+}
+TrialState = optuna.trial.TrialState
+# The heartbeat and its retry are marked experimental; they are what resumes killed trials.
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
+_retry = optuna.storages.RetryHeartbeatStaleTrialCallback()
+
+
+class Sweep(NamedTuple):
+  """A sweep's settings and its open study."""
+
+  experiment: Any  # the module
+  base: ml_collections.ConfigDict
+  overrides: list[str]  # the command line's --config.KEY=VALUE (and --preset) arguments
+  dims: list[space.Dimension]
+  metric: str  # eval/NAME
+  mode: str
+  trials: int
+  root: Any  # pathlib.Path
+  shown_root: str  # --workdir as given
+  study: optuna.Study
+  storage: optuna.storages.RDBStorage
+  population: int
+
+
+class _TrialError(Exception):
+  """A trial failed for a reason of its own (recorded as the trial's `error`)."""
+
+
+class _StoppedError(Exception):
+  """SIGTERM or Ctrl-C stopped a trial after its checkpoint; the sweep stops too."""
+
+  def __init__(self, status: str, reason: str):
+    super().__init__(reason)
+    self.status = status
+
+
+def objective(base: ml_collections.ConfigDict, metric: str | None, mode: str | None):
+  """The metric and mode: the given ones, else `early_stop.metric`'s, else `eval/loss`, min.
+
+  Without `--mode`, a metric other than `early_stop.metric` is maximised when
+  its name holds `accuracy` and minimised otherwise.
+  """
+  e = base.early_stop
+  metric = metric or e.metric or "eval/loss"
+  if not metric.startswith("eval/"):
+    metric = f"eval/{metric}"
+  if mode is None:
+    mode = e.mode if metric == e.metric else ("max" if "accuracy" in metric else "min")
+  return metric, mode
+
+
+def make(table: dict[str, type], text: str, what: str, **defaults: Any) -> Any:
+  """An Optuna sampler or pruner from `NAME` or `NAME:KEY=VALUE,...` (values as Python literals)."""
+  name, _, args = text.partition(":")
+  if name not in table:
+    raise ConfigError(f"--{what}={text!r}: unknown {what} (known: {', '.join(table)})")
+  kwargs = dict(defaults)
+  for item in space._split(args):
+    key, eq, value = item.partition("=")
+    if not eq:
+      raise ConfigError(f"--{what}={text!r}: {item!r} must be KEY=VALUE")
+    kwargs[key.strip()] = _literal(value.strip())
+  try:
+    return table[name](**kwargs)
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f"--{what}={text!r}: {e}") from e
+
+
+def _literal(text: str) -> Any:
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def sampler(text: str, dims: list[space.Dimension]) -> optuna.samplers.BaseSampler:
+  """The `--sampler`; `grid` takes every combination of choice and int keys."""
+  if text.partition(":")[0] != "grid":
+    return make(SAMPLERS, text, "sampler")
+  if any(d.kind in space.FLOATS for d in dims):
+    raise ConfigError("--sampler=grid needs choice(...) or int(...) keys only")
+  grid = {d.key: list(d.choices or range(d.low, d.high + 1)) for d in dims}
+  return make(SAMPLERS, text, "sampler", search_space=grid)
+
+
+def check_metric(experiment: Any, base: ml_collections.ConfigDict, metric: str) -> None:
+  """Checks the base run (model, loss, data, with abstract shapes) and that it reports `metric`."""
+  model, data, loss = experiment.task(base, None)[:3]
+  names = parts.prepare(base, model, data, loss).eval_names
+  if metric.removeprefix("eval/") not in names:
+    raise ConfigError(f"--metric={metric}: the evaluations report "
+                      f"{', '.join('eval/' + n for n in names)}")  # fmt: skip
+
+
+def open_study(url: str, name: str, direction: str, signature: dict[str, Any], **samplers: Any):
+  """Opens or creates the study; refuses one that was created for another sweep."""
+  shown = sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+  kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+  try:
+    storage = optuna.storages.RDBStorage(
+      url, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT, grace_period=GRACE,
+      heartbeat_stale_trial_callback=_retry,
+    )  # fmt: skip
+    study = optuna.create_study(storage=storage, study_name=name, direction=direction,
+                                load_if_exists=True, **samplers)  # fmt: skip
+  except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as e:
+    raise ConfigError(f"--storage={shown}: cannot open the study: {e}") from e
+  saved = study.user_attrs.get("sweep")
+  if saved is None:
+    study.set_user_attr("sweep", signature)
+  elif saved != signature:
+    changed = [k for k in signature if saved.get(k) != signature[k]]
+    raise ConfigError(
+      f"study {name!r} in {shown} belongs to another sweep ({', '.join(changed)} differ: "
+      f"it has {', '.join(f'{k}={saved.get(k)}' for k in changed)}); give the same flags, "
+      "or a new --study or --workdir"
+    )
+  return study, storage
+
+
+def counts(frozen: optuna.trial.FrozenTrial) -> bool:
+  """Whether a trial counts toward `--trials`: not one killed (run again) or left over."""
+  if frozen.state != TrialState.FAIL:
+    return True
+  return "error" in frozen.user_attrs
+
+
+def take_over(sw: Sweep) -> None:
+  """Runs again, at once, the trials of this machine whose process is gone (kill -9, crash)."""
+  for frozen in sw.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+    attrs = frozen.user_attrs
+    if attrs.get("host") != socket.gethostname() or _alive(attrs.get("pid")):
+      continue
+    try:
+      sw.storage.set_trial_state_values(frozen._trial_id, TrialState.FAIL)
+    except RuntimeError:  # another process on this machine took it first
+      continue
+    _retry(sw.study, sw.storage.get_trial(frozen._trial_id))
+
+
+def _alive(pid: int | None) -> bool:
+  if pid is None or pid == os.getpid():
+    return pid is not None
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
+def run_trial(sw: Sweep, trial: optuna.Trial) -> float:
+  """Trains one trial into its workdir; returns its best value of the metric."""
+  _new_trial(sw, trial, trial.user_attrs.get("workdir", f"trials/{trial.number:04d}"))
+  values = {d.key: d.suggest(trial) for d in sw.dims}
+  path = sw.root / trial.user_attrs["workdir"]
+  started = time.time()
+  try:
+    config = space.apply(sw.base, values)
+    parts.validate(config, jax.device_count())
+    model, data, loss = sw.experiment.task(config, str(path))[:3]
+    result = loop.train(config, model, data, loss, workdir=path,
+                        prune=functools.partial(_report, trial, sw.metric))  # fmt: skip
+  except (ConfigError, DataError, loop.NonFiniteError, CheckpointError) as e:
+    trial.set_user_attr("error", " ".join(str(e).split()))
+    raise _TrialError(str(e)) from e
+  except KeyboardInterrupt:
+    _again(sw, trial)
+    raise
+  finally:
+    trial.set_user_attr("seconds", trial.user_attrs.get("seconds", 0) + time.time() - started)
+  trial.set_user_attr("status", result.status)
+  if result.status in ("preempted", "interrupted"):
+    _again(sw, trial)
+    raise _StoppedError(result.status, result.reason)
+  value = best_value(path, sw.metric, sw.mode)
+  trial.set_user_attr("best", value)
+  if result.status == "pruned":
+    raise optuna.TrialPruned(result.reason)
+  return value
+
+
+class _SurplusError(Exception):
+  """The study already has its `--trials`."""
+
+
+def _report(trial: optuna.Trial, metric: str, step: int, eval_metrics: dict[str, float]) -> bool:
+  trial.report(eval_metrics[metric.removeprefix("eval/")], step)
+  return trial.should_prune()
+
+
+def _again(sw: Sweep, trial: optuna.Trial) -> None:
+  """Queues the trial to run again with its values (it resumes from its checkpoint)."""
+  _retry(sw.study, sw.storage.get_trial(trial._trial_id))
+
+
+def best_value(path: Any, metric: str, mode: str) -> float | None:
+  """The best evaluation of `metric` in a run's `metrics.jsonl`."""
+  values = report.load(path).series("eval", metric.removeprefix("eval/"))[1]
+  if not values:
+    return None
+  return max(values) if mode == "max" else min(values)
+
+
+def _remaining(sw: Sweep) -> int:
+  """Trials still to start: those waiting to run again, and those `--trials` lacks."""
+  trials = sw.study.get_trials(deepcopy=False)
+  waiting = sum(t.state == TrialState.WAITING for t in trials)
+  return max(sw.trials - sum(map(counts, trials)), 0) + waiting
+
+
+def _new_trial(sw: Sweep, trial: optuna.Trial, workdir: str) -> None:
+  """Claims `trial` for this process; raises `_SurplusError` when the study is already full."""
+  if "workdir" not in trial.user_attrs:  # a new trial, not one run again
+    before = [t for t in sw.study.get_trials(deepcopy=False) if t.number < trial.number]
+    if sum(map(counts, before)) >= sw.trials:
+      trial.set_user_attr("surplus", True)  # another process took the last one first
+      raise _SurplusError()
+  trial.set_user_attr("workdir", workdir)
+  trial.set_user_attr("host", socket.gethostname())
+  trial.set_user_attr("pid", os.getpid())
+
+
+def run(sw: Sweep) -> str:
+  """Runs trials until the study has `--trials`; returns completed, preempted or interrupted."""
+  if sw.population > 1:
+    return run_populations(sw)
+  objective_fn = functools.partial(run_trial, sw)
+  shown = lambda _, frozen: print(trial_line(sw, frozen), flush=True)  # noqa: E731
+  while True:
+    take_over(sw)
+    if not _remaining(sw):
+      return "completed"
+    try:
+      sw.study.optimize(objective_fn, n_trials=1, catch=(_TrialError,), callbacks=[shown])
+    except _SurplusError:
+      return "completed"
+    except _StoppedError as e:
+      print(f"sweep stopped: {e}", flush=True)
+      return e.status
+
+
+def run_populations(sw: Sweep) -> str:
+  """Runs `--population` trials at a time as one vmapped population, until the study is full."""
+  while True:
+    take_over(sw)
+    optuna.storages.fail_stale_trials(sw.study)
+    if not (left := _remaining(sw)):
+      return "completed"
+    asked = []
+    for _ in range(min(sw.population, left)):
+      trial = sw.study.ask()
+      name = f"populations/{(asked or [trial])[0].number:04d}"
+      try:
+        _new_trial(sw, trial, name)
+      except _SurplusError:
+        sw.study.tell(trial, state=TrialState.FAIL)
+        break
+      trial.set_user_attr("member", len(asked))
+      asked.append(trial)
+    if not asked:
+      return "completed"
+    _train_population(sw, asked)
+
+
+def _train_population(sw: Sweep, asked: list[optuna.Trial]) -> None:
+  """Trains the asked trials together and tells the study each one's outcome."""
+  members = [{d.key: d.suggest(t) for d in sw.dims} for t in asked]
+  path = sw.root / asked[0].user_attrs["workdir"]
+  started = time.time()
+
+  def prune(i: int, step: int, eval_metrics: dict[str, float]) -> bool:
+    return _report(asked[i], sw.metric, step, eval_metrics)
+
+  try:
+    model, data, loss = sw.experiment.task(sw.base, str(path))[:3]
+    result = population.train(sw.base, model, data, loss, members, workdir=path,
+                              metric=sw.metric, mode=sw.mode, prune=prune)  # fmt: skip
+  except (ConfigError, DataError, loop.NonFiniteError, CheckpointError) as e:
+    for trial in asked:
+      trial.set_user_attr("error", " ".join(str(e).split()))
+      sw.study.tell(trial, state=TrialState.FAIL)
+    print(f"population {path.name} failed: {e}", flush=True)
+    return
+  for i, trial in enumerate(asked):
+    trial.set_user_attr("status", result.status[i])
+    trial.set_user_attr("best", result.best_values[i])
+    trial.set_user_attr("seconds", time.time() - started)
+    if result.status[i] == "pruned":
+      sw.study.tell(trial, state=TrialState.PRUNED)
+    else:
+      sw.study.tell(trial, result.best_values[i])
+    print(trial_line(sw, sw.storage.get_trial(trial._trial_id)), flush=True)
+
+
+def trial_line(sw: Sweep, frozen: optuna.trial.FrozenTrial) -> str:
+  """`trial 3 completed in 12 s: optim.lr=0.0012 ...; eval/accuracy 0.97`."""
+  attrs = frozen.user_attrs
+  status = attrs.get("status") or frozen.state.name.lower()
+  values = " ".join(f"{k}={_show(v)}" for k, v in frozen.params.items())
+  line = f"trial {frozen.number} {status} in {attrs.get('seconds', 0):.0f} s: {values}"
+  if "error" in attrs:
+    return f"{line}; failed: {attrs['error']}"
+  best = attrs.get("best")
+  return line + (f"; {sw.metric} {best:.4g}" if best is not None else "")
+
+
+def _show(value: Any) -> str:
+  return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def rows(sw: Sweep) -> list[dict[str, Any]]:
+  """The table of trials: number, values, best metric, status, seconds, workdir."""
+  out = []
+  for t in sw.study.get_trials(deepcopy=False):
+    if t.user_attrs.get("surplus") or (t.state == TrialState.FAIL and not counts(t)):
+      continue  # left over, or killed and run again under a new number
+    status = t.user_attrs.get("status") or t.state.name.lower()
+    status = "failed" if "error" in t.user_attrs else status
+    out.append({"trial": t.number, "params": dict(t.params), "best": t.user_attrs.get("best"),
+                "status": status, "seconds": t.user_attrs.get("seconds"),
+                "workdir": t.user_attrs.get("workdir")})  # fmt: skip
+  return out
+
+
+def best_command(sw: Sweep, best: dict[str, Any]) -> str:
+  """The command that trains the best trial again, into `DIR/best`."""
+  args = ["python", "-m", sw.experiment.__name__, "--workdir", f"{sw.shown_root}/best"]
+  args += sw.overrides
+  if sw.population > 1:  # the members' data order is the base config's
+    args.append(f"--config.data.seed={population.data_seed(sw.base)}")
+  args += [f"--config.{k}={v!r}" if isinstance(v, float) else f"--config.{k}={v}"
+           for k, v in best["params"].items()]  # fmt: skip
+  return " ".join(shlex.quote(a) for a in args)
+
+
+def finish(sw: Sweep) -> None:
+  """Writes `DIR/report/` and prints the best trial and its command."""
+  table = rows(sw)
+  scored = [r for r in table if r["best"] is not None and r["status"] != "failed"]
+  best = None
+  if scored:
+    best = (max if sw.mode == "max" else min)(scored, key=lambda r: r["best"])
+  folder = report.write_sweep(table, sw.root, sw.metric, sw.mode,
+                              command=best and best_command(sw, best))  # fmt: skip
+  done = sum(r["status"] in ("completed", "stopped_early") for r in table)
+  pruned = sum(r["status"] == "pruned" for r in table)
+  print(f"{len(table)} trials ({done} finished, {pruned} pruned); report in {folder}")
+  if best:
+    print(f"best: trial {best['trial']}, {sw.metric} {best['best']:.4g} "
+          f"({sw.root / best['workdir']})\nrerun it with:\n  {best_command(sw, best)}")  # fmt: skip
+
+
+def main(argv: list[str]) -> int:
+  """Runs the sweep the flags describe."""
+  del argv
+  f = flags.FLAGS
+  experiment = sys.modules["jaxtrain_sweep_experiment"]
+  base = f.config
+  dims = space.parse(f.space, base)
+  metric, mode = objective(base, f.metric, f.mode)
+  samplers = {"sampler": sampler(f.sampler, dims), "pruner": make(PRUNERS, f.pruner, "pruner")}
+  size = f.population
+  if size > 1 and f.sampler.startswith("grid"):
+    print(f"--population={size}: --sampler=grid asks for one trial at a time; "
+          "the trials run one at a time", flush=True)  # fmt: skip
+    size = 1
+  if size > 1 and (why := population.why_not(dims, base)):
+    print(f"--population={size}: {why}; the trials run one at a time", flush=True)
+    size = 1
+  check_metric(experiment, base, metric)
+  root = workdir_lib.resolve(f.workdir)
+  root.mkdir(parents=True, exist_ok=True)
+  url = f.storage or f"sqlite:///{root / 'study.db'}"
+  signature = {"experiment": experiment.__name__, "space": [d.text() for d in dims],
+               "metric": metric, "mode": mode, "config": list(_OVERRIDES)}  # fmt: skip
+  direction = "maximize" if mode == "max" else "minimize"
+  study, storage = open_study(url, f.study or root.name, direction, signature, **samplers)
+  sw = Sweep(experiment, base, list(_OVERRIDES), dims, metric, mode, f.trials, root, f.workdir,
+             study, storage, size)  # fmt: skip
+  status = run(sw)
+  finish(sw)
+  return {"completed": 0, "preempted": cli.EXIT_PREEMPTED}.get(status, cli.EXIT_INTERRUPTED)
+
+
+_OVERRIDES: list[str] = []
+
+
+def _load(argv: list[str]) -> Any:
+  """Imports the `--experiment` module before flags are defined (its config is the flag's)."""
+  name = next((a.partition("=")[2] or (argv[i + 1] if i + 1 < len(argv) else "")
+               for i, a in enumerate(argv) if a.split("=")[0] == "--experiment"), None)  # fmt: skip
+  if not name:
+    cli.fail(
+      "usage: python -m jaxtrain.sweep --experiment experiments.NAME --workdir DIR "
+      "--space KEY=DIST [--space ...] --trials N [--metric eval/NAME --mode max]"
+    )
+  try:
+    module = cli.import_experiment(name)
+  except ConfigError as e:
+    cli.fail(str(e))
+  sys.modules["jaxtrain_sweep_experiment"] = module
+  _OVERRIDES.extend(a for a in argv[1:] if a.startswith(("--config.", "--preset")))
+  return module
+
+
+def define_flags() -> None:
+  """The sweep's own flags (the experiment's `--config` is defined from its module)."""
+  flags.DEFINE_string("experiment", None, "The experiment module, such as experiments.digits.")
+  flags.DEFINE_string("workdir", None, "The sweep's folder: study.db, trials/, report/.",
+                      required=True)  # fmt: skip
+  flags.DEFINE_multi_string("space", [], "KEY=DIST, once per key: uniform(LOW,HIGH), "
+                            "loguniform(LOW,HIGH), int(LOW,HIGH) or choice(A,B,...).")  # fmt: skip
+  flags.DEFINE_integer("trials", 10, "Trials in the study, from every process.", lower_bound=1)
+  flags.DEFINE_string("metric", None, "The eval metric to optimise (default: early_stop.metric, "
+                      "else eval/loss).")  # fmt: skip
+  flags.DEFINE_enum("mode", None, config_lib.MODES, "max or min (default: from the metric).")
+  flags.DEFINE_string("storage", None, "An Optuna RDB URL, such as postgresql://user:pw@host/db "
+                      "(default: sqlite:///DIR/study.db).")  # fmt: skip
+  flags.DEFINE_string("study", None, "The study's name in the storage (default: DIR's name).")
+  flags.DEFINE_string("sampler", "tpe", "tpe, random, qmc or grid, optionally NAME:KEY=VALUE,... "
+                      "with the Optuna sampler's arguments (tpe:seed=0).")  # fmt: skip
+  flags.DEFINE_string("pruner", "median", "median, percentile, halving, hyperband or none, "
+                      "optionally NAME:KEY=VALUE,... (median:n_startup_trials=2).")  # fmt: skip
+  flags.DEFINE_integer(
+    "population", 1, "Train this many trials at once as one vmapped population (float keys "
+    "of jaxtrain.population.KEYS only).", lower_bound=1,
+  )  # fmt: skip
+
+
+if __name__ == "__main__":
+  experiment = _load(sys.argv)
+  presets = getattr(experiment, "PRESETS", ())
+  get = experiment.get_config
+  cli.define_config(get(cli.chosen_preset(presets)) if presets else get(),
+                    getattr(experiment, "MODEL_HELP", None))  # fmt: skip
+  if presets:
+    flags.DEFINE_enum("preset", presets[0], presets, "The config the overrides start from.")
+  define_flags()
+  optuna.logging.set_verbosity(optuna.logging.ERROR)
+  cli.run_tool(lambda argv: sys.exit(main(argv)))
