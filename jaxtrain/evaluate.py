@@ -27,7 +27,9 @@ class Evaluator:
   """One exact pass over an eval source: `evaluator(state) -> metric means`.
 
   Padded examples are masked out and every metric is summed on the devices,
-  then divided by the number of real examples once, at the end.
+  then divided by the number of real examples once, at the end. A given
+  `eval_fn(state, batch) -> sums` (with `count`) replaces `step.eval_step`: a
+  population's vmapped one gives `[P]` sums, which `sums()` returns as they are.
   """
 
   def __init__(

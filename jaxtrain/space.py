@@ -107,13 +107,13 @@ def _dimension(text: str, known: list[str], config: ml_collections.ConfigDict) -
                       f"(known: {', '.join(KINDS)})")  # fmt: skip
   default = config_lib.get(config, key)
   if kind == "choice":
-    choices = tuple(_split(inside))
+    choices = tuple(split(inside))
     if len(choices) < 2 or len(set(choices)) < len(choices):
       raise ConfigError(f"--space {text!r}: choice needs two or more different values")
     for choice in choices:
       convert(default, choice, f"--space {text!r}")
     return Dimension(key, kind, choices=choices)
-  bounds = _split(inside)
+  bounds = split(inside)
   number = int if kind == "int" else float
   try:
     low, high = (number(b) for b in bounds) if len(bounds) == 2 else (None, None)
@@ -131,7 +131,7 @@ def _dimension(text: str, known: list[str], config: ml_collections.ConfigDict) -
   return Dimension(key, kind, low, high)
 
 
-def _split(inside: str) -> list[str]:
+def split(inside: str) -> list[str]:
   """Splits on the commas outside brackets and quotes; strips each part."""
   parts, depth, quote, current = [], 0, None, ""
   for ch in inside:

@@ -1,7 +1,7 @@
 r"""Hyperparameter sweeps: Optuna trials, each an ordinary run, pruned by its evaluations.
 
-    python -m jaxtrain.sweep --experiment experiments.digits --workdir runs/sweep \\
-      --space 'optim.lr=loguniform(1e-4,1e-2)' --space 'optim.name=choice(adam,rmsprop,adagrad)' \\
+    python -m jaxtrain.sweep --experiment experiments.digits --workdir runs/sweep \
+      --space 'optim.lr=loguniform(1e-4,1e-2)' --space 'optim.name=choice(adam,rmsprop,adagrad)' \
       --trials 8 --metric eval/accuracy --mode max
 
 Each trial trains the experiment (its `get_config()` and `task(config, workdir)`,
@@ -15,10 +15,10 @@ its evaluations.
 
 The study lives in `DIR/study.db` (SQLite), or in `--storage`, such as
 `postgresql://user:password@host/db`, where the same command on several
-machines shares the trials: `--trials` counts the whole study's. Rerunning the
+machines shares the trials: `--trials` study_lib.counts the whole study's. Rerunning the
 command resumes: finished trials are kept and a trial that was killed runs
 again with the same values, from its checkpoint (at once when it ran on this
-machine; after the heartbeat's grace period, `GRACE` seconds, when elsewhere).
+machine; when elsewhere, after 60 s without the heartbeat its process records).
 At the end, `DIR/report/` holds the trials' table and plots, and the command
 that reproduces the best trial is printed.
 
@@ -27,49 +27,24 @@ program can vary (`jaxtrain.population.KEYS`), P trials at a time train
 together as one vmapped population.
 """
 
-import ast
 import functools
-import os
 import shlex
-import socket
 import sys
 import time
-import warnings
 from typing import Any, NamedTuple
 
 import jax
 import ml_collections
 import optuna
-import sqlalchemy
 from absl import flags
 
 from jaxtrain import cli, loop, parts, population, report, space
 from jaxtrain import config as config_lib
+from jaxtrain import study as study_lib
 from jaxtrain import workdir as workdir_lib
 from jaxtrain.checkpoint import CheckpointError
 from jaxtrain.config import ConfigError
 from jaxtrain.data.sources import DataError
-
-HEARTBEAT = 10  # seconds between a running trial's heartbeats in the study
-GRACE = 60  # seconds without a heartbeat after which another machine runs the trial again
-SAMPLERS = {
-  "tpe": optuna.samplers.TPESampler,
-  "random": optuna.samplers.RandomSampler,
-  "qmc": optuna.samplers.QMCSampler,
-  "grid": optuna.samplers.GridSampler,
-}
-PRUNERS = {
-  "median": optuna.pruners.MedianPruner,
-  "percentile": optuna.pruners.PercentilePruner,
-  "halving": optuna.pruners.SuccessiveHalvingPruner,
-  "hyperband": optuna.pruners.HyperbandPruner,
-  "none": optuna.pruners.NopPruner,
-}
-TrialState = optuna.trial.TrialState
-# The heartbeat and its retry are marked experimental; they are what resumes killed trials.
-warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
-_retry = optuna.storages.RetryHeartbeatStaleTrialCallback()
 
 
 class Sweep(NamedTuple):
@@ -116,40 +91,6 @@ def objective(base: ml_collections.ConfigDict, metric: str | None, mode: str | N
   return metric, mode
 
 
-def make(table: dict[str, type], text: str, what: str, **defaults: Any) -> Any:
-  """An Optuna sampler or pruner from `NAME` or `NAME:KEY=VALUE,...` (values as Python literals)."""
-  name, _, args = text.partition(":")
-  if name not in table:
-    raise ConfigError(f"--{what}={text!r}: unknown {what} (known: {', '.join(table)})")
-  kwargs = dict(defaults)
-  for item in space._split(args):
-    key, eq, value = item.partition("=")
-    if not eq:
-      raise ConfigError(f"--{what}={text!r}: {item!r} must be KEY=VALUE")
-    kwargs[key.strip()] = _literal(value.strip())
-  try:
-    return table[name](**kwargs)
-  except (TypeError, ValueError) as e:
-    raise ConfigError(f"--{what}={text!r}: {e}") from e
-
-
-def _literal(text: str) -> Any:
-  try:
-    return ast.literal_eval(text)
-  except (ValueError, SyntaxError):
-    return text
-
-
-def sampler(text: str, dims: list[space.Dimension]) -> optuna.samplers.BaseSampler:
-  """The `--sampler`; `grid` takes every combination of choice and int keys."""
-  if text.partition(":")[0] != "grid":
-    return make(SAMPLERS, text, "sampler")
-  if any(d.kind in space.FLOATS for d in dims):
-    raise ConfigError("--sampler=grid needs choice(...) or int(...) keys only")
-  grid = {d.key: list(d.choices or range(d.low, d.high + 1)) for d in dims}
-  return make(SAMPLERS, text, "sampler", search_space=grid)
-
-
 def check_metric(experiment: Any, base: ml_collections.ConfigDict, metric: str) -> None:
   """Checks the base run (model, loss, data, with abstract shapes) and that it reports `metric`."""
   model, data, loss = experiment.task(base, None)[:3]
@@ -157,64 +98,6 @@ def check_metric(experiment: Any, base: ml_collections.ConfigDict, metric: str) 
   if metric.removeprefix("eval/") not in names:
     raise ConfigError(f"--metric={metric}: the evaluations report "
                       f"{', '.join('eval/' + n for n in names)}")  # fmt: skip
-
-
-def open_study(url: str, name: str, direction: str, signature: dict[str, Any], **samplers: Any):
-  """Opens or creates the study; refuses one that was created for another sweep."""
-  shown = sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
-  kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-  try:
-    storage = optuna.storages.RDBStorage(
-      url, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT, grace_period=GRACE,
-      heartbeat_stale_trial_callback=_retry,
-    )  # fmt: skip
-    study = optuna.create_study(storage=storage, study_name=name, direction=direction,
-                                load_if_exists=True, **samplers)  # fmt: skip
-  except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as e:
-    raise ConfigError(f"--storage={shown}: cannot open the study: {e}") from e
-  saved = study.user_attrs.get("sweep")
-  if saved is None:
-    study.set_user_attr("sweep", signature)
-  elif saved != signature:
-    changed = [k for k in signature if saved.get(k) != signature[k]]
-    raise ConfigError(
-      f"study {name!r} in {shown} belongs to another sweep ({', '.join(changed)} differ: "
-      f"it has {', '.join(f'{k}={saved.get(k)}' for k in changed)}); give the same flags, "
-      "or a new --study or --workdir"
-    )
-  return study, storage
-
-
-def counts(frozen: optuna.trial.FrozenTrial) -> bool:
-  """Whether a trial counts toward `--trials`: not one killed (run again) or left over."""
-  if frozen.state != TrialState.FAIL:
-    return True
-  return "error" in frozen.user_attrs
-
-
-def take_over(sw: Sweep) -> None:
-  """Runs again, at once, the trials of this machine whose process is gone (kill -9, crash)."""
-  for frozen in sw.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-    attrs = frozen.user_attrs
-    if attrs.get("host") != socket.gethostname() or _alive(attrs.get("pid")):
-      continue
-    try:
-      sw.storage.set_trial_state_values(frozen._trial_id, TrialState.FAIL)
-    except RuntimeError:  # another process on this machine took it first
-      continue
-    _retry(sw.study, sw.storage.get_trial(frozen._trial_id))
-
-
-def _alive(pid: int | None) -> bool:
-  if pid is None or pid == os.getpid():
-    return pid is not None
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:
-    return True
-  return True
 
 
 def run_trial(sw: Sweep, trial: optuna.Trial) -> float:
@@ -259,7 +142,7 @@ def _report(trial: optuna.Trial, metric: str, step: int, eval_metrics: dict[str,
 
 def _again(sw: Sweep, trial: optuna.Trial) -> None:
   """Queues the trial to run again with its values (it resumes from its checkpoint)."""
-  _retry(sw.study, sw.storage.get_trial(trial._trial_id))
+  study_lib.RETRY(sw.study, sw.storage.get_trial(trial._trial_id))
 
 
 def best_value(path: Any, metric: str, mode: str) -> float | None:
@@ -270,23 +153,15 @@ def best_value(path: Any, metric: str, mode: str) -> float | None:
   return max(values) if mode == "max" else min(values)
 
 
-def _remaining(sw: Sweep) -> int:
-  """Trials still to start: those waiting to run again, and those `--trials` lacks."""
-  trials = sw.study.get_trials(deepcopy=False)
-  waiting = sum(t.state == TrialState.WAITING for t in trials)
-  return max(sw.trials - sum(map(counts, trials)), 0) + waiting
-
-
 def _new_trial(sw: Sweep, trial: optuna.Trial, workdir: str) -> None:
   """Claims `trial` for this process; raises `_SurplusError` when the study is already full."""
   if "workdir" not in trial.user_attrs:  # a new trial, not one run again
     before = [t for t in sw.study.get_trials(deepcopy=False) if t.number < trial.number]
-    if sum(map(counts, before)) >= sw.trials:
+    if sum(map(study_lib.counts, before)) >= sw.trials:
       trial.set_user_attr("surplus", True)  # another process took the last one first
       raise _SurplusError()
   trial.set_user_attr("workdir", workdir)
-  trial.set_user_attr("host", socket.gethostname())
-  trial.set_user_attr("pid", os.getpid())
+  study_lib.claim(trial)
 
 
 def run(sw: Sweep) -> str:
@@ -296,8 +171,8 @@ def run(sw: Sweep) -> str:
   objective_fn = functools.partial(run_trial, sw)
   shown = lambda _, frozen: print(trial_line(sw, frozen), flush=True)  # noqa: E731
   while True:
-    take_over(sw)
-    if not _remaining(sw):
+    study_lib.take_over(sw.study, sw.storage)
+    if not study_lib.remaining(sw.study, sw.trials):
       return "completed"
     try:
       sw.study.optimize(objective_fn, n_trials=1, catch=(_TrialError,), callbacks=[shown])
@@ -311,9 +186,9 @@ def run(sw: Sweep) -> str:
 def run_populations(sw: Sweep) -> str:
   """Runs `--population` trials at a time as one vmapped population, until the study is full."""
   while True:
-    take_over(sw)
+    study_lib.take_over(sw.study, sw.storage)
     optuna.storages.fail_stale_trials(sw.study)
-    if not (left := _remaining(sw)):
+    if not (left := study_lib.remaining(sw.study, sw.trials)):
       return "completed"
     asked = []
     for _ in range(min(sw.population, left)):
@@ -322,7 +197,7 @@ def run_populations(sw: Sweep) -> str:
       try:
         _new_trial(sw, trial, name)
       except _SurplusError:
-        sw.study.tell(trial, state=TrialState.FAIL)
+        sw.study.tell(trial, state=study_lib.TrialState.FAIL)
         break
       trial.set_user_attr("member", len(asked))
       asked.append(trial)
@@ -342,12 +217,13 @@ def _train_population(sw: Sweep, asked: list[optuna.Trial]) -> None:
 
   try:
     model, data, loss = sw.experiment.task(sw.base, str(path))[:3]
-    result = population.train(sw.base, model, data, loss, members, workdir=path,
-                              metric=sw.metric, mode=sw.mode, prune=prune)  # fmt: skip
+    with study_lib.Heartbeats(sw.storage, [t._trial_id for t in asked]):
+      result = population.train(sw.base, model, data, loss, members, workdir=path,
+                                metric=sw.metric, mode=sw.mode, prune=prune)  # fmt: skip
   except (ConfigError, DataError, loop.NonFiniteError, CheckpointError) as e:
     for trial in asked:
       trial.set_user_attr("error", " ".join(str(e).split()))
-      sw.study.tell(trial, state=TrialState.FAIL)
+      sw.study.tell(trial, state=study_lib.TrialState.FAIL)
     print(f"population {path.name} failed: {e}", flush=True)
     return
   for i, trial in enumerate(asked):
@@ -355,7 +231,7 @@ def _train_population(sw: Sweep, asked: list[optuna.Trial]) -> None:
     trial.set_user_attr("best", result.best_values[i])
     trial.set_user_attr("seconds", time.time() - started)
     if result.status[i] == "pruned":
-      sw.study.tell(trial, state=TrialState.PRUNED)
+      sw.study.tell(trial, state=study_lib.TrialState.PRUNED)
     else:
       sw.study.tell(trial, result.best_values[i])
     print(trial_line(sw, sw.storage.get_trial(trial._trial_id)), flush=True)
@@ -381,7 +257,7 @@ def rows(sw: Sweep) -> list[dict[str, Any]]:
   """The table of trials: number, values, best metric, status, seconds, workdir."""
   out = []
   for t in sw.study.get_trials(deepcopy=False):
-    if t.user_attrs.get("surplus") or (t.state == TrialState.FAIL and not counts(t)):
+    if t.user_attrs.get("surplus") or not study_lib.counts(t):
       continue  # left over, or killed and run again under a new number
     status = t.user_attrs.get("status") or t.state.name.lower()
     status = "failed" if "error" in t.user_attrs else status
@@ -427,7 +303,8 @@ def main(argv: list[str]) -> int:
   base = f.config
   dims = space.parse(f.space, base)
   metric, mode = objective(base, f.metric, f.mode)
-  samplers = {"sampler": sampler(f.sampler, dims), "pruner": make(PRUNERS, f.pruner, "pruner")}
+  samplers = {"sampler": study_lib.sampler(f.sampler, dims),
+              "pruner": study_lib.make(study_lib.PRUNERS, f.pruner, "pruner")}  # fmt: skip
   size = f.population
   if size > 1 and f.sampler.startswith("grid"):
     print(f"--population={size}: --sampler=grid asks for one trial at a time; "
@@ -443,7 +320,7 @@ def main(argv: list[str]) -> int:
   signature = {"experiment": experiment.__name__, "space": [d.text() for d in dims],
                "metric": metric, "mode": mode, "config": list(_OVERRIDES)}  # fmt: skip
   direction = "maximize" if mode == "max" else "minimize"
-  study, storage = open_study(url, f.study or root.name, direction, signature, **samplers)
+  study, storage = study_lib.open_study(url, f.study or root.name, direction, signature, **samplers)
   sw = Sweep(experiment, base, list(_OVERRIDES), dims, metric, mode, f.trials, root, f.workdir,
              study, storage, size)  # fmt: skip
   status = run(sw)
