@@ -399,6 +399,11 @@ def config_hash(config: ml_collections.ConfigDict) -> str:
   return hashlib.sha256(to_json(config).encode()).hexdigest()[:16]
 
 
+def data_seed(config: ml_collections.ConfigDict) -> int:
+  """The data order's seed: `data.seed`, or `train.seed` where it is -1."""
+  return config.train.seed if config.data.seed < 0 else config.data.seed
+
+
 def get(config: ml_collections.ConfigDict, key: str) -> Any:
   """Returns the value of a dotted `key`."""
   node = config

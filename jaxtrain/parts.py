@@ -251,7 +251,7 @@ def prepare(
     loss_fn=loss_fn,
     model_fn=model,
     seed=t.seed,
-    data_seed=t.seed if d.seed < 0 else d.seed,
+    data_seed=config_lib.data_seed(config),
     batch_size=t.batch_size,
     eval_batch_size=config.eval.batch_size,
     steps_per_loop=t.steps_per_loop,

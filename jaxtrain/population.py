@@ -86,7 +86,7 @@ def member_configs(
       if key not in KEYS:
         raise ConfigError(f"population member {i}: {key} cannot vary within one compiled "
                           f"program (it can: {', '.join(KEYS)})")  # fmt: skip
-    out.append(space.apply(config, {**values, "data.seed": data_seed(config)}))
+    out.append(space.apply(config, {**values, "data.seed": config_lib.data_seed(config)}))
     space.check(out[-1], {}, f"population member {i}")
   name = config.optim.name
   if any(c.optim.weight_decay != out[0].optim.weight_decay for c in out) and (
@@ -95,11 +95,6 @@ def member_configs(
     raise ConfigError(f"optim.weight_decay varies, but optim.name={name} cannot hold it "
                       "in its state (adamw, lion or muon can)")  # fmt: skip
   return out
-
-
-def data_seed(config: ml_collections.ConfigDict) -> int:
-  """The data order's seed: `data.seed`, else `train.seed`."""
-  return config.train.seed if config.data.seed < 0 else config.data.seed
 
 
 def why_not(dims: Sequence[Any], config: ml_collections.ConfigDict) -> str | None:

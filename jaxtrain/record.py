@@ -228,7 +228,7 @@ def run_fields(
       "eval_fingerprint": fingerprint(data.eval),
       **(data.info or {}),
     },
-    "seeds": {"train.seed": config.train.seed, "data.seed": config.data.seed},
+    "seeds": {"train.seed": config.train.seed, "data.seed": config_lib.data_seed(config)},
     "train_chunk_compilations": 0,
   }
 

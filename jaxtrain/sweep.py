@@ -272,7 +272,7 @@ def best_command(sw: Sweep, best: dict[str, Any]) -> str:
   args = ["python", "-m", sw.experiment.__name__, "--workdir", f"{sw.shown_root}/best"]
   args += sw.overrides
   if sw.population > 1:  # the members' data order is the base config's
-    args.append(f"--config.data.seed={population.data_seed(sw.base)}")
+    args.append(f"--config.data.seed={config_lib.data_seed(sw.base)}")
   args += [f"--config.{k}={v!r}" if isinstance(v, float) else f"--config.{k}={v}"
            for k, v in best["params"].items()]  # fmt: skip
   return " ".join(shlex.quote(a) for a in args)

@@ -49,7 +49,7 @@ def test_workdir_files(digits_run):
   assert run["environment"]["mesh"] == {"data": 8, "fsdp": 1, "tensor": 1}
   assert run["data"]["train_size"] + run["data"]["eval_size"] == 1797
   assert len(run["data"]["train_fingerprint"]) == 64
-  assert run["versions"]["jax"] and run["seeds"] == {"train.seed": 0}
+  assert run["versions"]["jax"] and run["seeds"] == {"train.seed": 0, "data.seed": 0}
   assert json.loads((workdir / "config.json").read_text()) == json.loads(
     jaxtrain.config.to_json(config)
   )

@@ -50,7 +50,7 @@ def record(path):
 
 
 def test_sweep_records_each_trial_resumes_after_kill_and_reproduces_the_best(tmp_path):
-  command = sweep_command("--config.ckpt.every_steps=20", "--sampler=random:seed=0", steps=300)
+  command = sweep_command("--config.ckpt.every_steps=20", "--sampler=random:seed=0", steps=160)
   proc = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, env=helpers.subprocess_env())  # fmt: skip
   ckpts = tmp_path / "sweep/trials/0001/checkpoints"
@@ -69,7 +69,7 @@ def test_sweep_records_each_trial_resumes_after_kill_and_reproduces_the_best(tmp
   assert sorted(p.name for p in (root / "trials").iterdir()) == ["0000", "0001", "0003"]
   for name in ("0000", "0001", "0003"):
     rec = record(root / "trials" / name)
-    assert rec["status"] == "completed" and rec["final_step"] == 300
+    assert rec["status"] == "completed" and rec["final_step"] == 160
   resumed = record(root / "trials/0001")
   assert resumed["attempt"] == 2 and resumed["resumed_from"] >= 20
   study = trials(root)
