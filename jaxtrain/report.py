@@ -264,7 +264,7 @@ def sweep_figures(table: list[dict[str, Any]], metric: str, mode: str) -> dict[s
 
 
 def sweep_summary(table: list[dict[str, Any]], metric: str, plots: list[str],
-                  command: str | None) -> str:  # fmt: skip
+                  command: str | None, runs: bool = False) -> str:  # fmt: skip
   """The Markdown table of a sweep's trials."""
   keys = list(dict.fromkeys(k for r in table for k in r["params"]))
   head = ["trial", *keys, f"best {metric}", "status", "time (s)", "workdir"]
@@ -276,7 +276,8 @@ def sweep_summary(table: list[dict[str, Any]], metric: str, plots: list[str],
   if command:
     lines += ["", "The best trial again:", "", "```", command, "```"]
   lines += ["", "## Plots", ""] + [f"![{p}]({p}.png)" for p in plots]
-  lines += ["", "The finished trials' curves side by side: [runs/summary.md](runs/summary.md)."]
+  if runs:
+    lines += ["", "The trials' curves side by side: [runs/summary.md](runs/summary.md)."]
   return "\n".join(lines) + "\n"
 
 
@@ -289,12 +290,13 @@ def write_sweep(table: list[dict[str, Any]], root: pathlib.Path, metric: str, mo
   for stem, fig in plots.items():
     fig.savefig(folder / f"{stem}.png")
     plt.close(fig)
-  (folder / "summary.md").write_text(sweep_summary(table, metric, list(plots), command))
   runs = [load(root / r["workdir"], f"trial {r['trial']}") for r in table
           if r["workdir"] and (root / r["workdir"] / "run.json").exists()]  # fmt: skip
   runs = [r for r in runs if "population" not in r.record]  # one run per trial only
   if runs:
     write(runs, folder / "runs")
+  summary = sweep_summary(table, metric, list(plots), command, runs=bool(runs))
+  (folder / "summary.md").write_text(summary)
   return folder
 
 

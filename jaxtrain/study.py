@@ -9,6 +9,7 @@ ran on this machine (`take_over`), and from any machine once its heartbeat is
 """
 
 import ast
+import logging
 import os
 import socket
 import threading
@@ -79,9 +80,18 @@ def sampler(text: str, dims: list[space.Dimension]) -> optuna.samplers.BaseSampl
   return make(SAMPLERS, text, "sampler", search_space=grid)
 
 
+def shown_url(url: str) -> str:
+  """The storage URL with its password hidden; a `ConfigError` for one that is not a URL."""
+  try:
+    return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+  except sqlalchemy.exc.ArgumentError as e:
+    raise ConfigError(f"--storage={url!r} is not a database URL, such as "
+                      "sqlite:///runs/study.db or postgresql://user@host/db") from e  # fmt: skip
+
+
 def open_study(url: str, name: str, direction: str, signature: dict[str, Any], **samplers: Any):
   """Opens or creates the study; refuses one that was created for another sweep."""
-  shown = sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+  shown = shown_url(url)
   kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
   for attempt in range(OPEN_TRIES):
     try:
@@ -119,7 +129,12 @@ def counts(frozen: optuna.trial.FrozenTrial) -> bool:
 
 
 def take_over(study: optuna.Study, storage: optuna.storages.RDBStorage) -> None:
-  """Runs again, at once, the trials of this machine whose process is gone (kill -9, crash)."""
+  """Runs again the trials whose process is gone.
+
+  At once for those of this machine (kill -9, crash); for those elsewhere, once
+  their heartbeat is `GRACE` seconds old.
+  """
+  optuna.storages.fail_stale_trials(study)
   for frozen in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
     attrs = frozen.user_attrs
     if attrs.get("host") != socket.gethostname() or _alive(attrs.get("pid")):
@@ -166,7 +181,10 @@ class Heartbeats:
   def _beat(self) -> None:
     while True:
       for trial_id in self._ids:
-        self._storage.record_heartbeat(trial_id)
+        try:
+          self._storage.record_heartbeat(trial_id)
+        except sqlalchemy.exc.SQLAlchemyError as e:  # the next beat tries again
+          logging.warning("heartbeat of trial %d not recorded: %s", trial_id, logs.brief(e))
       if self._stop.wait(HEARTBEAT):
         return
 

@@ -15,7 +15,7 @@ its evaluations.
 
 The study lives in `DIR/study.db` (SQLite), or in `--storage`, such as
 `postgresql://user:password@host/db`, where the same command on several
-machines shares the trials: `--trials` study_lib.counts the whole study's. Rerunning the
+machines shares the trials: `--trials` counts the whole study's trials. Rerunning the
 command resumes: finished trials are kept and a trial that was killed runs
 again with the same values, from its checkpoint (at once when it ran on this
 machine; when elsewhere, after 60 s without the heartbeat its process records).
@@ -28,6 +28,7 @@ together as one vmapped population.
 """
 
 import functools
+import math
 import shlex
 import sys
 import time
@@ -102,7 +103,9 @@ def check_metric(experiment: Any, base: ml_collections.ConfigDict, metric: str) 
 
 def run_trial(sw: Sweep, trial: optuna.Trial) -> float:
   """Trains one trial into its workdir; returns its best value of the metric."""
-  _new_trial(sw, trial, trial.user_attrs.get("workdir", f"trials/{trial.number:04d}"))
+  inherited = trial.user_attrs.get("workdir", "")
+  fresh = not inherited or inherited.startswith("populations/")  # no checkpoint to resume
+  _new_trial(sw, trial, trial_folder(sw, trial.number) if fresh else inherited)
   values = {d.key: d.suggest(trial) for d in sw.dims}
   path = sw.root / trial.user_attrs["workdir"]
   started = time.time()
@@ -125,6 +128,9 @@ def run_trial(sw: Sweep, trial: optuna.Trial) -> float:
     _again(sw, trial)
     raise _StoppedError(result.status, result.reason)
   value = best_value(path, sw.metric, sw.mode)
+  if value is None or not math.isfinite(value):
+    trial.set_user_attr("error", f"no finite {sw.metric} among its evaluations")
+    raise _TrialError(trial.user_attrs["error"])
   trial.set_user_attr("best", value)
   if result.status == "pruned":
     raise optuna.TrialPruned(result.reason)
@@ -153,6 +159,12 @@ def best_value(path: Any, metric: str, mode: str) -> float | None:
   return max(values) if mode == "max" else min(values)
 
 
+def trial_folder(sw: Sweep, number: int, kind: str = "trials") -> str:
+  """`trials/NNNN` (or `populations/NNNN`), `trials/STUDY-NNNN` for a study not named as DIR."""
+  prefix = "" if sw.study.study_name == sw.root.name else f"{sw.study.study_name}-"
+  return f"{kind}/{prefix}{number:04d}"
+
+
 def _new_trial(sw: Sweep, trial: optuna.Trial, workdir: str) -> None:
   """Claims `trial` for this process; raises `_SurplusError` when the study is already full."""
   if "workdir" not in trial.user_attrs:  # a new trial, not one run again
@@ -160,6 +172,11 @@ def _new_trial(sw: Sweep, trial: optuna.Trial, workdir: str) -> None:
     if sum(map(study_lib.counts, before)) >= sw.trials:
       trial.set_user_attr("surplus", True)  # another process took the last one first
       raise _SurplusError()
+  if workdir != trial.user_attrs.get("workdir") and (sw.root / workdir).exists():
+    trial.set_user_attr("surplus", True)
+    raise ConfigError(f"{sw.shown_root}/{workdir} holds a run that is not trial {trial.number} "
+                      f"of study {sw.study.study_name!r} (was its storage replaced?); give a "
+                      "new --workdir or --study")  # fmt: skip
   trial.set_user_attr("workdir", workdir)
   study_lib.claim(trial)
 
@@ -187,18 +204,21 @@ def run_populations(sw: Sweep) -> str:
   """Runs `--population` trials at a time as one vmapped population, until the study is full."""
   while True:
     study_lib.take_over(sw.study, sw.storage)
-    optuna.storages.fail_stale_trials(sw.study)
     if not (left := study_lib.remaining(sw.study, sw.trials)):
       return "completed"
     asked = []
     for _ in range(min(sw.population, left)):
       trial = sw.study.ask()
-      name = f"populations/{(asked or [trial])[0].number:04d}"
+      name = trial_folder(sw, (asked or [trial])[0].number, "populations")
       try:
         _new_trial(sw, trial, name)
       except _SurplusError:
         sw.study.tell(trial, state=study_lib.TrialState.FAIL)
         break
+      except ConfigError:
+        for t in [*asked, trial]:
+          sw.study.tell(t, state=study_lib.TrialState.FAIL)
+        raise
       trial.set_user_attr("member", len(asked))
       asked.append(trial)
     if not asked:
@@ -216,24 +236,31 @@ def _train_population(sw: Sweep, asked: list[optuna.Trial]) -> None:
     return _report(asked[i], sw.metric, step, eval_metrics)
 
   try:
-    model, data, loss = sw.experiment.task(sw.base, str(path))[:3]
     with study_lib.Heartbeats(sw.storage, [t._trial_id for t in asked]):
+      model, data, loss = sw.experiment.task(sw.base, str(path))[:3]
       result = population.train(sw.base, model, data, loss, members, workdir=path,
                                 metric=sw.metric, mode=sw.mode, prune=prune)  # fmt: skip
   except (ConfigError, DataError, loop.NonFiniteError, CheckpointError) as e:
     for trial in asked:
       trial.set_user_attr("error", " ".join(str(e).split()))
       sw.study.tell(trial, state=study_lib.TrialState.FAIL)
+    if isinstance(e, ConfigError | DataError):  # every population would fail the same way
+      raise
     print(f"population {path.name} failed: {e}", flush=True)
     return
   for i, trial in enumerate(asked):
+    best = result.best_values[i]
     trial.set_user_attr("status", result.status[i])
-    trial.set_user_attr("best", result.best_values[i])
     trial.set_user_attr("seconds", time.time() - started)
-    if result.status[i] == "pruned":
+    if best is None or not math.isfinite(best):
+      trial.set_user_attr("error", f"no finite {sw.metric} among its evaluations")
+      sw.study.tell(trial, state=study_lib.TrialState.FAIL)
+    elif result.status[i] == "pruned":
+      trial.set_user_attr("best", best)
       sw.study.tell(trial, state=study_lib.TrialState.PRUNED)
     else:
-      sw.study.tell(trial, result.best_values[i])
+      trial.set_user_attr("best", best)
+      sw.study.tell(trial, best)
     print(trial_line(sw, sw.storage.get_trial(trial._trial_id)), flush=True)
 
 
@@ -278,26 +305,31 @@ def best_command(sw: Sweep, best: dict[str, Any]) -> str:
   return " ".join(shlex.quote(a) for a in args)
 
 
-def finish(sw: Sweep) -> None:
-  """Writes `DIR/report/` and prints the best trial and its command."""
+def finish(sw: Sweep) -> bool:
+  """Writes `DIR/report/`, prints the best trial and its command; False if every trial failed."""
   table = rows(sw)
-  scored = [r for r in table if r["best"] is not None and r["status"] != "failed"]
+  scored = [r for r in table if r["status"] in FINISHED]  # a pruned trial's best is partial
   best = None
   if scored:
     best = (max if sw.mode == "max" else min)(scored, key=lambda r: r["best"])
   folder = report.write_sweep(table, sw.root, sw.metric, sw.mode,
                               command=best and best_command(sw, best))  # fmt: skip
-  done = sum(r["status"] in ("completed", "stopped_early") for r in table)
+  done = sum(r["status"] in FINISHED for r in table)
   pruned = sum(r["status"] == "pruned" for r in table)
   print(f"{len(table)} trials ({done} finished, {pruned} pruned); report in {folder}")
   if best:
     print(f"best: trial {best['trial']}, {sw.metric} {best['best']:.4g} "
           f"({sw.root / best['workdir']})\nrerun it with:\n  {best_command(sw, best)}")  # fmt: skip
+  return not table or any(r["status"] in (*FINISHED, "pruned") for r in table)
+
+
+FINISHED = ("completed", "stopped_early")
 
 
 def main(argv: list[str]) -> int:
   """Runs the sweep the flags describe."""
-  del argv
+  if len(argv) > 1:
+    raise ConfigError(f"unexpected argument {argv[1]!r}; flags take the form --name=value")
   f = flags.FLAGS
   experiment = sys.modules["jaxtrain_sweep_experiment"]
   base = f.config
@@ -315,17 +347,32 @@ def main(argv: list[str]) -> int:
     size = 1
   check_metric(experiment, base, metric)
   root = workdir_lib.resolve(f.workdir)
-  root.mkdir(parents=True, exist_ok=True)
+  check_root(root, f.workdir)
+  if f.storage:
+    study_lib.shown_url(f.storage)
+  if not f.storage:
+    root.mkdir(parents=True, exist_ok=True)  # for study.db
   url = f.storage or f"sqlite:///{root / 'study.db'}"
   signature = {"experiment": experiment.__name__, "space": [d.text() for d in dims],
                "metric": metric, "mode": mode, "config": list(_OVERRIDES)}  # fmt: skip
   direction = "maximize" if mode == "max" else "minimize"
   study, storage = study_lib.open_study(url, f.study or root.name, direction, signature, **samplers)
+  root.mkdir(parents=True, exist_ok=True)
   sw = Sweep(experiment, base, list(_OVERRIDES), dims, metric, mode, f.trials, root, f.workdir,
              study, storage, size)  # fmt: skip
   status = run(sw)
-  finish(sw)
+  if not finish(sw) and status == "completed":
+    print("error: every trial failed; the trial lines above say why", file=sys.stderr)
+    return cli.EXIT_FAILED
   return {"completed": 0, "preempted": cli.EXIT_PREEMPTED}.get(status, cli.EXIT_INTERRUPTED)
+
+
+def check_root(root: Any, shown: str) -> None:
+  """Refuses a `--workdir` that is a file, or the folder of an ordinary run."""
+  if root.exists() and not root.is_dir():
+    raise ConfigError(f"--workdir={shown} is a file, not a folder")
+  if (root / "run.json").exists():
+    raise ConfigError(f"--workdir={shown} holds a run (run.json), not a sweep; give a new one")
 
 
 _OVERRIDES: list[str] = []
@@ -345,8 +392,19 @@ def _load(argv: list[str]) -> Any:
   except ConfigError as e:
     cli.fail(str(e))
   sys.modules["jaxtrain_sweep_experiment"] = module
-  _OVERRIDES.extend(a for a in argv[1:] if a.startswith(("--config.", "--preset")))
+  _OVERRIDES.extend(overrides(argv[1:]))
   return module
+
+
+def overrides(args: list[str]) -> list[str]:
+  """The `--config.KEY=VALUE` and `--preset=NAME` arguments, those given as two words joined."""
+  out = []
+  for i, a in enumerate(args):
+    if not a.startswith(("--config.", "--preset")):
+      continue
+    two_words = "=" not in a and i + 1 < len(args) and not args[i + 1].startswith("--")
+    out.append(f"{a}={args[i + 1]}" if two_words else a)
+  return out
 
 
 def define_flags() -> None:

@@ -15,7 +15,7 @@ import pytest
 from absl import flags
 
 from experiments import digits
-from jaxtrain import loop, population
+from jaxtrain import loop, population, sweep
 from tests import helpers
 
 flags.FLAGS.mark_as_parsed()
@@ -108,8 +108,8 @@ def test_the_pruner_stops_a_trial_that_falls_behind(tmp_path):
 
 def _two_sweeps(tmp_path, *args):
   """Two sweep processes at once on one study: each trial runs once, in one of them."""
-  commands = [sweep_command(f"--sampler=random:seed={i}", "--study=shared", *args, trials=4,
-                            steps=60) for i in (1, 2)]  # fmt: skip
+  commands = [sweep_command(f"--sampler=random:seed={i}", "--study=shared", "--pruner=none",
+                            *args, trials=6, steps=40) for i in (1, 2)]  # fmt: skip
   procs = [subprocess.Popen(c, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=helpers.subprocess_env()) for c in commands]  # fmt: skip
   outs = [p.communicate(timeout=300) for p in procs]
@@ -117,7 +117,7 @@ def _two_sweeps(tmp_path, *args):
     assert p.returncode == 0, err[-3000:]
   ran = [{int(line.split()[1]) for line in out.splitlines() if line.startswith("trial ")}
          for out, _ in outs]  # fmt: skip
-  assert not ran[0] & ran[1] and len(ran[0] | ran[1]) == 4, ran
+  assert all(ran) and not ran[0] & ran[1] and len(ran[0] | ran[1]) == 6, ran
   return ran
 
 
@@ -125,7 +125,7 @@ def test_two_sweep_processes_split_one_sqlite_study(tmp_path):
   _two_sweeps(tmp_path)
   study = trials(tmp_path / "sweep", f"sqlite:///{tmp_path / 'sweep/study.db'}")
   done = [t for t in study.values() if t.state.name == "COMPLETE"]
-  assert len(done) == 4 and len({t.user_attrs["workdir"] for t in done}) == 4
+  assert {t.user_attrs["workdir"] for t in done} == {f"trials/shared-{n:04d}" for n in range(6)}
   for t in done:
     assert record(tmp_path / "sweep" / t.user_attrs["workdir"])["attempt"] == 1
 
@@ -137,7 +137,7 @@ def test_two_sweep_processes_split_one_postgresql_study(tmp_path):
     s.study_name for s in optuna.get_all_study_summaries(POSTGRES)] else None  # fmt: skip
   _two_sweeps(tmp_path, f"--storage={POSTGRES}")
   done = [t for t in trials(tmp_path, POSTGRES).values() if t.state.name == "COMPLETE"]
-  assert len(done) == 4 and len({t.user_attrs["workdir"] for t in done}) == 4
+  assert len(done) == 6 and len({t.user_attrs["workdir"] for t in done}) == 6
   assert not (tmp_path / "sweep/study.db").exists()
 
 
@@ -149,13 +149,50 @@ def test_two_sweep_processes_split_one_postgresql_study(tmp_path):
     (["--space", "optim.name=choice(adam,nope)"], "optim.name='nope' must be one of"),
     (["--metric", "eval/bleu"], "the evaluations report eval/accuracy, eval/loss"),
     (["--pruner", "median:n_startup=1"], "--pruner='median:n_startup=1'"),
+    (["--sampler", "tpe:nope=1"], "--sampler='tpe:nope=1'"),
+    (["--storage", "runs/study.db"], "--storage='runs/study.db' is not a database URL"),
+    (["--storage", "postgresql://nobody@127.0.0.1:1/none"], "cannot open the study"),
+    (["optim.lr=choice(0.1,0.2)"], "unexpected argument 'optim.lr=choice(0.1,0.2)'"),
+    (["--experiment", "experiments.nope"], "experiments.nope"),
   ],
 )
 def test_a_bad_sweep_flag_is_one_line_and_exit_2(tmp_path, args, message):
-  done = run(sweep_command(*args), tmp_path)
+  command = sweep_command(*args)
+  if args[0] == "--experiment":
+    command[command.index("experiments.digits")] = args[1]
+    del command[-2:]
+  done = run(command, tmp_path)
   assert done.returncode == 2 and message in done.stderr, done.stderr[-2000:]
   assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
   assert not (tmp_path / "sweep").exists()
+
+
+def test_overrides_given_as_two_words_reach_the_best_command_as_one():
+  args = ["--config.train.steps", "300", "--space", "optim.lr=uniform(0,1)", "--preset", "lora",
+          "--config.optim.name=adam", "--workdir", "w"]  # fmt: skip
+  assert sweep.overrides(args) == ["--config.train.steps=300", "--preset=lora",
+                                   "--config.optim.name=adam"]  # fmt: skip
+
+
+def test_a_workdir_that_is_not_this_sweeps_is_refused(tmp_path):
+  (tmp_path / "file").write_text("")
+  for workdir, message in [("file", "--workdir=file is a file"),
+                           ("run", "--workdir=run holds a run (run.json)")]:  # fmt: skip
+    (tmp_path / "run").mkdir(exist_ok=True)
+    (tmp_path / "run/run.json").write_text("{}")
+    done = run([*sweep_command(trials=1), f"--workdir={workdir}"], tmp_path)
+    assert done.returncode == 2 and message in done.stderr, done.stderr[-2000:]
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+  assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["run.json"]
+
+  first = run(sweep_command(trials=1, steps=20), tmp_path)
+  assert first.returncode == 0, first.stderr[-2000:]
+  (tmp_path / "sweep/study.db").unlink()  # a new study under the old trials' folders
+  kept = (tmp_path / "sweep/trials/0000/run.json").read_text()
+  again = run(sweep_command(trials=1, steps=20), tmp_path)
+  assert again.returncode == 2, again.stderr[-2000:]
+  assert "sweep/trials/0000 holds a run that is not trial 0 of study 'sweep'" in again.stderr
+  assert (tmp_path / "sweep/trials/0000/run.json").read_text() == kept
 
 
 def small_config(steps=60):
