@@ -349,8 +349,8 @@ def main(argv: list[str]) -> int:
   root = workdir_lib.resolve(f.workdir)
   check_root(root, f.workdir)
   if f.storage:
-    study_lib.shown_url(f.storage)
-  if not f.storage:
+    study_lib.shown_url(f.storage)  # a bad URL is refused before anything is written
+  else:
     root.mkdir(parents=True, exist_ok=True)  # for study.db
   url = f.storage or f"sqlite:///{root / 'study.db'}"
   signature = {"experiment": experiment.__name__, "space": [d.text() for d in dims],
