@@ -85,6 +85,11 @@ MODEL_HELP = {  # the model.* keys, and the experiment's own top-level finetune
 }
 
 
+def requirements() -> None:
+  """Raises `ConfigError` with the line that installs all-MiniLM-L6-v2 when it is missing."""
+  bert.minilm_dir()
+
+
 def _weights_file() -> str:
   try:
     return str(bert.minilm_dir() / "model.safetensors")
@@ -101,11 +106,16 @@ def task(config: ml_collections.ConfigDict, workdir: str | None = None) -> tuple
     bert.minilm_dir()  # raises with the install command
     raise jaxtrain.ConfigError("init.source is empty; finetune=scratch trains without weights")
   folder = bert.minilm_dir()
-  tokenizer = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
   m = config.model
+  sizes = bert.BertConfig.from_json(folder / "config.json")
+  if not 2 <= m.max_len <= sizes.max_position_embeddings:
+    raise jaxtrain.ConfigError(
+      f"model.max_len={m.max_len} must be from 2 ([CLS] and [SEP]) to the model's "
+      f"{sizes.max_position_embeddings} positions"
+    )
+  tokenizer = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
   folder_of_texts = config.data.dir or data.labelled.FORTUNES
   dataset = data.fortunes(tokenizer, max_len=m.max_len, folder=folder_of_texts)
-  sizes = bert.BertConfig.from_json(folder / "config.json")
   sizes = dataclasses.replace(sizes, hidden_dropout_prob=m.dropout,
                               attention_probs_dropout_prob=m.dropout)  # fmt: skip
   model = functools.partial(
@@ -145,5 +155,8 @@ def main(argv: list[str]) -> jaxtrain.TrainResult:
 
 
 if __name__ == "__main__":  # flags only when run: jaxtrain.plan imports this module
-  cli.define_flags(get_config(cli.chosen_preset(MODES, "--config.finetune")), MODEL_HELP)
+  chosen = cli.chosen_preset(MODES, "--config.finetune")
+  if not cli.asks_help():
+    cli.check(requirements)
+  cli.define_flags(get_config(chosen), MODEL_HELP)
   cli.run(main)

@@ -16,9 +16,19 @@ The `gpu` preset is a 220M-parameter model (BPE vocabulary of 32,768, context
 1,024, bf16-mixed) for one accelerator:
 
     python -m experiments.lm --preset=gpu --workdir runs/lm_gpu
+
+A quick try on the first megabyte of the sources:
+
+    python -m experiments.lm --workdir runs/lm_quick --config.data.limit_bytes=1000000 \
+      --config.train.steps=200 --config.eval.every_steps=100
+
+The sampling flags are checked before anything trains: a prompt that is empty or
+not UTF-8, a temperature that is not a finite number, a `--top_k` beyond the
+vocabulary, or more than 2^20 `--sample_tokens` is one line and exit 2.
 """
 
 import functools
+import math
 import sys
 
 import ml_collections
@@ -30,6 +40,7 @@ from jaxtrain.data import bpe
 
 PRESETS = ("cpu", "gpu")
 EVAL_FRACTION = 0.01
+MOST_SAMPLED = 2**20  # tokens a sample may ask for: each is a forward pass over the window
 
 
 def get_config(preset: str = "cpu") -> ml_collections.ConfigDict:
@@ -82,12 +93,12 @@ def make_dataset(
   config: ml_collections.ConfigDict, workdir: str | None
 ) -> tuple[data.Dataset, object]:
   """The corpus as byte windows, or as BPE windows with the tokenizer (else None)."""
-  length = config.model.seq_len
+  length, limit = config.model.seq_len, config.data.limit_bytes
   if config.data.tokenizer == "byte":
-    return data.python_stdlib(length, EVAL_FRACTION), None
+    return data.python_stdlib(length, EVAL_FRACTION, limit), None
   if config.data.tokenizer != "bpe":
     raise jaxtrain.ConfigError(f"data.tokenizer={config.data.tokenizer!r} must be byte or bpe")
-  text = data.python_stdlib(length, EVAL_FRACTION)
+  text = data.python_stdlib(length, EVAL_FRACTION, limit)
   saved = jaxtrain.workdir.resolve(workdir) / bpe.FILE if workdir else None
   return bpe.tokenize(text, config.data.vocab_size, length, saved)
 
@@ -114,41 +125,69 @@ def task(config: ml_collections.ConfigDict, workdir: str | None = None) -> tuple
   return make_model(config, vocab), dataset, losses.next_token, tokenizer
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, resume: str = "auto"):
-  """Trains the language model into `workdir`; returns the result and the tokenizer."""
-  model, dataset, loss, tokenizer = task(config, workdir)
-  result = jaxtrain.train(config, model, dataset, loss, workdir=workdir, resume=resume)
-  return result, tokenizer
+def prompt_ids(tokenizer, prompt: str) -> list[int]:
+  """The prompt's token ids (its bytes without a tokenizer).
+
+  Raises:
+    ConfigError: the prompt is empty or not UTF-8 text.
+  """
+  try:
+    raw = prompt.encode()
+  except UnicodeEncodeError as e:  # bytes of no encoding reach Python as lone surrogates
+    raise jaxtrain.ConfigError("--prompt is not UTF-8 text") from e
+  ids = tokenizer.encode(prompt).ids if tokenizer else list(raw)
+  if not ids:
+    raise jaxtrain.ConfigError("--prompt is empty; give the text the sample continues")
+  return ids
 
 
-def sample(result, tokenizer, prompt: str, *, steps: int, temperature: float, top_k: int) -> str:
-  """A continuation of `prompt` from the trained model, as text."""
+def check_temperature(temperature: float) -> None:
+  """Refuses a sampling temperature that is not a finite number, 0 or more."""
+  if not math.isfinite(temperature) or temperature < 0:
+    raise jaxtrain.ConfigError(f"--temperature={temperature} must be a finite number, 0 or more")
+
+
+def check_top_k(top_k: int, vocab: int) -> None:
+  """Refuses a `top_k` beyond the vocabulary."""
+  if top_k > vocab:
+    raise jaxtrain.ConfigError(f"--top_k={top_k} is more than the vocabulary's {vocab} tokens")
+
+
+def sample(result, tokenizer, ids: list[int], *, steps: int, temperature: float,
+           top_k: int) -> str:  # fmt: skip
+  """The prompt `ids` and a continuation from the trained model, as text."""
   model = jaxtrain.merge_model(result.graphdef, result.state)
-  ids = tokenizer.encode(prompt).ids if tokenizer else list(prompt.encode())
   out = models.generate(model, ids, steps, temperature=temperature, top_k=top_k)
   if tokenizer:
-    return prompt + tokenizer.decode(out.tolist())
-  return prompt + bytes(out.tolist()).decode("utf-8", errors="replace")
+    return tokenizer.decode([*ids, *out.tolist()])
+  return bytes([*ids, *out.tolist()]).decode("utf-8", errors="replace")
 
 
 def main(argv: list[str]) -> jaxtrain.TrainResult:
-  """Trains with the command line's flags, then prints a sampled continuation."""
+  """Checks the sampling flags, trains with the command line's flags, then samples."""
   del argv
   f = flags.FLAGS
-  result, tokenizer = run(f.config, f.workdir, f.resume)
+  prompt_ids(None, f.prompt)  # the cheap checks before the data is read
+  check_temperature(f.temperature)
+  model, dataset, loss, tokenizer = task(f.config, f.workdir)
+  ids = prompt_ids(tokenizer, f.prompt)
+  vocab = f.config.model.vocab or (tokenizer.get_vocab_size() if tokenizer else data.text.VOCAB)
+  check_top_k(f.top_k, vocab)
+  settings = {"steps": f.sample_tokens, "temperature": f.temperature, "top_k": f.top_k}
+  result = jaxtrain.train(f.config, model, dataset, loss, workdir=f.workdir, resume=f.resume)
   if result.status in ("completed", "stopped_early"):
     print(f"eval: {result!r}", file=sys.stderr)
-    text = sample(
-      result, tokenizer, f.prompt, steps=f.sample_tokens, temperature=f.temperature, top_k=f.top_k
-    )
-    print(text)
+    print(sample(result, tokenizer, ids, **settings))
   return result
 
 
 if __name__ == "__main__":
   cli.define_flags(get_config, MODEL_HELP, presets=PRESETS)
   flags.DEFINE_string("prompt", "def ", "The text the sample continues.")
-  flags.DEFINE_integer("sample_tokens", 200, "Tokens sampled after the prompt.", lower_bound=1)
+  flags.DEFINE_integer(
+    "sample_tokens", 200, "Tokens sampled after the prompt, at most 2^20 (each runs the model "
+    "over the whole window).", lower_bound=1, upper_bound=MOST_SAMPLED,
+  )  # fmt: skip
   flags.DEFINE_float("temperature", 0.8, "Sampling temperature; 0 is greedy.", lower_bound=0)
   flags.DEFINE_integer(
     "top_k", 40, "Sample among the k likeliest tokens; 0 for all.", lower_bound=0

@@ -146,6 +146,12 @@ class Checkpointer:
           logging.warning(
             "checkpoint step %s was never finished; removing %s", tmp.name.split(".")[0], tmp.name
           )
+        for odd in sorted(p for p in self.directory.iterdir() if p.name.isdigit()):
+          if not odd.is_dir():  # Orbax would not list it, then save over it
+            target = _aside(self.directory, odd.name)
+            odd.rename(target)
+            logging.warning("checkpoint step %s is a file, not a folder; set aside as %s",
+                            odd.name, target.name)  # fmt: skip
       self._manager = ocp.CheckpointManager(
         self.directory, options=_options(keep, async_save, best_metric, best_mode)
       )
@@ -253,8 +259,16 @@ class Checkpointer:
     """Reads one step in every process: the bundle, or why it is unreadable."""
     meta, problem = self._read_meta(step)
     if distributed.everywhere(problem is None):
-      if accept:
-        accept(meta, step)
+      refusal = None
+      try:  # each process checks its own data: all refuse if one does, or the others would wait
+        if accept:
+          accept(meta, step)
+      except config_lib.ConfigError as e:
+        refusal = e
+      if not distributed.everywhere(refusal is None):
+        raise refusal or config_lib.ConfigError(
+          f"another process may not resume the checkpoint at step {step}; its error says why"
+        )
       _check_fits(meta, abstract, step)
       restored, problem = self._read_all(step, abstract, meta)
       if distributed.everywhere(problem is None):
@@ -287,11 +301,7 @@ class Checkpointer:
   def _set_aside(self, step: int) -> str:
     """Renames a bad step folder out of Orbax's sight; returns its new name. Nothing is deleted."""
     source = self.directory / str(step)
-    target = self.directory / f"{step}.corrupt"
-    n = 1
-    while target.exists():
-      n += 1
-      target = self.directory / f"{step}.corrupt{n}"
+    target = _aside(self.directory, str(step))
     if jax.process_index() == 0 and source.exists():
       source.rename(target)
     distributed.barrier(f"set_aside_{step}")
@@ -307,13 +317,22 @@ class Checkpointer:
     """
     try:
       self._manager.wait_until_finished()
-    except Exception as e:  # already failing: do not hide the first error
-      logging.error("checkpoint save failed: %s", e)
+    except Exception as e:  # already failing, and reported: the detail goes to the log file
+      logging.error("checkpoint save failed: %s", e, extra=logs.DETAIL)
     finally:
       self._manager.close()
     if abandon and jax.process_index() == 0:
       for tmp in self.directory.glob("*.orbax-checkpoint-tmp*"):
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _aside(directory: pathlib.Path, name: str) -> pathlib.Path:
+  """The first free `<name>.corrupt`, `<name>.corrupt2`, ... in `directory`."""
+  target, n = directory / f"{name}.corrupt", 1
+  while target.exists():
+    n += 1
+    target = directory / f"{name}.corrupt{n}"
+  return target
 
 
 def _as_checkpoint_error(fn: Callable[[], Any]) -> None:

@@ -155,8 +155,12 @@ def chosen_preset(presets: Sequence[str], flag: str = "--preset") -> str:
 def import_experiment(name: str) -> Any:
   """Imports an experiment module that defines `get_config()` and `task(config, workdir)`.
 
+  An experiment that needs something installed (pretrained weights, say)
+  defines `requirements()`, which raises `ConfigError` with the line that
+  installs it; it is called here.
+
   Raises:
-    ConfigError: when it cannot be imported or lacks either.
+    ConfigError: when it cannot be imported, lacks either, or misses a requirement.
   """
   try:
     module = importlib.import_module(name)
@@ -164,6 +168,8 @@ def import_experiment(name: str) -> Any:
     raise config_lib.ConfigError(f"cannot import experiment {name!r}: {e}") from e
   if not hasattr(module, "task") or not hasattr(module, "get_config"):
     raise config_lib.ConfigError(f"{name} defines no task(config, workdir) and get_config()")
+  if hasattr(module, "requirements"):
+    module.requirements()
   return module
 
 
@@ -213,9 +219,14 @@ def _value(match: re.Match, rest: list[str], config: ml_collections.ConfigDict) 
   return rest.pop(0) if rest else ""
 
 
+def asks_help() -> bool:
+  """Whether the command line asks for `--help` (or `-h`, `-?`, `--helpshort`)."""
+  return any(arg in HELP_FLAGS for arg in sys.argv[1:])
+
+
 def run(main: Callable[[list[str]], Any]) -> None:
   """Runs `main` under absl with jaxtrain's help, flag parsing, logging and exit statuses."""
-  if any(arg in HELP_FLAGS for arg in sys.argv[1:]):
+  if asks_help():
     print(usage())
     sys.exit(0)
 
@@ -251,9 +262,13 @@ def _quiet() -> None:
 def run_tool(main: Callable[[list[str]], Any]) -> None:
   """Runs a tool's `main(argv)` (report, replay): positional arguments, run's logging and errors.
 
-  A `ConfigError` or `DataError` is one line and exit status 2; a failed
+  `--help` prints the tool's docstring and flags, exit status 0. A
+  `ConfigError` or `DataError` is one line and exit status 2; a failed
   checkpoint, write or peer one line and 1; Ctrl-C 130.
   """
+  if asks_help():
+    print(usage())
+    sys.exit(0)
 
   def guarded(argv: list[str]) -> Any:
     _quiet()
@@ -275,6 +290,18 @@ def _exit_for(result: Any) -> None:
   if status in codes:
     print(f"{status}: {result.reason}", file=sys.stderr, flush=True)
     sys.exit(codes[status])
+
+
+def check(fn: Callable[[], Any]) -> Any:
+  """`fn()`, or one line and exit status 2 when it raises a `ConfigError` or `DataError`.
+
+  For what an entry point checks before its flags are defined, such as that
+  an experiment's pretrained weights are installed.
+  """
+  try:
+    return fn()
+  except USAGE_ERRORS as e:
+    fail(str(e))
 
 
 def fail(message: str, status: int = EXIT_USAGE) -> None:
@@ -321,9 +348,11 @@ def usage() -> str:
     default = f" (default: {flag.default!r})" if flag.default is not None else ""
     lines.append(f"  --{flag.name}: {' '.join(flag.help.split())}{default}")
   lines.append("  --verbosity: 0 also prints the log's INFO lines (--helpfull: absl's other flags)")
-  lines += ["", "config keys: --config.KEY=VALUE (this experiment's defaults):"]
   config = _help.get("config")
-  for key, value in config_lib.flatten(config) if config is not None else ():
+  if config is None:
+    return "\n".join(lines)
+  lines += ["", "config keys: --config.KEY=VALUE (this experiment's defaults):"]
+  for key, value in config_lib.flatten(config):
     setting = f"  {key}={value!r}"
     meaning = _meaning(key)
     if len(setting) < 44:

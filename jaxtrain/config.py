@@ -101,6 +101,7 @@ DEFAULTS: dict[str, tuple[Any, str]] = {
     "text: byte, or bpe (trained on the train split, kept in workdir)",
   ),
   "data.vocab_size": (4096, "bpe: the tokenizer's vocabulary size"),
+  "data.limit_bytes": (0, "text: read only the first files holding this many bytes; 0: all"),
   "data.normalize": (False, "images: (x - mean) / std of the train images, train and eval"),
   "ckpt.every_steps": (1000, "steps between checkpoints; 0: only at the end and on a stop"),
   "ckpt.keep": (3, "newest checkpoint steps kept"),
@@ -157,6 +158,7 @@ NON_NEGATIVE = (
   "train.max_skipped",
   "data.max_workers",
   "data.crop_padding",
+  "data.limit_bytes",
 )
 CHOICES = {
   "data.tokenizer": ("byte", "bpe"),

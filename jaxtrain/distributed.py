@@ -163,6 +163,13 @@ def barrier(name: str) -> None:
     ) from e
 
 
+def largest(value: int) -> int:
+  """The largest of every process's `value`; a collective all processes must reach together."""
+  if jax.process_count() == 1:
+    return value
+  return int(np.max(multihost_utils.process_allgather(np.array(value, np.int32))))
+
+
 def everywhere(ok: bool) -> bool:
   """True when `ok` holds in every process; a collective all processes must reach together."""
   if jax.process_count() == 1:

@@ -32,11 +32,13 @@ STATUS = {PREEMPTED: "preempted", INTERRUPTED: "interrupted"}
 class StopSignals:
   """Turns SIGTERM and the first Ctrl-C into this process's vote to save and stop.
 
-  Handlers are installed only from the main thread (where Python runs them);
-  `close` puts back the ones that were there before.
+  `saves=False` (a loop that keeps no checkpoints) only changes what the
+  notice says. Handlers are installed only from the main thread (where
+  Python runs them); `close` puts back the ones that were there before.
   """
 
-  def __init__(self, mesh: Mesh):
+  def __init__(self, mesh: Mesh, saves: bool = True):
+    self._saves = saves  # False: nothing is saved (a population), only stopped
     self._vote = RUNNING
     self._votes = {v: sharding.votes(mesh, v) for v in STATUS | {RUNNING: ""}}  # made once
     self._previous: dict[int, Any] = {}
@@ -46,7 +48,8 @@ class StopSignals:
 
   def _on_sigterm(self, signum: int, frame: Any) -> None:
     del signum, frame
-    logging.warning("SIGTERM: saving a checkpoint within two chunks, then stopping")
+    logging.warning("SIGTERM: %s", "saving a checkpoint within two chunks, then stopping"
+                    if self._saves else "stopping at the next chunk")  # fmt: skip
     self._vote = max(self._vote, PREEMPTED)
 
   def _on_sigint(self, signum: int, frame: Any) -> None:
@@ -54,8 +57,14 @@ class StopSignals:
     if self._vote == INTERRUPTED:  # the second Ctrl-C: stop now
       signal.signal(signal.SIGINT, signal.default_int_handler)
       raise KeyboardInterrupt
-    logging.warning("Ctrl-C: saving a checkpoint at the next chunk, then stopping (again: at once)")
+    logging.warning("Ctrl-C: %s (again: at once)", "saving a checkpoint at the next chunk, then "
+                    "stopping" if self._saves else "stopping at the next chunk")  # fmt: skip
     self._vote = INTERRUPTED
+
+  @property
+  def vote(self) -> int:
+    """This process's vote on the host: `RUNNING`, `PREEMPTED` or `INTERRUPTED`."""
+    return self._vote
 
   def votes(self) -> jax.Array:
     """This process's vote, as the chunk's `votes` input."""

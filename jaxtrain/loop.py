@@ -37,8 +37,9 @@ from jaxtrain import parts as parts_lib
 from jaxtrain import state as state_lib
 from jaxtrain import step as step_lib
 from jaxtrain import workdir as workdir_lib
+from jaxtrain.config import ConfigError
 from jaxtrain.data import pipeline
-from jaxtrain.data.sources import Dataset
+from jaxtrain.data.sources import DataError, Dataset
 
 
 class NonFiniteError(RuntimeError):
@@ -70,11 +71,15 @@ class TrainResult(NamedTuple):
   reason: str | None
   workdir: pathlib.Path
 
+  @property
+  def step(self) -> int:
+    """The final state's step (the restored best one's with `early_stop.restore_best`)."""
+    return int(jax.device_get(self.state.step))
+
   def __repr__(self) -> str:
     shown = ", ".join(f"{k!r}: {v:.4g}" for k, v in sorted(self.eval_metrics.items()))
-    step = int(jax.device_get(self.state.step))
     return (
-      f"TrainResult(status={self.status!r}, step={step}, eval_metrics={{{shown}}}, "
+      f"TrainResult(status={self.status!r}, step={self.step}, eval_metrics={{{shown}}}, "
       f"workdir='{self.workdir}')"
     )
 
@@ -139,15 +144,19 @@ def train(
   lock = workdir_lib.hold(path)
   session = None
   try:
-    ckpt, restored = workdir_lib.open_checkpoints(
-      config, parts_lib.checkpointed(spec, spec.abstract), path, resume,
-      best=workdir_lib.best_rule(config), initial=spec.initial,
-    )  # fmt: skip
-    session = _Session(config, spec, ckpt, path, restored, prune=prune)
-    return session.run()
+    with logs.to_file(path, enabled=jax.process_index() == 0, expected=(ConfigError, DataError)):
+      try:
+        prints = record.fingerprints(spec.data)
+        ckpt, restored = workdir_lib.open_checkpoints(
+          config, parts_lib.checkpointed(spec, spec.abstract), path, resume,
+          best=workdir_lib.best_rule(config), initial=spec.initial, prints=prints,
+        )  # fmt: skip
+        session = _Session(config, spec, ckpt, path, restored, prints=prints, prune=prune)
+        return session.run()
+      finally:
+        if session:
+          session.close()
   finally:
-    if session:
-      session.close()
     lock.release()
 
 
@@ -178,9 +187,11 @@ class _Session:
     path: pathlib.Path,
     restored: checkpoint.Restored | None,
     *,
+    prints: dict[str, Any],
     prune: Callable[[int, dict[str, float]], bool] | None = None,
   ):
     self.config, self.spec, self.ckpt, self.path, self.restored = config, spec, ckpt, path, restored
+    self.prints = prints  # the data's fingerprints, which each checkpoint records
     self.prune = prune
     self.run_record = self.prefetch = self.writer = self.progress = self.signals = None
     self.profiler = None
@@ -209,6 +220,8 @@ class _Session:
         rules=self.spec.rules,
         initial=self.spec.initial,
         parameters=parts_lib.parameter_counts(self.spec),
+        prints=self.prints,
+        lines=self.restored.meta.get("lines") if self.restored else None,
       )
       self.signals = interrupt.StopSignals(self.spec.mesh)
       self.writer = metrics.Writers(
@@ -303,7 +316,7 @@ def _loop(s: _Session, parts: parts_lib.Parts) -> state_lib.TrainState:
     if c.pending:
       _log(s, *c.pending)  # every process reads the same vote: all stop here
     if c.deferred:
-      _save(s, c.deferred._replace(meta=_meta(s)))
+      _save(s, c.deferred._replace(meta=_meta(s, c.deferred.step)))
       c.deferred = None
     s.ckpt.check()  # a failed background save stops the run at once
     c.pending = (c.step, chunk_metrics, s.prefetch.waited)
@@ -320,7 +333,7 @@ def _loop(s: _Session, parts: parts_lib.Parts) -> state_lib.TrainState:
       saved = parts_lib.checkpointed(s.spec, state)
       bundle = checkpoint.bundle(c.step, saved, {"next_batch": c.step}, {}, best, copy=not now)
       if now:
-        _save(s, bundle._replace(meta=_meta(s)))
+        _save(s, bundle._replace(meta=_meta(s, bundle.step)))
       else:  # a device copy, saved while the next chunk trains on the state
         c.deferred = bundle
     if halt:
@@ -420,12 +433,13 @@ def _save(s: _Session, bundle: checkpoint.Bundle) -> None:
   s.carry.saved = bundle.step
 
 
-def _meta(s: _Session) -> dict[str, Any]:
+def _meta(s: _Session, step: int) -> dict[str, Any]:
   c = s.carry
   return record.checkpoint_meta(
     s.config, s.spec.mesh, meter=s.meter.state_dict(), eval_metrics=c.eval_metrics,
     skipped=c.skipped, monitor=workdir_lib.monitor_key(s.config),
-    initial=s.spec.initial and s.spec.initial.sha256,
+    initial=s.spec.initial and s.spec.initial.sha256, prints=s.prints,
+    lines=s.writer.lines_at(step),
   )  # fmt: skip
 
 

@@ -11,6 +11,7 @@ Example:
 """
 
 import json
+import logging
 import math
 import pathlib
 import sys
@@ -21,13 +22,19 @@ import numpy as np
 import tqdm
 
 from jaxtrain import logs
+from jaxtrain.config import ConfigError
 
 
 class JsonlWriter:
-  """Appends one JSON object a line: `{"step": N, "split": ..., **values, "time": T}`."""
+  """Appends one JSON object a line: `{"step": N, "split": ..., **values, "time": T}`.
+
+  `latest` holds the lines of the newest step written, which a checkpoint of
+  that step records (a crash may cut them from the file).
+  """
 
   def __init__(self, path: pathlib.Path | None):
     self._path = path
+    self.latest: list[dict[str, Any]] = []
     with logs.naming(path):
       self._file = open(path, "a", buffering=1) if path else None  # noqa: SIM115 (held open)
 
@@ -36,6 +43,9 @@ class JsonlWriter:
     if self._file:
       clean = {k: _jsonable(v) for k, v in values.items()}
       line = {"step": step, "split": split, **clean, "time": round(time.time(), 3)}
+      if self.latest and self.latest[0]["step"] != step:
+        self.latest = []
+      self.latest.append(line)
       with logs.naming(self._path):
         self._file.write(json.dumps(line) + "\n")
 
@@ -118,6 +128,11 @@ class Writers:
     for writer in self._writers:
       writer.write(step, split, values)
 
+  def lines_at(self, step: int) -> list[dict[str, Any]]:
+    """The JSONL lines written at `step`, if it is the newest step written."""
+    latest = self._writers[0].latest
+    return [dict(line) for line in latest if line["step"] == step]
+
   def close(self) -> None:
     """Closes every writer."""
     for writer in self._writers:
@@ -131,25 +146,77 @@ def _jsonable(value: Any) -> Any:
   return value
 
 
-def truncate_jsonl(path: pathlib.Path, last_step: int) -> None:
+def read_jsonl(path: pathlib.Path) -> list[dict[str, Any]]:
+  """The lines of a `metrics.jsonl` as a crash leaves it: a cut-off last line is left out.
+
+  That line is reported in one warning; the run that resumes writes it again.
+
+  Raises:
+    ConfigError: a line before the last is not a metric line (the file is
+      damaged, not cut short), naming the file and the line.
+  """
+  try:
+    text = path.read_text()
+  except (OSError, UnicodeDecodeError) as e:
+    raise ConfigError(f"{path}: cannot be read ({getattr(e, 'strerror', None) or e})") from e
+  rows = text.splitlines()
+  out = []
+  for number, row in enumerate(rows, 1):
+    if not row.strip():
+      continue
+    line = _parse(row)
+    if line is not None:
+      out.append(line)
+    elif number == len(rows) and not text.endswith("\n"):
+      logging.warning("%s: its last line is cut short (a crash while writing it); left out", path)
+    else:
+      raise ConfigError(f"{path}: line {number} is not a metric line "
+                        f"({logs.brief(row, 60)}); the file is damaged")  # fmt: skip
+  return out
+
+
+def _parse(row: str) -> dict[str, Any] | None:
+  try:
+    line = json.loads(row)
+  except json.JSONDecodeError:
+    return None
+  ok = isinstance(line, dict) and isinstance(line.get("step"), int) and "split" in line
+  return line if ok else None
+
+
+def truncate_jsonl(
+  path: pathlib.Path, last_step: int, lines: list[dict[str, Any]] | None = None
+) -> None:
   """Keeps the complete lines of `path` up to `last_step`, for a resumed run.
 
-  Lines a killed run wrote after its last checkpoint, and a torn last line,
-  go; the resumed run writes those steps again.
+  Lines a killed run wrote after its last checkpoint go: the resumed run
+  writes those steps again. A torn line is dropped with a warning, and any of
+  `lines` (the resumed step's own lines, as its checkpoint recorded them) that
+  a crash cut from the file are written back.
   """
   if not path.exists():
     return
-  kept = []
-  for line in path.read_text().splitlines():
-    try:
-      if json.loads(line)["step"] <= last_step:
-        kept.append(line + "\n")
-    except (json.JSONDecodeError, KeyError, TypeError):
-      continue
+  kept, have, torn = [], set(), 0
+  for row in path.read_bytes().decode(errors="replace").splitlines():
+    line = _parse(row) if row.strip() else {}
+    if line is None:
+      torn += 1
+    elif line and line["step"] <= last_step:
+      kept.append(row + "\n")
+      have.add(_key(line))
+  if torn:
+    logging.warning("%s: %d cut-off line(s) left out; the resumed run writes them again",
+                    path, torn)  # fmt: skip
+  lost = [x for x in lines or [] if x["step"] == last_step and _key(x) not in have]
+  kept += [json.dumps(x) + "\n" for x in lost]
   tmp = path.with_name(path.name + ".tmp")
   with logs.naming(path):
     tmp.write_text("".join(kept))
     tmp.replace(path)
+
+
+def _key(line: dict[str, Any]) -> tuple[Any, ...]:
+  return line["step"], line["split"], line.get("member")
 
 
 class Meter:

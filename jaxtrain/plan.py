@@ -42,16 +42,22 @@ from jaxtrain.data import pipeline
 
 REMAT = ("none", "dots-saveable", "full")
 MOST_BATCH = 2**20
+MOST_DEVICE_MEMORY = 2**50  # 1 PiB: far above any one accelerator's
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}  # fmt: skip
 
 
 def parse_bytes(text: str) -> int:
-  """`80GB` (10**9), `80GiB` (2**30), `512MB`, or a number of bytes."""
+  """`80GB` (10**9), `80GiB` (2**30), `512MB`, or a number of bytes, from 1 byte to 1 PiB."""
   match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
   if not match or match.group(2).upper() not in _UNITS:
     raise config_lib.ConfigError(f"--device_memory={text!r} must be a size such as 80GB or 16GiB")
-  return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+  size = float(match.group(1)) * _UNITS[match.group(2).upper()]
+  if not 1 <= size <= MOST_DEVICE_MEMORY:
+    raise config_lib.ConfigError(
+      f"--device_memory={text!r} must be from 1 byte to 1 PiB: one device's memory"
+    )
+  return int(size)
 
 
 def human(n: float) -> str:
@@ -189,10 +195,10 @@ def main(argv: list[str]) -> None:
   f = flags.FLAGS
   module = sys.modules["jaxtrain_plan_experiment"]
   config = f.config
+  limit = parse_bytes(f.device_memory) if f.device_memory is not None else None
   spec = _prepare(config, module.task, f.workdir)
   lines = report(module.__name__, spec, config)
-  if f.device_memory:
-    limit = parse_bytes(f.device_memory)
+  if limit:
     peak = chunk_memory(spec)["peak"]
     verdict = "fits" if peak <= limit else "does NOT fit"
     lines.append(f"device memory {human(limit)}: this run {verdict} ({peak / limit:.0%} of it)")
@@ -206,6 +212,9 @@ def main(argv: list[str]) -> None:
 def _load(argv: list[str]) -> Any:
   """Imports the experiment named by the first argument that is not a flag; removes it."""
   names = [a for a in argv[1:] if not a.startswith("-")]
+  if not names and cli.asks_help():
+    print(cli.usage())
+    sys.exit(0)
   if not names:
     cli.fail("usage: python -m jaxtrain.plan EXPERIMENT [--preset=...] [--config.KEY=VALUE ...] "
              "[--device_memory=80GB]")  # fmt: skip
@@ -218,14 +227,8 @@ def _load(argv: list[str]) -> Any:
   return module
 
 
-if __name__ == "__main__":
-  experiment = _load(sys.argv)
-  presets = getattr(experiment, "PRESETS", ())
-  get = experiment.get_config
-  cli.define_config(get(cli.chosen_preset(presets)) if presets else get(),
-                    getattr(experiment, "MODEL_HELP", None))  # fmt: skip
-  if presets:
-    flags.DEFINE_enum("preset", presets[0], presets, "The config the overrides start from.")
+def define_flags() -> None:
+  """The plan's own flags (the experiment's `--config` and `--preset` come from its module)."""
   flags.DEFINE_string(
     "workdir", None, "Optional: a run's folder, whose saved tokenizer is read rather than trained."
   )
@@ -234,4 +237,15 @@ if __name__ == "__main__":
     "One device's memory, e.g. 80GB (10^9 bytes) or 16GiB (2^30): also find the largest "
     "batch that fits.",
   )  # fmt: skip
+
+
+if __name__ == "__main__":
+  define_flags()
+  experiment = _load(sys.argv)
+  presets = getattr(experiment, "PRESETS", ())
+  get = experiment.get_config
+  cli.define_config(get(cli.chosen_preset(presets)) if presets else get(),
+                    getattr(experiment, "MODEL_HELP", None))  # fmt: skip
+  if presets:
+    flags.DEFINE_enum("preset", presets[0], presets, "The config the overrides start from.")
   cli.run(main)

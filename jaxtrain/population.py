@@ -33,7 +33,17 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxtrain import checkpoint, metrics, optim, record, sharding, space, throughput
+from jaxtrain import (
+  checkpoint,
+  distributed,
+  interrupt,
+  metrics,
+  optim,
+  record,
+  sharding,
+  space,
+  throughput,
+)
 from jaxtrain import config as config_lib
 from jaxtrain import monitor as monitor_lib
 from jaxtrain import parts as parts_lib
@@ -58,6 +68,10 @@ class PopulationResult(NamedTuple):
     status: each member's `completed`, `stopped_early` or `pruned`.
     best: the index of the best member.
     workdir: the population's folder; `workdir / "best"` is the best member's run.
+    stopped: `(status, reason)` when SIGTERM (`preempted`) or Ctrl-C
+      (`interrupted`) stopped the population before its end; then no best
+      member is saved (a population keeps no checkpoints: its trials start
+      again on a rerun).
   """
 
   states: state_lib.TrainState
@@ -67,6 +81,7 @@ class PopulationResult(NamedTuple):
   status: list[str]
   best: int
   workdir: pathlib.Path
+  stopped: tuple[str, str] | None = None
 
 
 def member_configs(
@@ -316,16 +331,26 @@ def _run(
   tally.jsonl = metrics.JsonlWriter(path / "metrics.jsonl" if jax.process_index() == 0 else None)
   states = program.initial(configs)
   steps, started = 0, time.perf_counter()
-  with parts_lib.stream(spec) as batches:
-    while steps < t.steps and "running" in tally.status:
-      states, out = program.chunk(states, next(batches), tally.active())
-      steps += t.steps_per_loop
-      if steps % t.log_every == 0:
-        _log_train(tally, steps, jax.device_get(out))
-      if steps == t.steps or (base.eval.every_steps and steps % base.eval.every_steps == 0):
-        states = _evaluate(program, states, steps, tally)
+  signals, vote = interrupt.StopSignals(spec.mesh, saves=False), interrupt.RUNNING
+  try:
+    with parts_lib.stream(spec) as batches:
+      while steps < t.steps and "running" in tally.status and not vote:
+        states, out = program.chunk(states, next(batches), tally.active())
+        vote = distributed.largest(signals.vote)  # every process stops at the same chunk
+        steps += t.steps_per_loop
+        if steps % t.log_every == 0:
+          _log_train(tally, steps, jax.device_get(out))
+        if steps == t.steps or (base.eval.every_steps and steps % base.eval.every_steps == 0):
+          states = _evaluate(program, states, steps, tally)
+  finally:
+    signals.close()
+    tally.jsonl.close()
   seconds = time.perf_counter() - started
-  tally.jsonl.close()
+  if vote and steps < t.steps and "running" in tally.status:
+    stopped = _stopped(vote, steps)
+    rec.update(status=stopped[0], reason=stopped[1], final_step=steps)
+    return PopulationResult(states, configs, tally.last, tally.best, list(tally.status),
+                            tally.pick(), path, stopped)  # fmt: skip
   status = ["completed" if s == "running" else s for s in tally.status]
   pick = tally.pick()
   _save_member(program, configs[pick], jax.tree.map(lambda x: x[pick], states), path / "best",
@@ -336,6 +361,13 @@ def _run(
     "mode": tally.mode, "member_steps_per_sec": len(configs) * steps / seconds,
   })  # fmt: skip
   return PopulationResult(states, configs, tally.last, tally.best, status, pick, path)
+
+
+def _stopped(vote: int, step: int) -> tuple[str, str]:
+  """The status and reason of a population that SIGTERM or Ctrl-C stopped at `step`."""
+  signal = "SIGTERM" if vote == interrupt.PREEMPTED else "Ctrl-C"
+  reason = f"{signal} at step {step}; a population keeps no checkpoints: a rerun starts it again"
+  return interrupt.STATUS[vote], reason
 
 
 def _log_train(tally: _Tally, step: int, out: dict[str, Any]) -> None:

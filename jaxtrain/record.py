@@ -15,6 +15,7 @@ Example:
 
 import datetime
 import errno
+import hashlib
 import importlib.metadata
 import json
 import logging
@@ -65,6 +66,32 @@ def write_json(path: pathlib.Path, value: Any) -> None:
         raise
       tmp.unlink(missing_ok=True)
       path.write_text(text)
+
+
+def read_object(path: pathlib.Path) -> dict[str, Any]:
+  """A run's `run.json` or `config.json` as a dict.
+
+  Raises:
+    ConfigError: naming the file, when it is missing, unreadable, or not a
+      JSON object.
+  """
+  try:
+    value = json.loads(path.read_text())
+  except FileNotFoundError as e:
+    raise config_lib.ConfigError(f"{path.parent}: not a run's workdir (no {path.name})") from e
+  except (OSError, ValueError) as e:
+    raise config_lib.ConfigError(f"{path} is damaged: {logs.brief(e, 120)}") from e
+  if not isinstance(value, dict):
+    raise config_lib.ConfigError(
+      f"{path} is damaged: it holds a {type(value).__name__}, not a JSON object"
+    )
+  return value
+
+
+def enclosing_run(path: pathlib.Path) -> pathlib.Path | None:
+  """The run folder (one holding `run.json`) that `path` is, or lies inside; None if none."""
+  path = path.resolve()
+  return next((p for p in (path, *path.parents) if (p / "run.json").is_file()), None)
 
 
 def now() -> str:
@@ -189,18 +216,32 @@ def describe_rules(rules: Any) -> dict[str, Any] | None:
   return {"kind": "path", "patterns": [pattern for pattern, _ in rules]}
 
 
+def fingerprints(data: Dataset) -> dict[str, Any]:
+  """What identifies a run's data: each split's fingerprint and the sha256 of its files.
+
+  A checkpoint records them; a resume on other data, or with another
+  tokenizer, is refused (`jaxtrain.workdir`).
+  """
+
+  def fingerprint(source: Any) -> str | None:
+    return source.fingerprint() if hasattr(source, "fingerprint") else None
+
+  files = {name: hashlib.sha256(text.encode()).hexdigest() for name, text in
+           sorted((data.files or {}).items())}  # fmt: skip
+  return {"train": fingerprint(data.train), "eval": fingerprint(data.eval), "files": files}
+
+
 def run_fields(
   config: ml_collections.ConfigDict,
   mesh: Mesh,
   data: Dataset,
   workdir: pathlib.Path,
   rules: Any = None,
+  *,
+  prints: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
   """Returns what `run.json` records about a run before it starts."""
-
-  def fingerprint(source: Any) -> str | None:
-    return source.fingerprint() if hasattr(source, "fingerprint") else None
-
+  prints = prints or fingerprints(data)
   git = git_info(pathlib.Path.cwd())
   diff, saved = git.pop("diff", None), workdir / "git.diff"
   if jax.process_index() == 0:
@@ -224,8 +265,8 @@ def run_fields(
       "train_size": len(data.train),
       "eval_size": len(data.eval),
       "folder": data.folder or None,
-      "train_fingerprint": fingerprint(data.train),
-      "eval_fingerprint": fingerprint(data.eval),
+      "train_fingerprint": prints["train"],
+      "eval_fingerprint": prints["eval"],
       **(data.info or {}),
     },
     "seeds": {"train.seed": config.train.seed, "data.seed": config_lib.data_seed(config)},
@@ -245,6 +286,8 @@ def start(
   rules: Any = None,
   initial: Any = None,
   parameters: dict[str, int] | None = None,
+  prints: dict[str, Any] | None = None,
+  lines: list[dict[str, Any]] | None = None,
 ) -> "RunRecord":
   """Writes `config.json`, trims `metrics.jsonl` to the resumed step, starts `run.json`.
 
@@ -261,6 +304,9 @@ def start(
     rules: the sharding rules that placed the state.
     initial: the `weights.Initial` loaded into a fresh state, if any.
     parameters: the model's parameter count, `total` and `trainable`.
+    prints: the data's `fingerprints`, if already taken.
+    lines: the metric lines of the resumed step, as its checkpoint recorded
+      them: written again if a crash cut them from `metrics.jsonl`.
   """
   is_main = jax.process_index() == 0
   if is_main:
@@ -269,8 +315,8 @@ def start(
     for name, text in (data.files or {}).items():  # a trained tokenizer, say
       with logs.naming(workdir / name):
         (workdir / name).write_text(text)
-    metrics.truncate_jsonl(workdir / "metrics.jsonl", resumed_from or 0)  # a killed run's tail
-  fields = run_fields(config, mesh, data, workdir, rules)
+    metrics.truncate_jsonl(workdir / "metrics.jsonl", resumed_from or 0, lines)  # a crash's tail
+  fields = run_fields(config, mesh, data, workdir, rules, prints=prints)
   fields["forced_changes"] = {k: list(v) for k, v in (forced or {}).items()} or None
   fields["throughput"] = throughput
   fields["initial_weights"] = initial_weights(config.train.seed, resumed_from, initial)
@@ -295,6 +341,8 @@ def checkpoint_meta(
   skipped: int,
   monitor: list[Any],
   initial: str | None = None,
+  prints: dict[str, Any] | None = None,
+  lines: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
   """What a checkpoint records beside the state: enough to resume exactly and to audit.
 
@@ -307,6 +355,9 @@ def checkpoint_meta(
     monitor: the settings the monitor's state means something under.
     initial: the sha256 of the initial weights' source, if any (a resume
       reads the parameters a checkpoint leaves out from it again).
+    prints: the data's `fingerprints` (a resume on other data is refused).
+    lines: the metric lines written at this step (a resume writes them again
+      if a crash cut them off).
   """
   return {
     "config": json.loads(config_lib.to_json(config)),
@@ -318,6 +369,8 @@ def checkpoint_meta(
     "skipped": skipped,
     "monitor": monitor,
     "initial_sha256": initial,
+    "fingerprints": prints,
+    "lines": lines or [],
     "time": now(),
   }
 

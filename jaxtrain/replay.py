@@ -3,20 +3,21 @@
     python -m jaxtrain.replay runs/digits
     python -m jaxtrain.replay runs/digits --out runs/digits_again
 
-It reads the run's `config.json` and `run.json`, refuses with one line (exit 2)
-when the code or the data differ from the record (the git commit and the saved
-diff; the data's fingerprints), unless `--force`, then trains the same config,
-seeds included, with the experiment module that ran it (`python -m NAME`) into a
-new workdir (default `DIR_replay`), and compares every line of the two
-`metrics.jsonl` files, timing fields aside: exit 0 when all match (to `--atol`,
-exactly by default), 1 naming the first step that does not.
+It reads the run's `config.json`, `run.json` and `metrics.jsonl`, refuses with
+one line (exit 2) when the code or the data differ from the record (the git
+commit and the saved diff; the data's fingerprints), unless `--force`, then
+trains the same config, seeds included, with the experiment module that ran it
+(`python -m NAME`) into a new workdir (default `DIR_replay`), and compares every
+line of the two `metrics.jsonl` files, timing fields aside: exit 0 when all
+match (to `--atol`, exactly by default), 1 naming the first step that does not.
+Before anything trains, a damaged or missing record, a run with no metric lines
+to compare, and an `--out` that is the run, lies inside it, holds it, or holds
+files already, are each one line and exit 2: a replay never writes into a run.
 
 From Python:
   >>> replay.compare(original_lines, new_lines, atol=0.0)   # [] when they match
 """
 
-import importlib
-import json
 import math
 import pathlib
 import sys
@@ -26,7 +27,7 @@ import ml_collections
 from absl import flags
 
 import jaxtrain
-from jaxtrain import cli, record
+from jaxtrain import cli, metrics, record
 from jaxtrain import config as config_lib
 from jaxtrain.config import ConfigError
 
@@ -40,7 +41,8 @@ def rebuild_config(module: Any, saved: dict[str, Any]) -> ml_collections.ConfigD
   known = dict(config_lib.flatten(config))
   for key, raw in config_lib.flatten_dict(saved).items():
     if key not in known:
-      raise ConfigError(f"the recorded key {key} is not in {module.__name__}'s config any more")
+      raise ConfigError(f"config.json records {key}, which is not a key of {module.__name__}'s "
+                        "config (any more)")  # fmt: skip
     value = raw
     if isinstance(known[key], tuple) and isinstance(raw, list):
       value = tuple(tuple(v) if isinstance(v, list) else v for v in raw)
@@ -48,7 +50,11 @@ def rebuild_config(module: Any, saved: dict[str, Any]) -> ml_collections.ConfigD
     node = config
     for part in parents:
       node = node[part]
-    node[leaf] = value
+    try:
+      node[leaf] = value
+    except (TypeError, ValueError) as e:
+      raise ConfigError(f"config.json records {key}={raw!r}, not of the key's type "
+                        f"{type(known[key]).__name__}") from e  # fmt: skip
   return config
 
 
@@ -60,8 +66,9 @@ def code_problems(recorded: dict[str, Any], workdir: pathlib.Path) -> list[str]:
   problems = []
   if here.get("commit") != recorded["commit"]:
     problems.append(f"the code is at commit {str(here.get('commit'))[:10]}, the run's at "
-                    f"{recorded['commit'][:10]}")  # fmt: skip
-  saved = workdir / recorded["diff_file"] if recorded.get("diff_file") else None
+                    f"{str(recorded['commit'])[:10]}")  # fmt: skip
+  diff_file = recorded.get("diff_file")
+  saved = workdir / diff_file if isinstance(diff_file, str) and diff_file else None
   old = saved.read_text() if saved and saved.exists() else ""
   if here.get("diff", "") != old:
     problems.append("the uncommitted changes differ from the run's git.diff")
@@ -113,9 +120,22 @@ def _close(a: Any, b: Any, atol: float) -> bool:
 
 def _lines(workdir: pathlib.Path) -> list[dict]:
   path = workdir / "metrics.jsonl"
-  return (
-    [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
-  )
+  return metrics.read_jsonl(path) if path.exists() else []
+
+
+def check_out(run: pathlib.Path, out: pathlib.Path, shown: str) -> None:
+  """Refuses an `--out` that is the run, lies inside it or holds it, or holds files already."""
+  run, out = run.resolve(), out.resolve()
+  if out == run or run in out.parents:
+    raise ConfigError(f"--out={shown} is {'the run' if out == run else 'inside the run'} "
+                      f"{run}: a replay must not write into the run it checks")  # fmt: skip
+  if out in run.parents:
+    raise ConfigError(f"--out={shown} holds the run {run}: give a new folder")
+  if other := record.enclosing_run(out):
+    where = "holds a run" if other == out else f"lies inside the run {other}"
+    raise ConfigError(f"--out={shown} {where}; give a new folder")
+  if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    raise ConfigError(f"--out={shown} is not an empty folder; give a new one")
 
 
 def main(argv: list[str]) -> None:
@@ -123,28 +143,33 @@ def main(argv: list[str]) -> None:
   if len(argv) != 2:
     raise ConfigError("usage: python -m jaxtrain.replay DIR [--out NEW] [--force] [--atol=0]")
   f = flags.FLAGS
+  if not math.isfinite(f.atol):
+    raise ConfigError(f"--atol={f.atol} must be a finite number, 0 or more")
   workdir = jaxtrain.workdir.resolve(argv[1])
-  try:
-    run = json.loads((workdir / "run.json").read_text())
-    saved = json.loads((workdir / "config.json").read_text())
-  except (OSError, ValueError) as e:
-    raise ConfigError(f"{argv[1]}: not a run's workdir ({e})") from e
-  name = (run.get("environment") or {}).get("module")
-  if not name:
+  if not workdir.is_dir():
+    raise ConfigError(f"{argv[1]}: no such run folder")
+  run, saved = record.read_object(workdir / "run.json"), record.read_object(workdir / "config.json")
+  if not _lines(workdir):
+    raise ConfigError(f"{argv[1]}/metrics.jsonl is missing or empty: the replay would have "
+                      "nothing to compare with")  # fmt: skip
+  out = jaxtrain.workdir.resolve(f.out or f"{workdir}_replay")
+  check_out(workdir, out, f.out or f"{argv[1]}_replay")
+  environment = run.get("environment")
+  name = environment.get("module") if isinstance(environment, dict) else None
+  if not isinstance(name, str) or not name:
     raise ConfigError(f"{argv[1]}: run.json names no experiment module; replay reruns runs "
                       "started as python -m NAME")  # fmt: skip
   try:
-    module = importlib.import_module(name)
-  except ImportError as e:
-    raise ConfigError(f"{argv[1]}: cannot import its experiment {name!r}: {e}") from e
+    module = cli.import_experiment(name)
+  except ConfigError as e:
+    raise ConfigError(f"{argv[1]}: {e}") from e
   config = rebuild_config(module, saved)
   model, dataset, loss = module.task(config, None)[:3]
-  problems = code_problems(run.get("git") or {}, workdir) + data_problems(
-    run.get("data") or {}, dataset
+  problems = code_problems(_section(run, "git"), workdir) + data_problems(
+    _section(run, "data"), dataset
   )
   if problems and not f.force:
     raise ConfigError(f"not replaying {argv[1]}: {'; '.join(problems)} (--force replays anyway)")
-  out = jaxtrain.workdir.resolve(f.out or f"{workdir}_replay")
   print(f"replaying {name} from {workdir} into {out}", file=sys.stderr)
   for problem in problems:
     print(f"warning: {problem}", file=sys.stderr)
@@ -156,6 +181,11 @@ def main(argv: list[str]) -> None:
     sys.exit(1)
   print(f"replay matches the run: {len(original)} metric lines, every value equal"
         + (f" to {f.atol}" if f.atol else ""))  # fmt: skip
+
+
+def _section(run: dict[str, Any], name: str) -> dict[str, Any]:
+  value = run.get(name)
+  return value if isinstance(value, dict) else {}
 
 
 if __name__ == "__main__":

@@ -29,8 +29,9 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
 from absl import flags
 
-from jaxtrain import cli
+from jaxtrain import cli, metrics
 from jaxtrain import config as config_lib
+from jaxtrain import record as record_lib
 from jaxtrain.config import ConfigError
 
 LOG_SPAN = 10.0  # a quantity whose largest value is this many times its smallest: log scale
@@ -55,15 +56,18 @@ class Run(NamedTuple):
 
 
 def load(workdir: str | os.PathLike, name: str | None = None) -> Run:
-  """Reads a workdir's records; raises `ConfigError` when it holds no run."""
+  """Reads a workdir's records; raises `ConfigError` when it holds no run, or a damaged one.
+
+  A cut-off last line of `metrics.jsonl` (a crash while writing it) is left
+  out with a warning.
+  """
   path = pathlib.Path(workdir).expanduser().resolve()
-  try:
-    record = json.loads((path / "run.json").read_text())
-    config = json.loads((path / "config.json").read_text())
-    text = (path / "metrics.jsonl").read_text() if (path / "metrics.jsonl").exists() else ""
-  except (OSError, ValueError) as e:
-    raise ConfigError(f"{workdir}: not a run's workdir ({e})") from e
-  lines = [json.loads(x) for x in text.splitlines() if x.strip()]
+  if not path.is_dir():
+    raise ConfigError(f"{workdir}: no such run folder")
+  record = record_lib.read_object(path / "run.json")
+  config = record_lib.read_object(path / "config.json")
+  jsonl = path / "metrics.jsonl"
+  lines = metrics.read_jsonl(jsonl) if jsonl.exists() else []
   return Run(
     name or pathlib.Path(workdir).name or str(path),
     path,

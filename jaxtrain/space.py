@@ -6,8 +6,9 @@
     optim.name=choice(adam,rmsprop)      one of the values, read with the key's type
 
 Each key must be one of the config's keys; a bad distribution, a bound of the
-wrong type, or a value the config refuses (checked at each bound and choice)
-is a `ConfigError` naming it, before any trial runs.
+wrong type, or a value the config refuses (checked at each bound and choice,
+with the run's own checks too when `parse` is given them) is a `ConfigError`
+naming it, before any trial runs.
 
 Example:
   >>> dims = space.parse(["optim.lr=loguniform(1e-4,1e-2)"], config)
@@ -17,8 +18,9 @@ Example:
 
 import ast
 import copy
+import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -29,6 +31,7 @@ from absl import flags
 from jaxtrain import config as config_lib
 from jaxtrain import parts
 from jaxtrain.config import ConfigError
+from jaxtrain.data.sources import DataError
 
 KINDS = ("uniform", "loguniform", "int", "choice")
 FLOATS = ("uniform", "loguniform")
@@ -71,8 +74,21 @@ class Dimension(NamedTuple):
     return f"{self.key}={self.kind}({inside})"
 
 
-def parse(texts: Sequence[str], config: ml_collections.ConfigDict) -> list[Dimension]:
+def parse(
+  texts: Sequence[str],
+  config: ml_collections.ConfigDict,
+  check_run: Callable[[ml_collections.ConfigDict], Any] | None = None,
+) -> list[Dimension]:
   """Reads `KEY=DIST` texts and checks each key and value against `config`.
+
+  Args:
+    texts: the `KEY=DIST` texts.
+    config: the base config.
+    check_run: checks a whole run's config beyond the framework's keys (the
+      experiment's model, data and loss, with abstract shapes), called at each
+      bound and choice of a key other than one of the framework's floats
+      (`optim.lr`, say, which the config check covers); raises `ConfigError`
+      or `DataError`.
 
   Raises:
     ConfigError: naming the first bad text and its problem.
@@ -86,8 +102,11 @@ def parse(texts: Sequence[str], config: ml_collections.ConfigDict) -> list[Dimen
     dim = _dimension(text, known, config)
     if any(d.key == dim.key for d in dims):
       raise ConfigError(f"--space {text!r}: {dim.key} is given twice")
+    # A framework's float key is fully checked by `parts.validate`; others may change what
+    # the experiment builds (a model's width, a batch larger than the data, a regex).
+    deep = check_run if not (dim.kind in FLOATS and dim.key in config_lib.DEFAULTS) else None
     for value in dim.corners():
-      check(config, {dim.key: value}, f"--space {text!r}")
+      check(config, {dim.key: value}, f"--space {text!r}", deep)
     dims.append(dim)
   return dims
 
@@ -184,9 +203,22 @@ def apply(
   return out
 
 
-def check(config: ml_collections.ConfigDict, values: Mapping[str, Any], where: str) -> None:
-  """Validates `config` with `values` set (`parts.validate`); a refusal names `where`."""
+def check(
+  config: ml_collections.ConfigDict,
+  values: Mapping[str, Any],
+  where: str,
+  check_run: Callable[[ml_collections.ConfigDict], Any] | None = None,
+) -> None:
+  """Validates `config` with `values` set (`parts.validate`, then `check_run`); names `where`."""
   try:
-    parts.validate(apply(config, values), jax.device_count())
-  except ConfigError as e:
+    changed = apply(config, values)
+    parts.validate(changed, jax.device_count())
+    if check_run:
+      check_run(changed)
+  except (ConfigError, DataError) as e:
     raise ConfigError(f"{where}: {e}") from e
+
+
+def size(dims: Sequence[Dimension]) -> int:
+  """How many points a grid over `dims` (choice and int keys) holds, without listing them."""
+  return math.prod(len(d.choices) if d.kind == "choice" else d.high - d.low + 1 for d in dims)

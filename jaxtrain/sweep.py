@@ -39,7 +39,7 @@ import ml_collections
 import optuna
 from absl import flags
 
-from jaxtrain import cli, loop, parts, population, report, space
+from jaxtrain import cli, logs, loop, parts, population, report, space
 from jaxtrain import config as config_lib
 from jaxtrain import study as study_lib
 from jaxtrain import workdir as workdir_lib
@@ -63,6 +63,7 @@ class Sweep(NamedTuple):
   study: optuna.Study
   storage: optuna.storages.RDBStorage
   population: int
+  sampler: str  # --sampler; a seeded one is made anew for each trial (`study.sampler`)
 
 
 class _TrialError(Exception):
@@ -92,10 +93,15 @@ def objective(base: ml_collections.ConfigDict, metric: str | None, mode: str | N
   return metric, mode
 
 
+def check_run(experiment: Any, config: ml_collections.ConfigDict) -> parts.Spec:
+  """Checks a trial's run as `train` would, with abstract shapes: its model, data and loss."""
+  model, data, loss = experiment.task(config, None)[:3]
+  return parts.prepare(config, model, data, loss)
+
+
 def check_metric(experiment: Any, base: ml_collections.ConfigDict, metric: str) -> None:
   """Checks the base run (model, loss, data, with abstract shapes) and that it reports `metric`."""
-  model, data, loss = experiment.task(base, None)[:3]
-  names = parts.prepare(base, model, data, loss).eval_names
+  names = check_run(experiment, base).eval_names
   if metric.removeprefix("eval/") not in names:
     raise ConfigError(f"--metric={metric}: the evaluations report "
                       f"{', '.join('eval/' + n for n in names)}")  # fmt: skip
@@ -127,7 +133,11 @@ def run_trial(sw: Sweep, trial: optuna.Trial) -> float:
   if result.status in ("preempted", "interrupted"):
     _again(sw, trial)
     raise _StoppedError(result.status, result.reason)
-  value = best_value(path, sw.metric, sw.mode)
+  try:
+    value = best_value(path, sw.metric, sw.mode)
+  except ConfigError as e:  # its metrics.jsonl is damaged: this trial fails, the sweep goes on
+    trial.set_user_attr("error", " ".join(str(e).split()))
+    raise _TrialError(str(e)) from e
   if value is None or not math.isfinite(value):
     trial.set_user_attr("error", f"no finite {sw.metric} among its evaluations")
     raise _TrialError(trial.user_attrs["error"])
@@ -161,8 +171,7 @@ def best_value(path: Any, metric: str, mode: str) -> float | None:
 
 def trial_folder(sw: Sweep, number: int, kind: str = "trials") -> str:
   """`trials/NNNN` (or `populations/NNNN`), `trials/STUDY-NNNN` for a study not named as DIR."""
-  prefix = "" if sw.study.study_name == sw.root.name else f"{sw.study.study_name}-"
-  return f"{kind}/{prefix}{number:04d}"
+  return f"{kind}/{study_lib.prefix(sw.root, sw.study.study_name)}{number:04d}"
 
 
 def _new_trial(sw: Sweep, trial: optuna.Trial, workdir: str) -> None:
@@ -183,21 +192,33 @@ def _new_trial(sw: Sweep, trial: optuna.Trial, workdir: str) -> None:
 
 def run(sw: Sweep) -> str:
   """Runs trials until the study has `--trials`; returns completed, preempted or interrupted."""
-  if sw.population > 1:
-    return run_populations(sw)
+  try:
+    return run_populations(sw) if sw.population > 1 else run_trials(sw)
+  except _StoppedError as e:
+    print(f"sweep stopped: {e}", flush=True)
+    return e.status
+
+
+def run_trials(sw: Sweep) -> str:
+  """Runs one trial at a time until the study is full."""
   objective_fn = functools.partial(run_trial, sw)
   shown = lambda _, frozen: print(trial_line(sw, frozen), flush=True)  # noqa: E731
   while True:
     study_lib.take_over(sw.study, sw.storage)
     if not study_lib.remaining(sw.study, sw.trials):
       return "completed"
+    _reseed(sw)
     try:
       sw.study.optimize(objective_fn, n_trials=1, catch=(_TrialError,), callbacks=[shown])
     except _SurplusError:
       return "completed"
-    except _StoppedError as e:
-      print(f"sweep stopped: {e}", flush=True)
-      return e.status
+
+
+def _reseed(sw: Sweep) -> None:
+  """A seeded sampler for the trial drawn next: its values do not depend on earlier runs."""
+  if study_lib.seeded(sw.sampler):
+    number = len(sw.study.get_trials(deepcopy=False))
+    sw.study.sampler = study_lib.sampler(sw.sampler, sw.dims, sw.trials, number)
 
 
 def run_populations(sw: Sweep) -> str:
@@ -208,6 +229,7 @@ def run_populations(sw: Sweep) -> str:
       return "completed"
     asked = []
     for _ in range(min(sw.population, left)):
+      _reseed(sw)
       trial = sw.study.ask()
       name = trial_folder(sw, (asked or [trial])[0].number, "populations")
       try:
@@ -248,6 +270,11 @@ def _train_population(sw: Sweep, asked: list[optuna.Trial]) -> None:
       raise
     print(f"population {path.name} failed: {e}", flush=True)
     return
+  if result.stopped:  # SIGTERM or Ctrl-C: the trials run again, afresh, on a rerun
+    for trial in asked:
+      _again(sw, trial)
+      sw.study.tell(trial, state=study_lib.TrialState.FAIL)
+    raise _StoppedError(*result.stopped)
   for i, trial in enumerate(asked):
     best = result.best_values[i]
     trial.set_user_attr("status", result.status[i])
@@ -306,7 +333,11 @@ def best_command(sw: Sweep, best: dict[str, Any]) -> str:
 
 
 def finish(sw: Sweep) -> bool:
-  """Writes `DIR/report/`, prints the best trial and its command; False if every trial failed."""
+  """Writes `DIR/report/`, prints the best trial and its command; False if every trial failed.
+
+  Trials that other processes are still running (a shared study) are named,
+  and the best is then only the best so far.
+  """
   table = rows(sw)
   scored = [r for r in table if r["status"] in FINISHED]  # a pruned trial's best is partial
   best = None
@@ -316,14 +347,21 @@ def finish(sw: Sweep) -> bool:
                               command=best and best_command(sw, best))  # fmt: skip
   done = sum(r["status"] in FINISHED for r in table)
   pruned = sum(r["status"] == "pruned" for r in table)
+  running = [r["trial"] for r in table if r["status"] == "running"]
   print(f"{len(table)} trials ({done} finished, {pruned} pruned); report in {folder}")
+  label = "best"
+  if running:
+    label = "best so far"
+    print(f"still running elsewhere: trial {', '.join(map(str, running))}; rerun this command "
+          "when they end for the final report")  # fmt: skip
   if best:
-    print(f"best: trial {best['trial']}, {sw.metric} {best['best']:.4g} "
+    print(f"{label}: trial {best['trial']}, {sw.metric} {best['best']:.4g} "
           f"({sw.root / best['workdir']})\nrerun it with:\n  {best_command(sw, best)}")  # fmt: skip
-  return not table or any(r["status"] in (*FINISHED, "pruned") for r in table)
+  return not table or any(r["status"] in (*FINISHED, "pruned", "running") for r in table)
 
 
 FINISHED = ("completed", "stopped_early")
+MOST_TRIALS = 1_000_000  # each trial is a run with its own folder
 
 
 def main(argv: list[str]) -> int:
@@ -332,47 +370,44 @@ def main(argv: list[str]) -> int:
     raise ConfigError(f"unexpected argument {argv[1]!r}; flags take the form --name=value")
   f = flags.FLAGS
   experiment = sys.modules["jaxtrain_sweep_experiment"]
-  base = f.config
-  dims = space.parse(f.space, base)
-  metric, mode = objective(base, f.metric, f.mode)
-  samplers = {"sampler": study_lib.sampler(f.sampler, dims),
+  metric, mode = objective(f.config, f.metric, f.mode)
+  check_metric(experiment, f.config, metric)  # the base run first: its model, data and loss
+  dims = space.parse(f.space, f.config, functools.partial(check_run, experiment))
+  samplers = {"sampler": study_lib.sampler(f.sampler, dims, f.trials),
               "pruner": study_lib.make(study_lib.PRUNERS, f.pruner, "pruner")}  # fmt: skip
-  size = f.population
-  if size > 1 and f.sampler.startswith("grid"):
-    print(f"--population={size}: --sampler=grid asks for one trial at a time; "
-          "the trials run one at a time", flush=True)  # fmt: skip
-    size = 1
-  if size > 1 and (why := population.why_not(dims, base)):
-    print(f"--population={size}: {why}; the trials run one at a time", flush=True)
-    size = 1
-  check_metric(experiment, base, metric)
-  root = workdir_lib.resolve(f.workdir)
-  check_root(root, f.workdir)
-  if f.storage:
-    study_lib.shown_url(f.storage)  # a bad URL is refused before anything is written
-  else:
-    root.mkdir(parents=True, exist_ok=True)  # for study.db
-  url = f.storage or f"sqlite:///{root / 'study.db'}"
+  trials = f.trials
+  if f.sampler.partition(":")[0] == "grid" and (points := space.size(dims)) < trials:
+    print(f"--sampler=grid: the space holds {points} points; the sweep runs {points} trials")
+    trials = points
+  size = population_size(f.population, f.sampler, dims, f.config)
   signature = {"experiment": experiment.__name__, "space": [d.text() for d in dims],
                "metric": metric, "mode": mode, "config": list(_OVERRIDES)}  # fmt: skip
-  direction = "maximize" if mode == "max" else "minimize"
-  study, storage = study_lib.open_study(url, f.study or root.name, direction, signature, **samplers)
-  root.mkdir(parents=True, exist_ok=True)
-  sw = Sweep(experiment, base, list(_OVERRIDES), dims, metric, mode, f.trials, root, f.workdir,
-             study, storage, size)  # fmt: skip
-  status = run(sw)
-  if not finish(sw) and status == "completed":
-    print("error: every trial failed; the trial lines above say why", file=sys.stderr)
-    return cli.EXIT_FAILED
+  root = workdir_lib.resolve(f.workdir)
+  study, storage = study_lib.open_sweep(
+    root, f.workdir, f.study, f.storage, signature,
+    direction="maximize" if mode == "max" else "minimize", **samplers,
+  )  # fmt: skip
+  sw = Sweep(experiment, f.config, list(_OVERRIDES), dims, metric, mode, trials, root,
+             f.workdir, study, storage, size, f.sampler)  # fmt: skip
+  with logs.to_file(root, expected=cli.USAGE_ERRORS):
+    status = run(sw)
+    if not finish(sw) and status == "completed":
+      print("error: every trial failed; the trial lines above say why", file=sys.stderr)
+      return cli.EXIT_FAILED
   return {"completed": 0, "preempted": cli.EXIT_PREEMPTED}.get(status, cli.EXIT_INTERRUPTED)
 
 
-def check_root(root: Any, shown: str) -> None:
-  """Refuses a `--workdir` that is a file, or the folder of an ordinary run."""
-  if root.exists() and not root.is_dir():
-    raise ConfigError(f"--workdir={shown} is a file, not a folder")
-  if (root / "run.json").exists():
-    raise ConfigError(f"--workdir={shown} holds a run (run.json), not a sweep; give a new one")
+def population_size(size: int, sampler: str, dims: list[space.Dimension],
+                    base: ml_collections.ConfigDict) -> int:  # fmt: skip
+  """`--population`, or 1 (said why) where the sampler or the space cannot train one."""
+  if size > 1 and sampler.startswith("grid"):
+    print(f"--population={size}: --sampler=grid asks for one trial at a time; "
+          "the trials run one at a time", flush=True)  # fmt: skip
+    return 1
+  if size > 1 and (why := population.why_not(dims, base)):
+    print(f"--population={size}: {why}; the trials run one at a time", flush=True)
+    return 1
+  return size
 
 
 _OVERRIDES: list[str] = []
@@ -382,6 +417,10 @@ def _load(argv: list[str]) -> Any:
   """Imports the `--experiment` module before flags are defined (its config is the flag's)."""
   name = next((a.partition("=")[2] or (argv[i + 1] if i + 1 < len(argv) else "")
                for i, a in enumerate(argv) if a.split("=")[0] == "--experiment"), None)  # fmt: skip
+  if not name and cli.asks_help():  # the sweep's own flags; an experiment's keys need it named
+    define_flags()
+    print(cli.usage())
+    sys.exit(0)
   if not name:
     cli.fail(
       "usage: python -m jaxtrain.sweep --experiment experiments.NAME --workdir DIR "
@@ -414,7 +453,8 @@ def define_flags() -> None:
                       required=True)  # fmt: skip
   flags.DEFINE_multi_string("space", [], "KEY=DIST, once per key: uniform(LOW,HIGH), "
                             "loguniform(LOW,HIGH), int(LOW,HIGH) or choice(A,B,...).")  # fmt: skip
-  flags.DEFINE_integer("trials", 10, "Trials in the study, from every process.", lower_bound=1)
+  flags.DEFINE_integer("trials", 10, "Trials in the study, from every process.", lower_bound=1,
+                       upper_bound=MOST_TRIALS)  # fmt: skip
   flags.DEFINE_string("metric", None, "The eval metric to optimise (default: early_stop.metric, "
                       "else eval/loss).")  # fmt: skip
   flags.DEFINE_enum("mode", None, config_lib.MODES, "max or min (default: from the metric).")

@@ -268,6 +268,7 @@ def open_checkpoints(
   *,
   best: tuple[str, str] = ("", "min"),
   initial: Any = None,
+  prints: Mapping[str, Any] | None = None,
 ) -> tuple[checkpoint.Checkpointer, checkpoint.Restored | None]:
   """Opens `path/checkpoints` and restores the newest readable step, if `resume` allows.
 
@@ -277,8 +278,10 @@ def open_checkpoints(
     path: the workdir.
     resume: one of `RESUME_MODES`.
     best: the metric and mode of the best step to keep (`ckpt.best_metric`).
-    initial: the run's `weights.Initial`, if any: a checkpoint that left
-      parameters out resumes only from the same source (by sha256).
+    initial: the run's `weights.Initial`, if any: a checkpoint of a run that
+      loaded initial weights resumes only from the same source (by sha256).
+    prints: the data's `record.fingerprints`: a checkpoint trained on other
+      data, or with another tokenizer, is not resumed.
 
   Returns:
     The checkpointer, and the restored bundle or None for a fresh start.
@@ -303,7 +306,7 @@ def open_checkpoints(
         "use another workdir, or --resume=auto to resume"
       )
     restored = ckpt.restore(abstract, accept=lambda meta, step: _check_resumable(
-      config, resume, meta, step, initial))  # fmt: skip
+      config, resume, meta, step, initial=initial, prints=prints))  # fmt: skip
   except checkpoint.CheckpointError as e:
     if jax.process_index() == 0:
       record.mark_failed(path, f"CheckpointError: {e}")
@@ -322,17 +325,24 @@ def _check_resumable(
   resume: str,
   meta: Mapping[str, Any],
   step: int,
+  *,
   initial: Any = None,
+  prints: Mapping[str, Any] | None = None,
 ) -> None:
   """Raises `ConfigError` when `config` may not resume the checkpoint at `step`."""
   saved_sha = meta.get("initial_sha256")
   if saved_sha and (initial is None or initial.sha256 != saved_sha):
-    now = f"holds {initial.sha256[:12]}..." if initial else "is empty"
+    now = f"{initial.source} holds {initial.sha256[:12]}..." if initial else "is empty"
     raise ConfigError(
-      f"the checkpoint at step {step} left out frozen parameters of the initial weights "
-      f"{saved_sha[:12]}..., and init.source now {now}; give the same source to resume, "
-      "or use another workdir"
+      f"the checkpoint at step {step} was trained from the initial weights {saved_sha[:12]}..., "
+      f"and init.source {now}; give the same source to resume, or use another workdir"
     )
+  changed = data_change(meta.get("fingerprints"), prints, step)
+  if changed and resume != "force":
+    raise ConfigError(f"{changed}; put the old one back to resume, use another workdir, or "
+                      "pass --resume=force")  # fmt: skip
+  if changed:
+    logging.warning("resuming anyway (--resume=force): %s", changed)
   if "config" in meta:
     check_resume(resume, meta["config"], config, step)
   else:  # saved before checkpoints held their config: only the data order is known
@@ -348,6 +358,25 @@ def _check_resumable(
       f"train.steps_per_loop={k} does not divide the checkpoint's step {step}; "
       "pick one that does to resume"
     )
+
+
+def data_change(
+  saved: Mapping[str, Any] | None, prints: Mapping[str, Any] | None, step: int
+) -> str | None:
+  """How the data or its files differ from the checkpoint's record (`record.fingerprints`)."""
+  if not saved or not prints:  # a checkpoint from before data was recorded
+    return None
+  for name, sha in saved.get("files", {}).items():
+    now = prints["files"].get(name)
+    if now != sha:
+      state = f"now {now[:12]}..." if now else "now absent"
+      return (f"{name} in the workdir differs from the one the checkpoint at step {step} "
+              f"trained with (sha256 {sha[:12]}..., {state})")  # fmt: skip
+  for split in ("train", "eval"):
+    if saved.get(split) != prints.get(split):
+      return (f"the {split} data differs from the data the checkpoint at step {step} trained "
+              f"on (fingerprint {saved.get(split)}, now {prints.get(split)})")  # fmt: skip
+  return None
 
 
 def forced_changes(

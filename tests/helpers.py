@@ -130,6 +130,26 @@ class SlowSource:
     return self.source[index]
 
 
+def snapshot(folder):
+  """Every file and folder under `folder`: a file's bytes and mtime, None for a folder.
+
+  A folder's own mtime is left out: a writability probe made and removed in it
+  changes it, and leaves nothing behind.
+  """
+  return {
+    str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns) if p.is_file() else None
+    for p in sorted(folder.rglob("*"))
+  }
+
+
+def refused(result, expected):
+  """Asserts exit status 2 and one line on stderr, `error: ...`, holding `expected`."""
+  lines = result.stderr.strip().splitlines()
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-3000:]
+  assert expected in lines[0], lines[0]
+
+
 def bytes_per_device(tree):
   """The most bytes of `tree`'s arrays that any one device holds."""
   held = {}

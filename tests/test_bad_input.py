@@ -147,13 +147,6 @@ def finished(tmp_path_factory):
   return workdir
 
 
-def _snapshot(folder):
-  return {
-    str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else None, p.stat().st_mtime_ns)
-    for p in sorted(folder.rglob("*"))
-  }
-
-
 def _run(module, args, cwd):
   return subprocess.run(
     [sys.executable, "-m", module, *args],
@@ -166,34 +159,27 @@ def _run(module, args, cwd):
   )
 
 
-def _assert_refused(result, expected):
-  lines = result.stderr.strip().splitlines()
-  assert result.returncode == 2, result.stderr[-3000:]
-  assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-3000:]
-  assert expected in lines[0], lines[0]
-
-
 @pytest.mark.parametrize("name", list(CLI_CASES))
 def test_bad_flag_or_config(name, finished, tmp_path):
   experiment, args, expected = CLI_CASES[name]
   workdir = tmp_path / "run"
   shutil.copytree(finished, workdir)
-  before = _snapshot(workdir)
+  before = helpers.snapshot(workdir)
   (tmp_path / "empty").mkdir()
   args = [a.format(empty=tmp_path / "empty") for a in args]
   result = _run(f"experiments.{experiment}", ["--workdir=run", *args], cwd=tmp_path)
-  _assert_refused(result, expected)
-  assert _snapshot(workdir) == before
+  helpers.refused(result, expected)
+  assert helpers.snapshot(workdir) == before
 
 
 @pytest.mark.parametrize("case", list(CODE_CASES))
 def test_bad_model_loss_or_data(case, finished, tmp_path):
   workdir = tmp_path / "run"
   shutil.copytree(finished, workdir)
-  before = _snapshot(workdir)
+  before = helpers.snapshot(workdir)
   result = _run("tests.user_experiment", ["--workdir=run", f"--case={case}"], cwd=tmp_path)
-  _assert_refused(result, CODE_CASES[case])
-  assert _snapshot(workdir) == before
+  helpers.refused(result, CODE_CASES[case])
+  assert helpers.snapshot(workdir) == before
 
 
 @pytest.mark.parametrize(
@@ -206,13 +192,13 @@ def test_bad_model_loss_or_data(case, finished, tmp_path):
 )
 def test_nothing_is_created_for_a_new_workdir(args, expected, tmp_path):
   result = _run("experiments.digits", args, cwd=tmp_path)
-  _assert_refused(result, expected)
+  helpers.refused(result, expected)
   assert list(tmp_path.iterdir()) == []
 
 
 def test_a_workdir_that_is_a_file(tmp_path):
   (tmp_path / "run").write_text("notes")
-  _assert_refused(_run("experiments.digits", ["--workdir=run"], cwd=tmp_path), "is a file")
+  helpers.refused(_run("experiments.digits", ["--workdir=run"], cwd=tmp_path), "is a file")
   assert (tmp_path / "run").read_text() == "notes"
 
 

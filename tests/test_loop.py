@@ -43,7 +43,7 @@ def test_workdir_files(digits_run):
   config, workdir, result = digits_run
   run = json.loads((workdir / "run.json").read_text())
   assert run["status"] == "completed"
-  assert run["final_step"] == config.train.steps == int(result.state.step)
+  assert run["final_step"] == config.train.steps == int(result.state.step) == result.step
   assert run["train_chunk_compilations"] == 1  # 60 chunks, one executable
   assert run["environment"]["device_count"] == 8
   assert run["environment"]["mesh"] == {"data": 8, "fsdp": 1, "tensor": 1}

@@ -1,9 +1,12 @@
 """`jaxtrain.build`: the pieces `train` runs, driven by hand, give what `train` gives."""
 
+import asyncio
 import json
 import logging
 import os
 import signal
+import threading
+import types
 
 import numpy as np
 import optax
@@ -102,6 +105,49 @@ def test_logged_tracebacks_of_a_ctrl_c_are_dropped():
 
   assert not logs._not_orbax_noise(record(KeyboardInterrupt()))
   assert not logs._not_orbax_noise(record(KeyboardInterrupt(), path="/x/jaxtrain/loop.py"))
-  assert logs._not_orbax_noise(record(OSError("disk")))  # a real failure still shows
+  assert not logs._not_orbax_noise(record(OSError("disk")))  # in log.txt; the run says it
+  assert logs._not_orbax_noise(record(OSError("disk"), level=logging.CRITICAL))
   assert not logs._not_orbax_noise(record(None, level=logging.INFO))  # Orbax's INFO lines
   assert logs._not_orbax_noise(record(None, path="/x/jaxtrain/loop.py", level=logging.INFO))
+  assert logs._not_orbax_noise(record(OSError("disk"), path="/x/jaxtrain/loop.py"))
+
+
+def test_a_failed_library_thread_is_one_line_and_its_traceback_goes_to_the_log_file(
+  tmp_path, capsys
+):
+  def fail():
+    raise RuntimeError("the storage went away")
+
+  previous = threading.excepthook
+  threading.excepthook = logs._thread_failed
+  try:
+    with logs.to_file(tmp_path):
+      thread = threading.Thread(target=fail, name="heartbeat")
+      thread.start()
+      thread.join()
+  finally:
+    threading.excepthook = previous
+  err = capsys.readouterr().err
+  assert err == "warning: background thread heartbeat failed: RuntimeError: the storage went away\n"
+  logged = (tmp_path / logs.FILE).read_text()
+  assert "background thread heartbeat failed" in logged and "Traceback" in logged
+  assert 'raise RuntimeError("the storage went away")' in logged
+
+
+def test_what_a_library_raises_into_a_closed_event_loop_goes_to_the_log_file(tmp_path):
+  """TensorStore's callbacks after Orbax closed its loop (a failed save) reach no terminal."""
+  loop = asyncio.new_event_loop()
+  loop.close()
+  try:
+    loop.call_soon_threadsafe(print)
+  except RuntimeError as e:
+    raised = types.SimpleNamespace(exc_type=type(e), exc_value=e, exc_traceback=e.__traceback__,
+                                   object=None, err_msg=None)  # fmt: skip
+  printed = []
+  with logs.to_file(tmp_path):
+    logs._unraisable(printed.append, raised)
+    ours = ValueError("ours")
+    logs._unraisable(printed.append, types.SimpleNamespace(
+      exc_type=ValueError, exc_value=ours, exc_traceback=None, object=None))  # fmt: skip
+  assert [str(u.exc_value) for u in printed] == ["ours"]  # the project's own still print
+  assert "Event loop is closed" in (tmp_path / logs.FILE).read_text()

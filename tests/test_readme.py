@@ -70,4 +70,5 @@ def test_from_python_as_written(tmp_path):
   printed = result.stdout.strip().splitlines()
   assert printed[0].startswith("{'accuracy': 0.9") and "'loss': " in printed[0]
   assert printed[1].startswith("TrainResult(status='completed', step=600, eval_metrics={")
+  assert printed[2] == "600 completed"
   assert json.loads((tmp_path / "runs" / "nb" / "run.json").read_text())["status"] == "completed"

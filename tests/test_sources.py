@@ -206,6 +206,7 @@ CONVERT_CASES = {
   "zero records": (["--npz=empty.npz", "--out=o.ar"], "no records to write"),
   "out is a folder": (["--npz=ok.npz", "--out=folder"], "must name a file"),
   "out in no folder": (["--npz=ok.npz", "--out=absent/o.ar"], "the folder absent does not exist"),
+  "out exists": (["--npz=ok.npz", "--out=t.txt"], "--out t.txt exists; give a new file"),
   "too little text": (["--text=t.txt", "--out=o.ar"], "hold no window of 257"),
   "zero length": (["--text=t.txt", "--length=0", "--out=o.ar"], "--length=0 must be positive"),
   "a length that is no number": (["--text=t.txt", "--length=abc", "--out=o.ar"], "--length=abc"),
@@ -236,3 +237,4 @@ def test_converter_refuses_bad_input_in_one_line(name, tmp_path):
   assert result.returncode == 2, result.stderr[-2000:]
   assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], lines
   assert sorted(p.name for p in tmp_path.iterdir()) == before  # no output, no .tmp file
+  assert (tmp_path / "t.txt").read_text() == "ab"

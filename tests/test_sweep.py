@@ -177,7 +177,8 @@ def test_overrides_given_as_two_words_reach_the_best_command_as_one():
 def test_a_workdir_that_is_not_this_sweeps_is_refused(tmp_path):
   (tmp_path / "file").write_text("")
   for workdir, message in [("file", "--workdir=file is a file"),
-                           ("run", "--workdir=run holds a run (run.json)")]:  # fmt: skip
+                           ("run", "--workdir=run holds a run (run.json)"),
+                           ("run/sub", "--workdir=run/sub lies inside the run")]:  # fmt: skip
     (tmp_path / "run").mkdir(exist_ok=True)
     (tmp_path / "run/run.json").write_text("{}")
     done = run([*sweep_command(trials=1), f"--workdir={workdir}"], tmp_path)
@@ -187,11 +188,14 @@ def test_a_workdir_that_is_not_this_sweeps_is_refused(tmp_path):
 
   first = run(sweep_command(trials=1, steps=20), tmp_path)
   assert first.returncode == 0, first.stderr[-2000:]
-  (tmp_path / "sweep/study.db").unlink()  # a new study under the old trials' folders
+  (tmp_path / "sweep/study.db").unlink()  # the old trials' study is gone: none is made anew
   kept = (tmp_path / "sweep/trials/0000/run.json").read_text()
+  before = sorted(p.name for p in (tmp_path / "sweep").iterdir())
   again = run(sweep_command(trials=1, steps=20), tmp_path)
-  assert again.returncode == 2, again.stderr[-2000:]
-  assert "sweep/trials/0000 holds a run that is not trial 0 of study 'sweep'" in again.stderr
+  assert again.returncode == 2 and again.stderr.count("\n") == 1, again.stderr[-2000:]
+  assert "sweep holds trials of study 'sweep' (trials/0000), but" in again.stderr
+  assert "study.db is missing" in again.stderr
+  assert sorted(p.name for p in (tmp_path / "sweep").iterdir()) == before
   assert (tmp_path / "sweep/trials/0000/run.json").read_text() == kept
 
 

@@ -25,13 +25,23 @@ from jaxtrain.data.sources import DataError, Dataset
 from jaxtrain.data.text import ByteTextSource
 
 FILE = "tokenizer.json"
+BYTES = 256  # a byte-level vocabulary's first tokens
 _CHUNK = 1 << 20  # characters per encoded piece, cut at a newline
 
 
 def train(text: str, vocab_size: int) -> tokenizers.Tokenizer:
-  """A byte-level BPE tokenizer of `vocab_size` tokens (the 256 bytes among them) on `text`."""
-  if vocab_size < 257:
-    raise DataError(f"data.vocab_size={vocab_size} must exceed the 256 byte tokens")
+  """A byte-level BPE tokenizer of `vocab_size` tokens (the 256 bytes among them) on `text`.
+
+  Raises:
+    DataError: `vocab_size` is not between the 256 byte tokens and what the
+      text can train (each merge takes at least one pair of its tokens), or
+      the text trains fewer tokens than asked.
+  """
+  most = BYTES + len(text.encode())
+  if not BYTES < vocab_size <= most:
+    raise DataError(f"data.vocab_size={vocab_size} must be from {BYTES + 1} (the {BYTES} byte "
+                    f"tokens and a merge) to {most:,} (what the train text's bytes can "
+                    "merge into)")  # fmt: skip
   tokenizer = tokenizers.Tokenizer(models.BPE())
   tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tokenizer.decoder = decoders.ByteLevel()
@@ -40,8 +50,32 @@ def train(text: str, vocab_size: int) -> tokenizers.Tokenizer:
     initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     show_progress=False,
   )
-  tokenizer.train_from_iterator(_pieces(text), trainer)
+  try:
+    tokenizer.train_from_iterator(_pieces(text), trainer)
+  except BaseException as e:  # a Rust panic is a BaseException
+    if isinstance(e, KeyboardInterrupt | SystemExit):
+      raise
+    raise DataError(f"training the BPE tokenizer failed: {e}") from e
+  if tokenizer.get_vocab_size() < vocab_size:
+    raise DataError(
+      f"data.vocab_size={vocab_size}: the train text holds merges for only "
+      f"{tokenizer.get_vocab_size()} tokens; ask for at most that many"
+    )
   return tokenizer
+
+
+def load(path: pathlib.Path) -> tokenizers.Tokenizer:
+  """A saved `tokenizer.json`; a damaged one is a `DataError` naming it."""
+  try:
+    return tokenizers.Tokenizer.from_file(str(path))
+  except BaseException as e:  # tokenizers raises Exception, or a Rust panic (BaseException)
+    if isinstance(e, KeyboardInterrupt | SystemExit):
+      raise
+    why = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+    raise DataError(
+      f"{path} is not a readable tokenizer ({why}); put the run's own tokenizer.json back, "
+      "or use another workdir to train a new one"
+    ) from e
 
 
 def token_bytes(tokenizer: tokenizers.Tokenizer) -> np.ndarray:
@@ -76,7 +110,7 @@ def tokenize(
   """
   train_text, eval_text = (_text(s) for s in (dataset.train, dataset.eval))
   if saved is not None and saved.is_file():
-    tokenizer = tokenizers.Tokenizer.from_file(str(saved))
+    tokenizer = load(saved)
     if tokenizer.get_vocab_size() != vocab_size:
       raise DataError(
         f"{saved} holds a tokenizer of {tokenizer.get_vocab_size()} tokens, not "

@@ -7,12 +7,14 @@ An `.npz` of equal-length arrays gives one record per row, with the arrays'
 names as fields; text files (sorted by path) give one `{"tokens": ...}` record
 per byte window, as `jaxtrain.data.text` cuts them. Any bad input (a missing or
 unreadable file, arrays of different lengths, no records at all, an unusable
-`--out`) is one line on stderr and exit status 2; the output is written under a
-temporary name and renamed only when complete, so nothing half-written is left.
+`--out`, or one that exists, unless `--overwrite`) is one line on stderr and
+exit status 2; the output is written under a temporary name and renamed only
+when complete, so nothing half-written is left.
 """
 
 import glob
 import pathlib
+import sys
 import zipfile
 from collections.abc import Iterable
 
@@ -28,6 +30,7 @@ _NPZ = flags.DEFINE_string("npz", None, "An .npz of equal-length arrays: one rec
 _TEXT = flags.DEFINE_string("text", None, "A glob of text files: one record per byte window.")
 _LENGTH = flags.DEFINE_integer("length", 256, "With --text: the window length (records hold +1).")
 _OUT = flags.DEFINE_string("out", None, "The ArrayRecord file to write.", required=True)
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace --out if it exists.")
 
 
 def _rows(npz_path: str) -> Iterable[dict[str, np.ndarray]]:
@@ -65,6 +68,8 @@ def _output(path: str) -> pathlib.Path:
     raise DataError(f"--out {path!r} must name a file, not a folder")
   if not out.parent.is_dir():
     raise DataError(f"--out {path}: the folder {out.parent} does not exist")
+  if (out.exists() or out.is_symlink()) and not _OVERWRITE.value:
+    raise DataError(f"--out {path} exists; give a new file, or --overwrite to replace it")
   return out
 
 
@@ -86,6 +91,9 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+  if cli.asks_help():
+    print(cli.usage())
+    sys.exit(0)
   try:
     app.run(main, flags_parser=cli.parse_flags)
   except KeyboardInterrupt:

@@ -20,6 +20,8 @@ from flax import nnx
 
 from jaxtrain.config import ConfigError
 
+MOST_TOKENS = 2**31 - 1  # the prompt and the sample, indexed by int32 positions
+
 
 def generate(
   model: nnx.Module,
@@ -43,10 +45,16 @@ def generate(
   Returns:
     The sampled ids, `[steps]` int32, without the prompt.
   """
-  if not len(prompt) or steps < 1 or temperature < 0 or top_k < 0:
+  if (
+    not len(prompt)
+    or not 1 <= steps <= MOST_TOKENS - len(prompt)
+    or not 0 <= temperature < float("inf")
+    or top_k < 0
+  ):
     raise ConfigError(
-      f"generate: needs a prompt, steps >= 1, temperature >= 0 and top_k >= 0 (got "
-      f"{len(prompt)} prompt tokens, steps={steps}, temperature={temperature}, top_k={top_k})"
+      f"generate: needs a prompt, 1 <= steps <= {MOST_TOKENS:,} less the prompt, a finite "
+      f"temperature >= 0 and top_k >= 0 (got {len(prompt)} prompt tokens, steps={steps}, "
+      f"temperature={temperature}, top_k={top_k})"
     )
   window, n = model.seq_len, len(prompt)
   size = max(window, n + steps)
