@@ -173,6 +173,20 @@ def import_experiment(name: str) -> Any:
   return module
 
 
+def define_experiment_config(module: Any) -> None:
+  """Defines `--config` (and `--preset`) from an experiment module's config, for a tool.
+
+  The config is `get_config(preset)` with the command line's `--preset` when the
+  module lists `PRESETS`, else `get_config()`; `MODEL_HELP` describes its keys.
+  """
+  presets = getattr(module, "PRESETS", ())
+  get = module.get_config
+  define_config(get(chosen_preset(presets)) if presets else get(),
+                getattr(module, "MODEL_HELP", None))  # fmt: skip
+  if presets:
+    flags.DEFINE_enum("preset", presets[0], presets, "The config the overrides start from.")
+
+
 def define_config(
   config: ml_collections.ConfigDict, model_help: Mapping[str, str] | None = None
 ) -> flags.FlagHolder:

@@ -242,10 +242,5 @@ def define_flags() -> None:
 if __name__ == "__main__":
   define_flags()
   experiment = _load(sys.argv)
-  presets = getattr(experiment, "PRESETS", ())
-  get = experiment.get_config
-  cli.define_config(get(cli.chosen_preset(presets)) if presets else get(),
-                    getattr(experiment, "MODEL_HELP", None))  # fmt: skip
-  if presets:
-    flags.DEFINE_enum("preset", presets[0], presets, "The config the overrides start from.")
+  cli.define_experiment_config(experiment)
   cli.run(main)

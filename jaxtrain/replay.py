@@ -149,7 +149,8 @@ def main(argv: list[str]) -> None:
   if not workdir.is_dir():
     raise ConfigError(f"{argv[1]}: no such run folder")
   run, saved = record.read_object(workdir / "run.json"), record.read_object(workdir / "config.json")
-  if not _lines(workdir):
+  original = _lines(workdir)
+  if not original:
     raise ConfigError(f"{argv[1]}/metrics.jsonl is missing or empty: the replay would have "
                       "nothing to compare with")  # fmt: skip
   out = jaxtrain.workdir.resolve(f.out or f"{workdir}_replay")
@@ -174,7 +175,7 @@ def main(argv: list[str]) -> None:
   for problem in problems:
     print(f"warning: {problem}", file=sys.stderr)
   jaxtrain.train(config, model, dataset, loss, workdir=out, resume="never")
-  original, new = _lines(workdir), _lines(out)
+  new = _lines(out)
   differences = compare(original, new, f.atol)
   if differences:
     print(f"replay differs from the run at {len(differences)} value(s); first: {differences[0]}")

@@ -473,12 +473,7 @@ def define_flags() -> None:
 
 if __name__ == "__main__":
   experiment = _load(sys.argv)
-  presets = getattr(experiment, "PRESETS", ())
-  get = experiment.get_config
-  cli.define_config(get(cli.chosen_preset(presets)) if presets else get(),
-                    getattr(experiment, "MODEL_HELP", None))  # fmt: skip
-  if presets:
-    flags.DEFINE_enum("preset", presets[0], presets, "The config the overrides start from.")
+  cli.define_experiment_config(experiment)
   define_flags()
   optuna.logging.set_verbosity(optuna.logging.ERROR)
   cli.run_tool(lambda argv: sys.exit(main(argv)))
