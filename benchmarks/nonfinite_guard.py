@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import optax
 from absl import app, flags
 
-from jaxtrain import data, losses, models, optim, sharding
+from jaxtrain import data, losses, models, sharding
 from jaxtrain import state as state_lib
 from jaxtrain import step as step_lib
 
@@ -61,7 +61,7 @@ def main(argv: list[str]) -> None:
     raise app.UsageError("compares one-device steps: expose one device")
   k = _K.value
   mesh = sharding.make_mesh((1, 1, 1))
-  tx = optim.optimizer("adam", 1e-3)
+  tx = optax.adam(1e-3)
   model = functools.partial(models.MLP, 784, (512, 512), 10)
   graphdef, state = state_lib.create_state(model, tx, seed=0, mesh=mesh)
   shardings = jax.tree.map(lambda x: x.sharding, state)

@@ -1,49 +1,66 @@
-"""From the `optim` config section to a plain Optax transform and schedule.
+"""Optax optimizers from the `optim` settings: one table of bare ones, one wrapper for the rest.
 
-Every piece is a public function that returns an ordinary
-`optax.GradientTransformation` or schedule, so a notebook can use them one by
-one, compose its own chain, and pass it to `jaxtrain.train(..., tx=...)`.
-`from_config` assembles the chain that a config describes.
+`BASES` maps each `optim.name` to a small function that builds the bare Optax
+optimizer from a learning rate and the typed `Settings`, as Optax's own aliases
+do. `optimizer` wraps any bare optimizer in what jaxtrain adds around it:
+clipping, learning-rate groups, layer decay, freezing, unfreezing, accumulation
+and the plateau multiplier. `from_settings` does both for a run. Every piece
+returns an ordinary `optax.GradientTransformation` or schedule, so a notebook
+can compose its own chain and pass it to `jaxtrain.train(..., tx=...)`.
 
 Parameter paths are the `/`-joined keys of the params pytree, such as
 `hidden/0/kernel` or `head/bias`; the regular expressions below are matched
 against them with `re.search`.
 
 Example:
-  >>> sched = schedule("cosine", lr=1e-3, total_steps=1000, warmup_steps=100)
-  >>> tx = optimizer("adamw", sched, weight_decay=1e-4, clip_norm=1.0,
-  ...                freeze=("^embed/",), lr_groups={"^head/": 10.0})
+  >>> s = settings({"name": "adamw", "weight_decay": 1e-4, "clip_norm": 1.0}, total_steps=1000)
+  >>> tx, sched = from_settings(s, multiplier=False)
+  >>> tx = optimizer(optax.adam, 1e-3, clip_norm=1.0, frozen=("^embed/",))  # any Optax alias
 """
 
+import dataclasses
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import optax
 
 from jaxtrain import config as config_lib
 from jaxtrain import finetune, sharding
-from jaxtrain.config import DECAY_OPTIMIZERS, MUON_ADAM, NO_DECAY, OPTIMIZERS, SCHEDULES
+from jaxtrain.config import LAYER_PATTERN, MUON_ADAM, NO_DECAY, SCHEDULES
 
 __all__ = [
-  "DECAY_OPTIMIZERS",
+  "BASES",
   "NO_DECAY",
-  "OPTIMIZERS",
   "SCHEDULES",
+  "TUNABLE",
+  "Base",
+  "LrMultiplierState",
+  "Settings",
   "base",
   "decay_mask",
   "freeze",
-  "from_config",
+  "from_settings",
   "lr_multiplier",
   "muon_dimensions",
   "optimizer",
   "path_labels",
   "scale_by_path",
   "schedule",
+  "settings",
+  "tunable",
 ]
+
+# The `optim` keys of `config.DEFAULTS`, without the prefix: the fields of `Settings`.
+_KEYS = tuple(k.removeprefix("optim.") for k in config_lib.DEFAULTS if k.startswith("optim."))
+TUNABLE = ("learning_rate", "weight_decay")  # what `tunable` may hold in the optimizer state
+
+
+def _default(key: str) -> Any:
+  """The default of `optim.<key>`, written once in `config.DEFAULTS`."""
+  return config_lib.DEFAULTS[f"optim.{key}"][0]
 
 
 def schedule(
@@ -52,8 +69,8 @@ def schedule(
   lr: float,
   total_steps: int,
   warmup_steps: int = 0,
-  decay_fraction: float = 0.2,
-  decay_rate: float = 0.01,
+  decay_fraction: float = _default("decay_fraction"),
+  decay_rate: float = _default("decay_rate"),
   boundaries: Sequence[int] = (),
   scales: Sequence[float] = (),
 ) -> optax.Schedule:
@@ -128,6 +145,100 @@ def _piecewise(
   return sched
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Settings:
+  """The `optim` section as typed values; `settings` builds one from a plain mapping.
+
+  Each field is the `optim` key of its name, whose default and meaning
+  `config.DEFAULTS` gives, plus the run's length. Two keys are read into
+  mappings, and `tunable` swaps an array of its state in for `weight_decay`.
+
+  Attributes:
+    lr_groups: `{path regex: learning-rate multiplier}`, from `optim.lr_groups`.
+    unfreeze: `{path regex: first train step}`, from `optim.unfreeze`.
+    total_steps: the run's train steps (`train.steps`); the schedule spans
+      `total_steps // accum_steps` updates.
+  """
+
+  name: str
+  lr: float
+  schedule: str
+  warmup_steps: int
+  decay_fraction: float
+  decay_rate: float
+  boundaries: tuple[int, ...]
+  scales: tuple[float, ...]
+  momentum: float
+  nesterov: bool
+  centered: bool
+  weight_decay: float
+  no_decay: tuple[str, ...]
+  muon_adam: tuple[str, ...]
+  muon_adam_scale: float
+  clip_norm: float
+  accum_steps: int
+  freeze: tuple[str, ...]
+  lr_groups: Mapping[str, float]
+  trainable: tuple[str, ...]
+  layer_decay: float
+  layer_pattern: str
+  unfreeze: Mapping[str, int]
+  total_steps: int
+
+
+def settings(values: Mapping[str, Any], *, total_steps: int) -> Settings:
+  """The `Settings` of a plain `optim` mapping; the keys it lacks take their defaults.
+
+  It checks what only this module knows: that `name` is a key of `BASES`, and
+  that an option only some optimizers read (`Base.options`) keeps its default
+  under the others. `config.validate` checks everything else.
+
+  Args:
+    values: `{key: value}` of the `optim` section, such as `config.optim.to_dict()`.
+    total_steps: the run's train steps (`train.steps`).
+
+  Returns:
+    The settings.
+
+  Raises:
+    ConfigError: an unknown key, an unknown optimizer, or an option it does not read.
+
+  Example:
+    >>> s = settings({"name": "sgd", "momentum": 0.9}, total_steps=500)
+    >>> s.lr, s.momentum
+    (0.001, 0.9)
+  """
+  for key in values:
+    if key not in _KEYS:
+      known = [f"optim.{k}" for k in _KEYS]
+      raise config_lib.ConfigError(config_lib.unknown_key_message(f"optim.{key}", known))
+  typed = {k: _typed(_default(k), values.get(k, _default(k))) for k in _KEYS}
+  typed["lr_groups"] = config_lib.parse_lr_groups(typed["lr_groups"])
+  typed["unfreeze"] = config_lib.parse_unfreeze(typed["unfreeze"])
+  s = Settings(**typed, total_steps=total_steps)
+  _check(s)
+  return s
+
+
+def _typed(default: Any, value: Any) -> Any:
+  """`value` with its default's type: JSON's lists and integer floats come back."""
+  if isinstance(default, tuple):
+    return tuple(value)
+  return float(value) if isinstance(default, float) else value
+
+
+def _check(s: Settings) -> None:
+  """The optimizer is in `BASES`; the options only others read keep their defaults."""
+  if s.name not in BASES:
+    raise config_lib.ConfigError(f"optim.name={s.name!r} must be one of {', '.join(BASES)}")
+  for key in _KEYS:
+    readers = [name for name, b in BASES.items() if key in b.options]
+    value = getattr(s, key)
+    if readers and s.name not in readers and value != _default(key):
+      need = f"={readers[0]!r}" if len(readers) == 1 else f" in ({', '.join(readers)})"
+      raise config_lib.ConfigError(f"optim.{key}={value!r} needs optim.name{need}")
+
+
 def path_labels(params: Any, patterns: Sequence[str], hit: Any, miss: Any) -> Any:
   """A pytree like `params`: `hit` where a leaf's path matches a pattern, else `miss`."""
   compiled = [re.compile(p) for p in patterns]
@@ -146,73 +257,6 @@ def decay_mask(no_decay: Sequence[str] = NO_DECAY) -> Callable[[Any], Any]:
     >>> optax.adamw(1e-3, weight_decay=0.1, mask=decay_mask())  # not biases, scales
   """
   return lambda params: path_labels(params, no_decay, False, True)
-
-
-def base(
-  name: str,
-  learning_rate: optax.ScalarOrSchedule,
-  *,
-  weight_decay: float = 0.0,
-  no_decay: Sequence[str] = NO_DECAY,
-  momentum: float = 0.0,
-  nesterov: bool = False,
-  centered: bool = False,
-  muon_adam: Sequence[str] = MUON_ADAM,
-  muon_adam_scale: float = 1.0,
-) -> optax.GradientTransformation:
-  """The named Optax optimizer, with its own options and decoupled weight decay.
-
-  Args:
-    name: one of `OPTIMIZERS`.
-    learning_rate: a number or a schedule of the update count.
-    weight_decay: decoupled weight decay (`DECAY_OPTIMIZERS` only), on the
-      parameters whose paths match none of `no_decay`. As in Optax, adamw and
-      lion scale it by the learning rate; adafactor's `weight_decay_rate` is
-      added after the learning rate, unscaled.
-    no_decay: regular expressions of the paths weight decay leaves alone.
-    momentum: for sgd and rmsprop; 0 turns it off.
-    nesterov: Nesterov momentum, for sgd and rmsprop.
-    centered: centered RMSprop.
-    muon_adam: muon: path patterns of the parameters its Adam branch trains,
-      besides every parameter of fewer than 2 dimensions (`muon_dimensions`).
-    muon_adam_scale: muon: the Adam branch's learning rate as a multiple of
-      `learning_rate`.
-
-  Returns:
-    Exactly the Optax optimizer of that name with these arguments.
-  """
-  if _nonzero(weight_decay) and name not in DECAY_OPTIMIZERS:
-    raise ValueError(f"weight decay needs one of {DECAY_OPTIMIZERS}, not {name!r}")
-  mask, mom = decay_mask(no_decay), momentum or None
-  builders = {
-    "adam": lambda: optax.adam(learning_rate),
-    # Decay always passed: Optax's defaults would decay by 1e-4 (adamw) and 1e-3 (lion).
-    "adamw": lambda: optax.adamw(learning_rate, weight_decay=weight_decay, mask=mask),
-    "lion": lambda: optax.lion(learning_rate, weight_decay=weight_decay, mask=mask),
-    "adafactor": lambda: optax.adafactor(
-      learning_rate, weight_decay_rate=weight_decay or None, weight_decay_mask=mask
-    ),
-    "rmsprop": lambda: optax.rmsprop(
-      learning_rate, momentum=mom, nesterov=nesterov, centered=centered
-    ),
-    "adagrad": lambda: optax.adagrad(learning_rate),
-    "sgd": lambda: optax.sgd(learning_rate, momentum=mom, nesterov=nesterov),
-    "muon": lambda: optax.contrib.muon(
-      learning_rate,
-      weight_decay=weight_decay,
-      weight_decay_mask=mask,
-      adam_learning_rate=_scaled(learning_rate, muon_adam_scale),
-      muon_weight_dimension_numbers=muon_dimensions(muon_adam),
-    ),
-  }
-  if name not in builders:
-    raise ValueError(f"unknown optimizer {name!r} (known: {', '.join(OPTIMIZERS)})")
-  return builders[name]()
-
-
-def _nonzero(value: Any) -> bool:
-  """A number other than 0, or an array (a value held in the optimizer state)."""
-  return not isinstance(value, int | float) or value != 0
 
 
 def muon_dimensions(adam: Sequence[str] = MUON_ADAM) -> Callable[[Any], Any]:
@@ -236,6 +280,104 @@ def _scaled(learning_rate: optax.ScalarOrSchedule, scale: float) -> optax.Scalar
   if callable(learning_rate):
     return lambda count: learning_rate(count) * scale
   return learning_rate * scale
+
+
+def _muon(learning_rate: optax.ScalarOrSchedule, s: Settings) -> optax.GradientTransformation:
+  """Muon on the matrices of `muon_dimensions`, its Adam branch on the rest."""
+  return optax.contrib.muon(
+    learning_rate,
+    weight_decay=s.weight_decay,
+    weight_decay_mask=decay_mask(s.no_decay),
+    adam_learning_rate=_scaled(learning_rate, s.muon_adam_scale),
+    muon_weight_dimension_numbers=muon_dimensions(s.muon_adam),
+  )
+
+
+class Base(NamedTuple):
+  """An optimizer of `BASES`.
+
+  Attributes:
+    build: `(learning_rate, settings) -> transform`, exactly the Optax alias
+      called with the settings' options.
+    options: the `Settings` fields that only some optimizers read, this one
+      among them; `settings` refuses a non-default value of one elsewhere.
+    tunable: the options besides the learning rate that `tunable` can hold in
+      the optimizer state, since `build` takes them as traced arrays.
+  """
+
+  build: Callable[[optax.ScalarOrSchedule, Settings], optax.GradientTransformation]
+  options: tuple[str, ...] = ()
+  tunable: tuple[str, ...] = ()
+
+
+_DECAY = ("weight_decay", "no_decay")  # decoupled weight decay, masked by path
+_MOMENTUM = ("momentum", "nesterov")
+
+# The optimizers of `optim.name`: adding one is an entry here (and a line in
+# `config.DEFAULTS` for each new option). As in Optax, adamw, lion and muon scale
+# their decay by the learning rate; adafactor adds its `weight_decay_rate` after
+# it, unscaled. Decay is always passed, since Optax's defaults would decay by
+# 1e-4 (adamw) and 1e-3 (lion); `or None` keeps off what 0 turns off.
+BASES: dict[str, Base] = {
+  "adam": Base(lambda lr, s: optax.adam(lr)),
+  "adamw": Base(
+    lambda lr, s: optax.adamw(lr, weight_decay=s.weight_decay, mask=decay_mask(s.no_decay)),
+    options=_DECAY,
+    tunable=("weight_decay",),
+  ),
+  "rmsprop": Base(
+    lambda lr, s: optax.rmsprop(
+      lr, momentum=s.momentum or None, nesterov=s.nesterov, centered=s.centered
+    ),
+    options=(*_MOMENTUM, "centered"),
+  ),
+  "adagrad": Base(lambda lr, s: optax.adagrad(lr)),
+  "sgd": Base(
+    lambda lr, s: optax.sgd(lr, momentum=s.momentum or None, nesterov=s.nesterov),
+    options=_MOMENTUM,
+  ),
+  "lion": Base(
+    lambda lr, s: optax.lion(lr, weight_decay=s.weight_decay, mask=decay_mask(s.no_decay)),
+    options=_DECAY,
+    tunable=("weight_decay",),
+  ),
+  "adafactor": Base(
+    lambda lr, s: optax.adafactor(
+      lr, weight_decay_rate=s.weight_decay or None, weight_decay_mask=decay_mask(s.no_decay)
+    ),
+    options=_DECAY,
+  ),
+  "muon": Base(_muon, options=(*_DECAY, "muon_adam", "muon_adam_scale"), tunable=("weight_decay",)),
+}
+
+
+def base(
+  name: str, learning_rate: optax.ScalarOrSchedule, **options: Any
+) -> optax.GradientTransformation:
+  """The bare optimizer `name` of `BASES`: exactly its Optax alias, with `options`.
+
+  Args:
+    name: a key of `BASES`.
+    learning_rate: a number or a schedule of the update count.
+    **options: its own `optim` keys (those of `Base.options`, such as
+      `weight_decay` or `momentum`); the rest keep their `config.DEFAULTS`.
+
+  Returns:
+    The transform.
+
+  Raises:
+    TypeError: a key that no optimizer reads (`clip_norm`, say: see `optimizer`).
+    ConfigError: an unknown optimizer, or an option of another one.
+
+  Example:
+    >>> tx = optax.chain(optax.clip_by_global_norm(1.0), base("adamw", sched, weight_decay=1e-4))
+    >>> tx = optimizer(functools.partial(base, "sgd", momentum=0.9), sched, accum_steps=4)
+  """
+  others = sorted(set(options) - {k for b in BASES.values() for k in b.options})
+  if others:
+    raise TypeError(f"base() takes an optimizer's own options, not {', '.join(others)}")
+  s = settings({"name": name, **options}, total_steps=1)  # the length only sets schedules
+  return BASES[s.name].build(learning_rate, s)
 
 
 def scale_by_path(multipliers: Mapping[str, float]) -> optax.GradientTransformation:
@@ -282,16 +424,9 @@ def freeze(
 
 
 def optimizer(
-  name: str,
+  base: Callable[[optax.ScalarOrSchedule], optax.GradientTransformation],
   learning_rate: optax.ScalarOrSchedule,
   *,
-  weight_decay: float = 0.0,
-  no_decay: Sequence[str] = NO_DECAY,
-  momentum: float = 0.0,
-  nesterov: bool = False,
-  centered: bool = False,
-  muon_adam: Sequence[str] = MUON_ADAM,
-  muon_adam_scale: float = 1.0,
   clip_norm: float = 0.0,
   lr_groups: Mapping[str, float] | None = None,
   frozen: Sequence[str] = (),
@@ -299,21 +434,22 @@ def optimizer(
   multiplier: bool = False,
   trainable: Sequence[str] = (),
   layer_decay: float = 1.0,
-  layer_pattern: str = finetune.LAYER_PATTERN,
+  layer_pattern: str = LAYER_PATTERN,
   unfreeze: Mapping[str, int] | None = None,
 ) -> optax.GradientTransformation:
-  """The full chain: clipping, the optimizer, per-group rates, freezing, accumulation.
+  """Wraps a bare optimizer: clipping, group rates, freezing, unfreezing, accumulation.
+
+  Each option's default leaves its piece out: `optimizer(optax.adam, lr)` is
+  `optax.adam(lr)`. From the outside in: accumulation, `trainable`, `frozen`,
+  `unfreeze`'s hold, clipping, then the optimizer followed by the group rates,
+  the layer decay and the plateau multiplier.
 
   Args:
-    name: one of `OPTIMIZERS`.
+    base: the bare optimizer as a function of the learning rate: an Optax alias
+      (`optax.adam`) or `functools.partial(base, name, **options)`. A function,
+      not a transform, since gradual unfreezing builds one per group, each on
+      its own shifted schedule.
     learning_rate: a number or a schedule of the update count.
-    weight_decay: decoupled weight decay (see `base`).
-    no_decay: path patterns that weight decay skips.
-    momentum: for sgd and rmsprop.
-    nesterov: Nesterov momentum, for sgd and rmsprop.
-    centered: centered RMSprop.
-    muon_adam: muon: path patterns its Adam branch trains (see `base`).
-    muon_adam_scale: muon: the Adam branch's learning-rate multiple.
     clip_norm: clip gradients to this global norm first; 0 turns it off.
     lr_groups: learning-rate multipliers by path pattern (`scale_by_path`).
     frozen: path patterns of parameters that are not trained (`freeze`).
@@ -330,29 +466,23 @@ def optimizer(
 
   Returns:
     The transform.
+
+  Example:
+    >>> tx = optimizer(optax.adam, 1e-3, clip_norm=1.0, accum_steps=4, lr_groups={"^head/": 10.0})
   """
 
   def make(lr: optax.ScalarOrSchedule) -> optax.GradientTransformation:
-    tx = base(
-      name,
-      lr,
-      weight_decay=weight_decay,
-      no_decay=no_decay,
-      momentum=momentum,
-      nesterov=nesterov,
-      centered=centered,
-      muon_adam=muon_adam,
-      muon_adam_scale=muon_adam_scale,
-    )
+    tx = base(lr)
     if lr_groups:
       tx = optax.chain(tx, scale_by_path(lr_groups))
     if layer_decay < 1:
       tx = optax.chain(tx, finetune.layerwise_decay(layer_decay, layer_pattern))
     return tx
 
-  tx = make(learning_rate)
   if unfreeze:
     tx = finetune.unfreeze_schedule(make, learning_rate, unfreeze)
+  else:
+    tx = make(learning_rate)
   if multiplier:
     tx = optax.chain(tx, lr_multiplier())
   if clip_norm:
@@ -368,86 +498,85 @@ def optimizer(
   return tx
 
 
-def from_config(
-  config: ml_collections.ConfigDict, *, multiplier: bool = False
+def from_settings(
+  s: Settings, *, multiplier: bool
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """The transform and schedule of a run's `optim` section (`train.steps` sets the length).
+  """The run's transform and schedule: `optimizer` around `s.name`, on the schedule of `s`.
 
-  With `optim.accum_steps = k` the schedule counts updates, `train.steps // k` of them.
+  Args:
+    s: the `optim` settings (`settings`).
+    multiplier: chain `lr_multiplier()` after the optimizer, for reduce-on-plateau.
+
+  Returns:
+    The transform, and the schedule of the update count: with `accum_steps = k`
+    it spans `total_steps // k` updates.
+
+  Example:
+    >>> s = settings({"name": "adamw", "lr": 3e-4, "weight_decay": 0.1}, total_steps=10_000)
+    >>> tx, sched = from_settings(s, multiplier=False)
   """
-  sched = _schedule(config, config.optim.lr)
-  return _chain(config, sched, config.optim.weight_decay, multiplier), sched
-
-
-TUNABLE = ("learning_rate", "weight_decay")  # what `tunable` holds in the optimizer state
+  sched = _schedule(s, s.lr)
+  return _wrap(s, sched, multiplier), sched
 
 
 def tunable(
-  config: ml_collections.ConfigDict, *, multiplier: bool = False
+  s: Settings, *, multiplier: bool
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """`from_config`'s transform with `learning_rate` and `weight_decay` in its state.
+  """`from_settings`'s transform with `learning_rate` and `weight_decay` in its state.
 
   `optax.inject_hyperparams` holds the schedule's peak `learning_rate` (the
-  schedule is `unit(count) * learning_rate`) and, for the optimizers with
-  decoupled decay but adafactor, `weight_decay` as arrays of the optimizer
-  state, so a vmapped stack of states trains each with its own values in one
-  program (`jaxtrain.population`). Set them with
+  schedule is `unit(count) * learning_rate`) and, for the optimizers whose
+  `Base.tunable` names it, `weight_decay` as arrays of the optimizer state, so
+  a vmapped stack of states trains each with its own values in one program
+  (`jaxtrain.population`). Set them with
   `optax.tree_utils.tree_set(opt_state, learning_rate=..., weight_decay=...)`.
 
   Returns:
     The transform, and the unit schedule (peak 1) of the update count.
   """
-  o = config.optim
-  unit = _schedule(config, 1.0)
-  decays = o.name in DECAY_OPTIMIZERS and o.name != "adafactor"
+  unit = _schedule(s, 1.0)
 
   def make(learning_rate: jax.Array, weight_decay: Any) -> optax.GradientTransformation:
     lr = lambda count: unit(count) * learning_rate  # noqa: E731
-    return _chain(config, lr, weight_decay, multiplier)
+    return _wrap(dataclasses.replace(s, weight_decay=weight_decay), lr, multiplier)
 
-  if decays:
-    return optax.inject_hyperparams(make)(learning_rate=o.lr, weight_decay=o.weight_decay), unit
-  fixed = lambda learning_rate: make(learning_rate, o.weight_decay)  # noqa: E731
-  return optax.inject_hyperparams(fixed)(learning_rate=o.lr), unit
+  if "weight_decay" in BASES[s.name].tunable:
+    return optax.inject_hyperparams(make)(learning_rate=s.lr, weight_decay=s.weight_decay), unit
+  fixed = lambda learning_rate: make(learning_rate, s.weight_decay)  # noqa: E731
+  return optax.inject_hyperparams(fixed)(learning_rate=s.lr), unit
 
 
-def _schedule(config: ml_collections.ConfigDict, lr: float) -> optax.Schedule:
-  o = config.optim
+def _schedule(s: Settings, lr: float) -> optax.Schedule:
+  """The schedule of `s` with peak `lr`, over the run's updates."""
   return schedule(
-    o.schedule,
+    s.schedule,
     lr=lr,
-    total_steps=config.train.steps // o.accum_steps,
-    warmup_steps=o.warmup_steps,
-    decay_fraction=o.decay_fraction,
-    decay_rate=o.decay_rate,
-    boundaries=tuple(o.boundaries),
-    scales=tuple(o.scales),
+    total_steps=s.total_steps // s.accum_steps,
+    warmup_steps=s.warmup_steps,
+    decay_fraction=s.decay_fraction,
+    decay_rate=s.decay_rate,
+    boundaries=s.boundaries,
+    scales=s.scales,
   )
 
 
-def _chain(
-  config: ml_collections.ConfigDict, sched: optax.Schedule, weight_decay: Any, multiplier: bool
+def _wrap(
+  s: Settings, learning_rate: optax.ScalarOrSchedule, multiplier: bool
 ) -> optax.GradientTransformation:
-  o = config.optim
+  """`optimizer` around the optimizer `s.name` with the wrapping options of `s`."""
+  build = BASES[s.name].build
   return optimizer(
-    o.name,
-    sched,
-    weight_decay=weight_decay,
-    no_decay=tuple(o.no_decay),
-    momentum=o.momentum,
-    nesterov=o.nesterov,
-    centered=o.centered,
-    muon_adam=tuple(o.muon_adam),
-    muon_adam_scale=o.muon_adam_scale,
-    clip_norm=o.clip_norm,
-    lr_groups=config_lib.parse_lr_groups(o.lr_groups),
-    frozen=tuple(o.freeze),
-    accum_steps=o.accum_steps,
+    lambda lr: build(lr, s),
+    learning_rate,
+    clip_norm=s.clip_norm,
+    lr_groups=s.lr_groups,
+    frozen=s.freeze,
+    accum_steps=s.accum_steps,
     multiplier=multiplier,
-    trainable=tuple(o.trainable),
-    layer_decay=o.layer_decay,
-    layer_pattern=o.layer_pattern,
-    unfreeze={p: s // o.accum_steps for p, s in config_lib.parse_unfreeze(o.unfreeze).items()},
+    trainable=s.trainable,
+    layer_decay=s.layer_decay,
+    layer_pattern=s.layer_pattern,
+    unfreeze={pattern: step // s.accum_steps for pattern, step in s.unfreeze.items()},
   )
 
 

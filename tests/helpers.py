@@ -8,6 +8,7 @@ import time
 
 import jax
 import numpy as np
+import optax
 
 from jaxtrain import config as config_lib
 from jaxtrain import losses, models, optim, sharding
@@ -47,7 +48,7 @@ def mlp(hidden=(32,)):
 
 
 def adam():
-  return optim.optimizer("adam", 1e-2)
+  return optax.adam(1e-2)
 
 
 def setup(mesh, model_fn=None, loss_fn=None, rules=sharding.DEFAULT_RULES):

@@ -43,7 +43,7 @@ def test_base_config_is_valid():
     ("early_stop.restore_best", True, "early_stop.restore_best=True needs early_stop.metric"),
     ("train.max_skipped", -1, "train.max_skipped=-1 must not be negative"),
     ("plateau.min_scale", 2.0, "plateau.min_scale=2.0 must be in [0, 1]"),
-    ("optim.momentum", 0.9, "optim.momentum=0.9 needs sgd or rmsprop"),
+    ("optim.momentum", 0.9, "optim.momentum=0.9 needs optim.name in (rmsprop, sgd)"),
     ("optim.momentum", 1.0, "optim.momentum=1.0 must be in [0, 1)"),
     ("optim.nesterov", True, "optim.nesterov=True needs optim.momentum > 0"),
     ("optim.centered", True, "optim.centered=True needs optim.name='rmsprop'"),

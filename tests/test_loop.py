@@ -160,7 +160,7 @@ def test_custom_tx_reports_its_injected_learning_rate(tmp_path, digits):
 
 def test_custom_tx_misuse_is_refused(tmp_path, digits):
   config = helpers.tiny_config(**{"early_stop.metric": "eval/loss", "plateau.factor": 0.5})
-  tx = jaxtrain.optim.optimizer("adam", 1e-3, multiplier=True)
+  tx = jaxtrain.optim.optimizer(optax.adam, 1e-3, multiplier=True)
   with pytest.raises(jaxtrain.ConfigError, match="must not hold one"):
     jaxtrain.train(config, helpers.mlp(), digits, losses.classification, workdir=tmp_path, tx=tx)
   with pytest.raises(ValueError, match="pass tx= too"):

@@ -92,7 +92,8 @@ def test_accumulation_equals_one_k_times_larger_batch(digits):
   big = helpers.take(helpers.global_batches(digits.train, B, 3), slice(None))
   results = []
   for accum in (1, 4):
-    tx = optim.optimizer("adamw", 1e-2, weight_decay=1e-3, accum_steps=accum, clip_norm=1.0)
+    adamw = functools.partial(optim.base, "adamw", weight_decay=1e-3)
+    tx = optim.optimizer(adamw, 1e-2, accum_steps=accum, clip_norm=1.0)
     graphdef, state = state_lib.create_state(helpers.mlp(), tx, seed=0, mesh=mesh)
     step_fn = jax.jit(
       functools.partial(

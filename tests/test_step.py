@@ -203,7 +203,7 @@ def test_observe_sets_the_lr_multiplier_without_recompiling(digits):
   """Reduce-on-plateau changes one scalar of the state: the chunk keeps its executable."""
   mesh = helpers.mesh((8, 1, 1))
   watch = monitor.MonitorConfig(mode="min", patience=100, plateau_factor=0.5, plateau_patience=0)
-  tx = optim.optimizer("adam", 1e-2, multiplier=True)
+  tx = optim.optimizer(optax.adam, 1e-2, multiplier=True)
   graphdef, state = state_lib.create_state(helpers.mlp(), tx, seed=0, mesh=mesh)
   shardings = jax.tree.map(lambda x: x.sharding, state)
   step_fn = functools.partial(
