@@ -2,8 +2,9 @@
 
 Only process 0 writes; the other processes get writers that do nothing, so the
 loop never branches on the process index. `Writers` sends every line to the
-JSONL file and, as `split/name` scalars, to TensorBoard event files written by
-`tensorboardX`.
+JSONL file, as `split/name` scalars to TensorBoard event files written by
+`tensorboardX`, and to any `extra` writer (see `Writer`; `jaxtrain.sinks` has
+Weights & Biases and MLflow ones).
 
 Example:
   >>> writer = Writers(workdir, enabled=True)
@@ -16,13 +17,33 @@ import math
 import pathlib
 import sys
 import time
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 import tqdm
 
 from jaxtrain import logs
 from jaxtrain.config import ConfigError
+
+
+class Writer(Protocol):
+  """Receives the run's metric lines: what `Writers` needs of a writer.
+
+  Example, a writer that prints each line:
+    >>> class Printer:
+    ...   def write(self, step, split, values):
+    ...     print(step, split, dict(values))
+    ...   def close(self):
+    ...     pass
+    >>> writers = Writers(workdir, enabled=True, extra=[Printer()])
+  """
+
+  def write(self, step: int, split: str, values: Mapping[str, float]) -> None:
+    """Takes one line: the metric values of `split` (`train`, `eval`) at `step`."""
+
+  def close(self) -> None:
+    """Flushes and releases what the writer holds; no line comes after it."""
 
 
 class JsonlWriter:
@@ -38,7 +59,7 @@ class JsonlWriter:
     with logs.naming(path):
       self._file = open(path, "a", buffering=1) if path else None  # noqa: SIM115 (held open)
 
-  def write(self, step: int, split: str, values: dict[str, float]) -> None:
+  def write(self, step: int, split: str, values: Mapping[str, float]) -> None:
     """Writes one line, with `time` (Unix seconds); non-finite numbers become null."""
     if self._file:
       clean = {k: _jsonable(v) for k, v in values.items()}
@@ -83,7 +104,7 @@ class TensorBoardWriter:
         self._writer.write_event(self._event(step=purge_step, session_log=start))
       self._writer.flush()
 
-  def write(self, step: int, split: str, values: dict[str, float]) -> None:
+  def write(self, step: int, split: str, values: Mapping[str, float]) -> None:
     """Adds one scalar a finite number; others are left out."""
     if self._writer is None:
       return
@@ -106,7 +127,7 @@ class TensorBoardWriter:
 
 
 class Writers:
-  """The run's metric writers: `metrics.jsonl` and TensorBoard's `tb/`, in `workdir`.
+  """The run's metric writers: `metrics.jsonl` and TensorBoard's `tb/`, in `workdir`, and `extra`.
 
   Args:
     workdir: the run's folder.
@@ -114,24 +135,27 @@ class Writers:
     purge_step: the step after a resumed run's restored one, 0 for a fresh start
       (see `TensorBoardWriter`); None hides nothing.
     attempt: the run's attempt number, which names its event file.
+    extra: more writers (`jaxtrain.sinks`), which get every line after the
+      JSONL file and TensorBoard, in process 0 only. `close` closes them too,
+      in every process.
   """
 
   def __init__(self, workdir: pathlib.Path, *, enabled: bool, purge_step: int | None = None,
-               attempt: int = 1):  # fmt: skip
-    self._writers = (
-      JsonlWriter(workdir / "metrics.jsonl" if enabled else None),
-      TensorBoardWriter(workdir / "tb" if enabled else None, purge_step, f".attempt{attempt}"),
-    )
+               attempt: int = 1, extra: Sequence[Writer] = ()):  # fmt: skip
+    self._jsonl = JsonlWriter(workdir / "metrics.jsonl" if enabled else None)
+    tb = TensorBoardWriter(workdir / "tb" if enabled else None, purge_step, f".attempt{attempt}")
+    self._writers: tuple[Writer, ...] = (self._jsonl, tb, *extra)
+    # Another process's copy of a sink would log every line a second time.
+    self._writing = self._writers if enabled else ()
 
-  def write(self, step: int, split: str, values: dict[str, float]) -> None:
+  def write(self, step: int, split: str, values: Mapping[str, float]) -> None:
     """Writes one line to each writer."""
-    for writer in self._writers:
+    for writer in self._writing:
       writer.write(step, split, values)
 
   def lines_at(self, step: int) -> list[dict[str, Any]]:
     """The JSONL lines written at `step`, if it is the newest step written."""
-    latest = self._writers[0].latest
-    return [dict(line) for line in latest if line["step"] == step]
+    return [dict(line) for line in self._jsonl.latest if line["step"] == step]
 
   def close(self) -> None:
     """Closes every writer."""
