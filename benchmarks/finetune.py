@@ -2,8 +2,9 @@
 
     python benchmarks/finetune.py [--out runs/bench_finetune] [--modes full,frozen,lora,scratch]
 
-Runs `python -m experiments.finetune_text --config.finetune=MODE` for each mode,
-one after another on this machine, as a user would, and prints per mode: the
+Runs `python -m experiments.finetune_text --config=experiments/finetune_text.py:MODE`
+for each mode, one after another on this machine from the repository root, as a
+user would, and prints per mode: the
 trainable parameters, the train step time (of the fastest 20-step log window, so
 that other work on a shared machine inflates it less; the median is printed
 too), its ratio to full fine-tuning's, the compiled chunk's peak memory per device, a checkpoint
@@ -57,8 +58,8 @@ def probe() -> tuple[float, float]:
 def run_mode(mode: str, out: pathlib.Path) -> dict:
   """Trains one mode into `out/mode` and reads its record."""
   workdir = out / mode
-  command = [sys.executable, "-m", "experiments.finetune_text", f"--workdir={workdir}",
-             f"--config.finetune={mode}"]  # fmt: skip
+  command = [sys.executable, "-m", "experiments.finetune_text",
+             f"--config=experiments/finetune_text.py:{mode}", f"--workdir={workdir}"]  # fmt: skip
   start = time.perf_counter()
   subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
   return summarize(mode, workdir, time.perf_counter() - start)

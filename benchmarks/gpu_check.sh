@@ -14,7 +14,7 @@ fi
 out="${OUT:-runs}/gpu_check"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 start=$(date +%s)
-timeout 420 python -m experiments.lm --preset=gpu --workdir "$out" \
+timeout 420 python -m experiments.lm --config=experiments/lm.py:gpu --workdir "$out" \
   --config.train.steps=300 --config.optim.warmup_steps=50 --config.train.log_every=50 \
   --config.eval.every_steps=0 --config.ckpt.every_steps=0 --sample_tokens=64
 echo "wall: $(( $(date +%s) - start )) s"

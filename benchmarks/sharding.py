@@ -6,7 +6,7 @@ one's per-device parameter and optimizer bytes, its compiled chunk's peak, and
 its median time per step as a ratio to data parallelism's, all in one run.
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 python benchmarks/sharding.py
-    python benchmarks/sharding.py --preset=gpu --chunks=5     # on the devices a machine has
+    python benchmarks/sharding.py --config=experiments/lm.py:gpu --chunks=5  # the devices here
 """
 
 import argparse
@@ -18,7 +18,7 @@ from absl import flags
 
 import jaxtrain
 from experiments import lm
-from jaxtrain import plan
+from jaxtrain import cli, plan
 
 
 def meshes(n: int, tensor: int) -> dict[str, tuple[int, int, int]]:
@@ -55,21 +55,22 @@ def measure(config, task, rules: str, shape: tuple[int, int, int], chunks: int) 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--preset", default="cpu", choices=lm.PRESETS)
+  parser.add_argument("--config", default="experiments/lm.py",
+                      help="the language model's FILE.py[:PRESET]")  # fmt: skip
   parser.add_argument("--chunks", type=int, default=8, help="timed chunks per preset")
   parser.add_argument("--tensor", type=int, default=2, help="the tensor axis of tp and fsdp_tp")
   parser.add_argument("--steps_per_loop", type=int, default=5)
   args = parser.parse_args()
   flags.FLAGS.mark_as_parsed()
-  config = lm.get_config(args.preset)
+  config = cli.check(lambda: cli.load_config(args.config))
   config.train.steps_per_loop = config.train.log_every = args.steps_per_loop
   config.model.kv_heads = max(config.model.kv_heads, args.tensor)
   task = lm.task(config)[:3]
   n = jax.device_count()
   device = jax.devices()[0]
   print(
-    f"{n} {device.platform} devices ({device.device_kind}); experiments.lm --preset="
-    f"{args.preset}, kv_heads={config.model.kv_heads}, batch {config.train.batch_size}"
+    f"{n} {device.platform} devices ({device.device_kind}); experiments.lm --config="
+    f"{args.config}, kv_heads={config.model.kv_heads}, batch {config.train.batch_size}"
   )
   rows = {rules: measure(config, task, rules, shape, args.chunks)
           for rules, shape in meshes(n, args.tensor).items()}  # fmt: skip

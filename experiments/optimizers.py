@@ -50,21 +50,15 @@ def get_config() -> ml_collections.ConfigDict:
   return config
 
 
-_FLAGS = cli.define_flags(
-  get_config(), fashion_mnist.MODEL_HELP, workdir_help="Folder for all the runs, one each."
-)
-_OPTIMIZERS = flags.DEFINE_list("optimizers", list(GRID), "Optimizers to compare.")
-_TARGET = flags.DEFINE_float("target", 0.88, "The test accuracy whose first step is reported.")
-
-
-def run_one(base: ml_collections.ConfigDict, name: str, lr: float, workdir: pathlib.Path) -> dict:
+def run_one(base: ml_collections.ConfigDict, name: str, lr: float, workdir: pathlib.Path,
+            resume: str) -> dict:  # fmt: skip
   """Trains one optimizer at one learning rate; returns its eval lines."""
   config = base.copy_and_resolve_references()
   config.optim.name, config.optim.lr = name, lr
   for key, value in SETTINGS.get(name, {}).items():
     config.optim[key] = value
   logs.note(f"{name}, lr {lr:g}: {workdir}")
-  fashion_mnist.run(config, str(workdir), _FLAGS.resume.value)
+  fashion_mnist.run(config, str(workdir), resume)
   lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
   return {"lr": lr, "evals": [x for x in lines if x["split"] == "eval"]}
 
@@ -104,20 +98,25 @@ def table(rows: list[dict], target: float, config: ml_collections.ConfigDict) ->
 def main(argv: list[str]) -> str:
   """Runs the grid and writes `table.md`."""
   del argv
-  root = workdir_lib.resolve(_FLAGS.workdir.value)
-  unknown = sorted(set(_OPTIMIZERS.value) - set(GRID))
+  f = flags.FLAGS
+  root = workdir_lib.resolve(f.workdir)
+  unknown = sorted(set(f.optimizers) - set(GRID))
   if unknown:
     cli.fail(f"--optimizers: unknown {', '.join(unknown)} (known: {', '.join(GRID)})")
   rows = []
-  for name in _OPTIMIZERS.value:
-    runs = [run_one(_FLAGS.config.value, name, lr, root / name / f"lr_{lr:g}")
+  for name in f.optimizers:
+    runs = [run_one(f.config, name, lr, root / name / f"lr_{lr:g}", f.resume)
             for lr in GRID[name]]  # fmt: skip
-    rows.append(summarize(name, runs, _TARGET.value))
-  text = table(rows, _TARGET.value, _FLAGS.config.value)
+    rows.append(summarize(name, runs, f.target))
+  text = table(rows, f.target, f.config)
   (root / "table.md").write_text(text)
   print(text)
   return text
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # flags only when run: --config loads this file
+  cli.define_flags(__file__, fashion_mnist.MODEL_HELP,
+                   workdir_help="Folder for all the runs, one each.")  # fmt: skip
+  flags.DEFINE_list("optimizers", list(GRID), "Optimizers to compare.")
+  flags.DEFINE_float("target", 0.88, "The test accuracy whose first step is reported.")
   cli.run(main)

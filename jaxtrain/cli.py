@@ -1,29 +1,38 @@
 """The command-line entry shared by experiments: absl flags, help, exit statuses.
 
-`define_flags` declares `--config` (its overrides checked against the config's
-keys), `--workdir`, `--resume`, and the flags that join a multi-process job
+`define_flags` declares `--config` (ml_collections' `DEFINE_config_file`: the
+experiment's file by default, `--config=FILE.py:PRESET` for a preset, its
+`--config.KEY=VALUE` overrides checked against the config's keys),
+`--workdir`, `--resume`, and the flags that join a multi-process job
 (`--coordinator_address`, `--num_processes`, `--process_id`, `--init_timeout`,
 `--peer_timeout`: `jaxtrain.distributed`); `run(main)` runs `main` under
-`absl.app.run`. A bad flag, config value, model, loss or dataset ends the
-process with one line on stderr and exit status 2, before anything is compiled
-or written. A run stopped by SIGTERM after its checkpoint exits with status 3,
-one stopped by Ctrl-C with 130; a checkpoint that cannot be written, or
-`train.max_skipped` non-finite updates in a row, end it with one line and
-status 1. A run the early-stopping monitor stopped exits with status 0, like a
-completed one. `--help` prints the experiment's docstring, its flags and every
-config key with its default and meaning.
+`absl.app.run`. A bad flag, config file, preset, config value, model, loss or
+dataset ends the process with one line on stderr and exit status 2, before
+anything is compiled or written. A run stopped by SIGTERM after its checkpoint
+exits with status 3, one stopped by Ctrl-C with 130; a checkpoint that cannot
+be written, or `train.max_skipped` non-finite updates in a row, end it with one
+line and status 1. A run the early-stopping monitor stopped exits with status
+0, like a completed one. `--help` prints the experiment's docstring, its flags
+and every config key with its default and meaning.
 
-Example (an experiment module):
-  >>> FLAGS = cli.define_flags(get_config(), model_help={"hidden": "hidden widths"})
+Example (an experiment module, run as `python -m experiments.NAME --workdir DIR`
+or `python -m experiments.NAME --config=experiments/NAME.py:PRESET --workdir DIR`):
+  >>> def get_config(preset="small"): ...
   >>> def main(argv):
-  ...   return jaxtrain.train(FLAGS.config.value, ..., workdir=FLAGS.workdir.value,
-  ...                         resume=FLAGS.resume.value)
-  >>> if __name__ == "__main__":
+  ...   config = flags.FLAGS.config
+  ...   return jaxtrain.train(config, ..., workdir=flags.FLAGS.workdir,
+  ...                         resume=flags.FLAGS.resume)
+  >>> if __name__ == "__main__":  # not when ml_collections loads the file for its config
+  ...   cli.define_flags(__file__, MODEL_HELP, presets=("small", "large"))
   ...   cli.run(main)
 """
 
 import importlib
+import importlib.util
+import inspect
 import keyword
+import os
+import pathlib
 import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -36,7 +45,7 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from jaxtrain import config as config_lib
-from jaxtrain import distributed, logs, parts, workdir
+from jaxtrain import distributed, logs, parts, resume
 from jaxtrain.checkpoint import CheckpointError
 from jaxtrain.data.sources import DataError
 from jaxtrain.distributed import PeerError
@@ -62,36 +71,31 @@ class RunFlags(NamedTuple):
 
 
 def define_flags(
-  config: ml_collections.ConfigDict | Callable[[str], ml_collections.ConfigDict],
+  config_file: str,
   model_help: Mapping[str, str] | None = None,
   workdir_help: str = "Folder for the run's files; relative, . and ~ paths work.",
   presets: Sequence[str] = (),
 ) -> RunFlags:
-  """Defines `--config` with default `config`, `--workdir` and `--resume` (and `--preset`).
+  """Defines `--config` (default `config_file`), `--workdir`, `--resume` and the job's flags.
 
   Args:
-    config: the experiment's config, with every default; with `presets`, its
-      `get_config(preset)`, called with the `--preset` of the command line.
+    config_file: the experiment's own file (`__file__`), whose `get_config()`
+      is the default config and whose `get_config(PRESET)` each preset's.
     model_help: a one-line meaning for each `model.*` key (and top-level
       experiment key), for `--help`.
     workdir_help: the help of `--workdir`.
-    presets: the preset names `--preset` takes, the default first.
+    presets: the presets its `get_config` takes, for `--help`.
 
   Returns:
     The flag holders.
   """
-  if presets:
-    chosen = chosen_preset(presets)
-    flags.DEFINE_enum("preset", presets[0], presets, "The config the overrides start from.")
-    config = config(chosen)
-  holder = define_config(config, model_help)
   defined = RunFlags(
-    holder,
+    define_config(config_file, model_help, presets),
     flags.DEFINE_string("workdir", None, workdir_help, required=True),
     flags.DEFINE_enum(
       "resume",
       "auto",
-      workdir.RESUME_MODES,
+      resume.RESUME_MODES,
       "With checkpoints in the workdir: auto resumes unless the config changed a key a "
       "resume may not change; never refuses; force resumes and records the changes.",
     ),
@@ -136,22 +140,6 @@ def _initialize() -> None:
   )
 
 
-def chosen_preset(presets: Sequence[str], flag: str = "--preset") -> str:
-  """The `--preset=NAME` (or `--preset NAME`, or another `flag`), read before flags parse.
-
-  An experiment whose defaults depend on one key reads it this way, such as
-  `chosen_preset(("full", "lora"), "--config.finetune")`.
-  """
-  args = sys.argv[1:]
-  for i, arg in enumerate(args):
-    if arg == flag or arg.startswith(flag + "="):
-      name = arg.partition("=")[2] if "=" in arg else (args[i + 1] if i + 1 < len(args) else "")
-      if name not in presets:
-        fail(f"{flag}={name!r} must be one of {', '.join(presets)}")
-      return name
-  return presets[0]
-
-
 def import_experiment(name: str) -> Any:
   """Imports an experiment module that defines `get_config()` and `task(config, workdir)`.
 
@@ -174,52 +162,179 @@ def import_experiment(name: str) -> Any:
 
 
 def define_experiment_config(module: Any) -> None:
-  """Defines `--config` (and `--preset`) from an experiment module's config, for a tool.
-
-  The config is `get_config(preset)` with the command line's `--preset` when the
-  module lists `PRESETS`, else `get_config()`; `MODEL_HELP` describes its keys.
-  """
-  presets = getattr(module, "PRESETS", ())
-  get = module.get_config
-  define_config(get(chosen_preset(presets)) if presets else get(),
-                getattr(module, "MODEL_HELP", None))  # fmt: skip
-  if presets:
-    flags.DEFINE_enum("preset", presets[0], presets, "The config the overrides start from.")
+  """Defines `--config` for a tool from an experiment module: its file, `MODEL_HELP`, `PRESETS`."""
+  define_config(module.__file__, getattr(module, "MODEL_HELP", None),
+                getattr(module, "PRESETS", ()))  # fmt: skip
 
 
 def define_config(
-  config: ml_collections.ConfigDict, model_help: Mapping[str, str] | None = None
+  experiment_file: str,
+  model_help: Mapping[str, str] | None = None,
+  presets: Sequence[str] = (),
 ) -> flags.FlagHolder:
-  """Defines the locked `--config` flag with default `config`.
+  """Defines the locked `--config=FILE.py[:PRESET]` flag, by default `experiment_file`.
 
-  `config_flags` reads the `--config.KEY=VALUE` (or `--config.KEY VALUE`)
-  overrides as the flag is defined, so they are checked here first: an unknown
-  key exits with status 2. Keys whose last part is a Python keyword
-  (`ckpt.async`) cannot go through `config_flags`; they are set after
-  parsing, with the key's type.
+  ml_collections' `DEFINE_config_file` loads FILE, a path from the current
+  folder, and calls its `get_config(PRESET)` (`get_config()` without a
+  preset), then applies the `--config.KEY=VALUE` (or `--config.KEY VALUE`)
+  overrides that follow. The config is loaded here first, so that a missing
+  file, a bad preset, a config whose keys are not the experiment's, or an
+  override of an unknown key exits with one line and status 2 before any flag
+  is parsed. Keys whose last part is a Python keyword (`ckpt.async`) cannot go
+  through `config_flags`; they are set after parsing, with the key's type.
 
   Args:
-    config: the experiment's config, with every default.
+    experiment_file: the experiment's own file; its `get_config()` is the default.
     model_help: a one-line meaning for each `model.*` key (and top-level
       experiment key), for `--help`.
+    presets: the presets its `get_config` takes, for `--help` and hints.
 
   Returns:
     The flag holder; `.value` is the resolved config once flags are parsed.
   """
-  _help.update(config=config, model=dict(model_help or {}))
+  default = _relative(experiment_file)
+  spec = config_argument(sys.argv[1:])
+  _refuse_preset_flag(default, presets)
+  base = check(lambda: load_config(default))
+  config = base
+  if spec is not None and spec != default:
+    config = check(lambda: load_config(spec, experiment_file))
+    check(lambda: _check_keys(spec, config, default, base))
+  _help.update(config=config, model=dict(model_help or {}), spec=spec)
+  _take_overrides(config, default, presets, spec)
+  source = "FILE.py: the config is FILE's get_config()"
+  if presets:
+    named = ", ".join(presets)
+    source = f"FILE.py[:PRESET]: the config is FILE's get_config(PRESET) (presets: {named})"
+  return config_flags.DEFINE_config_file(
+    "config", default,
+    f"{source}, then the --config.KEY=VALUE overrides that follow; FILE is a path from the "
+    "current folder.",
+    lock_config=True,
+  )  # fmt: skip
+
+
+def config_argument(argv: Sequence[str]) -> str | None:
+  """The `FILE[:PRESET]` of the last `--config=...` (or `--config ...`) in `argv`; None if none."""
+  found = None
+  for i, arg in enumerate(argv):
+    if re.fullmatch(r"--?config", arg):
+      found = argv[i + 1] if i + 1 < len(argv) else ""
+    elif re.match(r"--?config=", arg):
+      found = arg.partition("=")[2]
+  return found
+
+
+def load_config(spec: str, experiment_file: str | None = None) -> ml_collections.ConfigDict:
+  """The config `--config=spec` names: FILE's `get_config(PRESET)`, or `get_config()`.
+
+  FILE is read as ml_collections reads it, a path from the current folder.
+
+  Args:
+    spec: `FILE.py` or `FILE.py:PRESET`.
+    experiment_file: the experiment's own file: the hint when FILE is missing here.
+
+  Returns:
+    The config.
+
+  Raises:
+    ConfigError: one line: not a .py file, no such file here, a file that does not
+      load or defines no `get_config`, or a preset it refuses.
+  """
+  path, colon, preset = spec.partition(":")
+  shown = f"--config={spec}"
+  module = _config_module(shown, path, colon + preset, experiment_file)
+  get = getattr(module, "get_config", None)
+  if not callable(get):
+    raise config_lib.ConfigError(f"{shown}: {path} defines no get_config()")
+  if colon and not inspect.signature(get).parameters:
+    raise config_lib.ConfigError(f"{shown}: {path} has no presets (its get_config() takes "
+                                 "no argument)")  # fmt: skip
+  try:
+    config = get(preset) if colon else get()
+  except config_lib.ConfigError as e:
+    raise config_lib.ConfigError(f"{shown}: {e}") from e
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise config_lib.ConfigError(f"{shown}: get_config() returned a {type(config).__name__}, "
+                                 "not a ConfigDict")  # fmt: skip
+  return config
+
+
+def _config_module(shown: str, path: str, preset: str, experiment_file: str | None) -> Any:
+  """Loads the config file `path` as a module (a fresh one, as ml_collections does)."""
+  if not path.endswith(".py"):
+    example = _relative(experiment_file) if experiment_file else "experiments/NAME.py"
+    raise config_lib.ConfigError(f"{shown}: --config takes a file, FILE.py or FILE.py:PRESET, "
+                                 f"such as {example}{preset}")  # fmt: skip
+  if not os.path.isfile(path):
+    full = "the file's full path"
+    if experiment_file and pathlib.Path(path).name == pathlib.Path(experiment_file).name:
+      full = f"the full path, --config={experiment_file}{preset}"
+    hint = f"run from the repository root or give {full}"
+    raise config_lib.ConfigError(f"{shown}: no file {path} in {os.getcwd()} (the path is read "
+                                 f"from the current folder); {hint}")  # fmt: skip
+  name = f"jaxtrain_config_{pathlib.Path(path).stem}"
+  loader = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(loader)
+  sys.modules[name] = module  # as an import would: dataclasses and pickling look it up
+  try:
+    loader.loader.exec_module(module)
+  except Exception as e:  # the user's file: its error is one line, like any bad flag
+    raise config_lib.ConfigError(f"{shown}: {path} does not load: {type(e).__name__}: {e}") from e
+  return module
+
+
+def _check_keys(spec: str, config: ml_collections.ConfigDict, default: str,
+                base: ml_collections.ConfigDict) -> None:  # fmt: skip
+  """Refuses a config whose keys are not the default config's: the experiment reads those."""
+  have, want = {k for k, _ in config_lib.flatten(config)}, {k for k, _ in config_lib.flatten(base)}
+  if have == want:
+    return
+  differences = [f"{what} {', '.join(sorted(keys)[:3])}{', ...' if len(keys) > 3 else ''}"
+                 for what, keys in (("lacks", want - have), ("adds", have - want))
+                 if keys]  # fmt: skip
+  raise config_lib.ConfigError(f"--config={spec}: its keys are not those of {default}'s "
+                               f"get_config(): it {' and '.join(differences)}")  # fmt: skip
+
+
+def _relative(path: str) -> str:
+  """`path` from the current folder, as a user types it, when it lies below it; else absolute."""
+  full = os.path.abspath(path)
+  relative = os.path.relpath(full)
+  return full if relative.startswith("..") else relative
+
+
+def _refuse_preset_flag(default: str, presets: Sequence[str]) -> None:
+  """`--preset=NAME`, gone: one line saying where a preset goes now."""
+  for i, arg in enumerate(sys.argv[1:], 1):
+    if arg == "--preset" or arg.startswith("--preset="):
+      name = arg.partition("=")[2] or (sys.argv[i + 1] if i + 1 < len(sys.argv) else "")
+      name = name or (presets[0] if presets else "PRESET")
+      fail(f"--preset is gone: a preset follows the config file, --config={default}:{name}")
+
+
+def _take_overrides(config: ml_collections.ConfigDict, default: str, presets: Sequence[str],
+                    spec: str | None) -> None:  # fmt: skip
+  """Checks each `--config.KEY` against `config`; takes out those of keyword keys (set later)."""
   known = [key for key, _ in config_lib.flatten(config)]
   kept, args = [], list(sys.argv)
   while args:
     arg = args.pop(0)
     match = _OVERRIDE.match(arg)
+    if match and spec is not None and config_argument(kept) is None:  # config_flags refuses it
+      fail(f"{arg} comes before --config={spec}: give the file first, then its overrides")
     if arg.startswith("--config.") and (not match or match.group(1) not in known):
-      fail(config_lib.unknown_key_message(match.group(1), known) if match else f"no key in {arg}")
+      if not match:
+        fail(f"no key in {arg}")
+      hint = ""
+      if match.group(3) in presets:  # such as the old --config.finetune=lora
+        hint = f"; a preset follows the config file, --config={default}:{match.group(3)}"
+      fail(config_lib.unknown_key_message(match.group(1), known) + hint)
     if match and any(keyword.iskeyword(part) for part in match.group(1).split(".")):
       _keyword_overrides.append((match.group(1), _value(match, args, config)))
     else:
       kept.append(arg)
   sys.argv[:] = kept
-  return config_flags.DEFINE_config_dict("config", config, lock_config=True)
 
 
 def _value(match: re.Match, rest: list[str], config: ml_collections.ConfigDict) -> str:
@@ -271,6 +386,20 @@ def _quiet() -> None:
   if not flags.FLAGS["verbosity"].present:  # INFO lines only when asked for
     absl_logging.set_verbosity(absl_logging.WARNING)
   logs.quiet_orbax_logs()
+
+
+def missing(extra: str, package: str) -> ImportError:
+  """A tool's `extra` is not installed: one line and exit 2 when a tool runs, else the error.
+
+  Tools import their extras' packages (matplotlib, Optuna) as
+  `try: import optuna` / `except ImportError as e: raise cli.missing("sweep", "optuna") from e`.
+  """
+  message = (f"{package} is not installed, and this tool needs it: pip install -e '.[{extra}]' "
+             f"(or pip install 'jaxtrain[{extra}]')")  # fmt: skip
+  spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+  if spec and spec.name.startswith("jaxtrain."):
+    fail(message)
+  return ImportError(message)
 
 
 def run_tool(main: Callable[[list[str]], Any]) -> None:
@@ -352,20 +481,23 @@ def usage() -> str:
   """The experiment's docstring, its flags, and every config key with default and meaning."""
   main = sys.modules["__main__"]
   lines = [(main.__doc__ or "").strip(), "", "flags:"]
-  ours = flags.FLAGS.find_module_defining_flag("workdir") or sys.argv[0]
-  shown = {}  # jaxtrain's flags, then the experiment's own
-  for module in (ours, sys.argv[0]):
-    shown.update({f.name: f for f in flags.FLAGS.get_flags_for_module(module)})
+  found = flags.FLAGS.find_module_defining_flag
+  shown = {}  # --config, jaxtrain's flags, then the experiment's (or the tool's) own
+  for module in (found("config"), found("workdir"), sys.argv[0]):
+    shown.update({f.name: f for f in flags.FLAGS.get_flags_for_module(module or sys.argv[0])})
   for flag in shown.values():
-    if flag.name == "config":  # its keys follow
-      continue
-    default = f" (default: {flag.default!r})" if flag.default is not None else ""
+    # --config's default is its file, not the config loaded from it; ml_collections keeps
+    # only the file, as the default, when --config is given
+    value = getattr(flag, "default_unparsed", flag.default)
+    default = f" (default: {value!r})" if value is not None else ""
     lines.append(f"  --{flag.name}: {' '.join(flag.help.split())}{default}")
   lines.append("  --verbosity: 0 also prints the log's INFO lines (--helpfull: absl's other flags)")
   config = _help.get("config")
   if config is None:
     return "\n".join(lines)
-  lines += ["", "config keys: --config.KEY=VALUE (this experiment's defaults):"]
+  spec = _help.get("spec")
+  source = f"the defaults of --config={spec}" if spec else "this experiment's defaults"
+  lines += ["", f"config keys: --config.KEY=VALUE ({source}):"]
   for key, value in config_lib.flatten(config):
     setting = f"  {key}={value!r}"
     meaning = _meaning(key)

@@ -1,11 +1,12 @@
-"""A run's memory per device, before it runs: state bytes, the compiled chunk, what fits.
+r"""A run's memory per device, before it runs: state bytes, the compiled chunk, what fits.
 
     python -m jaxtrain.plan experiments.lm --device_memory=64MB
-    python -m jaxtrain.plan experiments.lm --preset=gpu --config.mesh.rules=fsdp
+    python -m jaxtrain.plan experiments.lm --config=experiments/lm.py:gpu \
+      --config.mesh.rules=fsdp
 
-It takes an experiment's flags (`--preset`, `--config.KEY=VALUE`), builds the
-run's abstract state on the mesh those describe (`jax.eval_shape`: nothing is
-allocated), and compiles its train chunk ahead of time for that mesh, batch,
+It takes an experiment's flags (`--config=FILE.py:PRESET`, `--config.KEY=VALUE`),
+builds the run's abstract state on the mesh those describe (`jax.eval_shape`:
+nothing is allocated), and compiles its train chunk ahead of time for that mesh, batch,
 precision policy and remat, on the devices of this machine. It prints each
 device's bytes of parameters, optimizer state and the rest of the state, and
 the compiled chunk's arguments, temporaries (activations and gradients) and
@@ -15,7 +16,7 @@ for each remat policy the model offers (`model.remat`), the largest batch
 Nothing is trained or written.
 
 An experiment module takes part by defining `get_config()` (or
-`get_config(preset)` with `PRESETS`) and `task(config, workdir)`, which returns
+`get_config(preset)`) and `task(config, workdir)`, which returns
 the model, the dataset and the loss (and may return more after them).
 
 From Python:
@@ -216,8 +217,8 @@ def _load(argv: list[str]) -> Any:
     print(cli.usage())
     sys.exit(0)
   if not names:
-    cli.fail("usage: python -m jaxtrain.plan EXPERIMENT [--preset=...] [--config.KEY=VALUE ...] "
-             "[--device_memory=80GB]")  # fmt: skip
+    cli.fail("usage: python -m jaxtrain.plan EXPERIMENT [--config=FILE.py:PRESET] "
+             "[--config.KEY=VALUE ...] [--device_memory=80GB]")  # fmt: skip
   argv.remove(names[0])
   try:
     module = cli.import_experiment(names[0])
@@ -228,7 +229,7 @@ def _load(argv: list[str]) -> Any:
 
 
 def define_flags() -> None:
-  """The plan's own flags (the experiment's `--config` and `--preset` come from its module)."""
+  """The plan's own flags (the experiment's `--config` comes from its module)."""
   flags.DEFINE_string(
     "workdir", None, "Optional: a run's folder, whose saved tokenizer is read rather than trained."
   )

@@ -6,10 +6,13 @@
 It reads the run's `config.json`, `run.json` and `metrics.jsonl`, refuses with
 one line (exit 2) when the code or the data differ from the record (the git
 commit and the saved diff; the data's fingerprints), unless `--force`, then
-trains the same config, seeds included, with the experiment module that ran it
+trains the same config (the run's `--config=FILE.py:PRESET`, then every key as
+`config.json` holds it), seeds included, with the experiment module that ran it
 (`python -m NAME`) into a new workdir (default `DIR_replay`), and compares every
 line of the two `metrics.jsonl` files, timing fields aside: exit 0 when all
 match (to `--atol`, exactly by default), 1 naming the first step that does not.
+Like the run, it reads FILE from the current folder: replay from where the run
+was started (the repository root).
 Before anything trains, a damaged or missing record, a run with no metric lines
 to compare, and an `--out` that is the run, lies inside it, holds it, or holds
 files already, are each one line and exit 2: a replay never writes into a run.
@@ -34,10 +37,14 @@ from jaxtrain.config import ConfigError
 TIMING = ("time", "steps_per_sec", "samples_per_sec", "tokens_per_sec", "mfu", "data_wait_frac")
 
 
-def rebuild_config(module: Any, saved: dict[str, Any]) -> ml_collections.ConfigDict:
-  """The experiment's config with every key set as `config.json` recorded it."""
-  presets = getattr(module, "PRESETS", ())
-  config = module.get_config(presets[0]) if presets else module.get_config()
+def rebuild_config(module: Any, saved: dict[str, Any],
+                   spec: str | None = None) -> ml_collections.ConfigDict:  # fmt: skip
+  """The run's config: its `--config=spec` (else `get_config()`), every key as `config.json` has it.
+
+  `spec` is `FILE.py[:PRESET]` as the run's command gave it, a path from the
+  current folder, so a replay runs from the folder the run was started in.
+  """
+  config = cli.load_config(spec, module.__file__) if spec else module.get_config()
   known = dict(config_lib.flatten(config))
   for key, raw in config_lib.flatten_dict(saved).items():
     if key not in known:
@@ -160,18 +167,21 @@ def main(argv: list[str]) -> None:
   if not isinstance(name, str) or not name:
     raise ConfigError(f"{argv[1]}: run.json names no experiment module; replay reruns runs "
                       "started as python -m NAME")  # fmt: skip
+  recorded = environment.get("argv")  # the command that started the run
+  spec = cli.config_argument(recorded) if _strings(recorded) else None
   try:
     module = cli.import_experiment(name)
+    config = rebuild_config(module, saved, spec)
   except ConfigError as e:
     raise ConfigError(f"{argv[1]}: {e}") from e
-  config = rebuild_config(module, saved)
   model, dataset, loss = module.task(config, None)[:3]
   problems = code_problems(_section(run, "git"), workdir) + data_problems(
     _section(run, "data"), dataset
   )
   if problems and not f.force:
     raise ConfigError(f"not replaying {argv[1]}: {'; '.join(problems)} (--force replays anyway)")
-  print(f"replaying {name} from {workdir} into {out}", file=sys.stderr)
+  shown = f"{name} --config={spec}" if spec else name
+  print(f"replaying {shown} from {workdir} into {out}", file=sys.stderr)
   for problem in problems:
     print(f"warning: {problem}", file=sys.stderr)
   jaxtrain.train(config, model, dataset, loss, workdir=out, resume="never")
@@ -182,6 +192,10 @@ def main(argv: list[str]) -> None:
     sys.exit(1)
   print(f"replay matches the run: {len(original)} metric lines, every value equal"
         + (f" to {f.atol}" if f.atol else ""))  # fmt: skip
+
+
+def _strings(value: Any) -> bool:
+  return isinstance(value, list) and all(isinstance(v, str) for v in value)
 
 
 def _section(run: dict[str, Any], name: str) -> dict[str, Any]:

@@ -485,7 +485,7 @@ def test_finetune_experiment_with_lora_exports_a_merged_model(tmp_path):
     "experiments.finetune_text",
     "--workdir",
     "runs/ft",
-    "--config.finetune=lora",
+    f"--config={helpers.ROOT}/experiments/finetune_text.py:lora",
     "--config.train.steps=20",
     "--config.eval.every_steps=20",
     "--config.ckpt.every_steps=20",

@@ -110,19 +110,120 @@ def test_the_experiment_learns_the_corpus_and_samples(tmp_path):
   assert train[-1]["loss"] < 0.7 * train[0]["loss"]
 
 
-def test_a_bad_preset_is_one_line(tmp_path):
-  run = _lm(["--preset=tpu", "--workdir", "runs/lm"], tmp_path)
-  assert run.returncode == 2
-  assert run.stderr.strip() == "error: --preset='tpu' must be one of cpu, gpu"
-  assert not (tmp_path / "runs").exists()
+# The gpu preset's sizes cut to a CPU's, its tokenizer to bytes; every other key is the preset's.
+GPU_CUT = [*TINY[:6], "--config.train.batch_size=8", "--config.train.steps=20",
+           "--config.train.log_every=10", "--config.optim.warmup_steps=5",
+           "--config.eval.every_steps=20", "--config.data.tokenizer=byte",
+           "--config.data.limit_bytes=200000"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def gpu_run(tmp_path_factory):
+  """The gpu preset, as the README writes it (from the repository root), cut to 20 tiny steps."""
+  workdir = tmp_path_factory.mktemp("gpu") / "lm_gpu"
+  run = _lm(["--config=experiments/lm.py:gpu", "--workdir", str(workdir), *GPU_CUT,
+             "--sample_tokens=5"], helpers.ROOT)  # fmt: skip
+  assert run.returncode == 0, run.stderr[-3000:]
+  return workdir
+
+
+def test_the_preset_is_in_config_json_and_the_overrides_after_it_win(gpu_run):
+  from experiments import lm  # noqa: PLC0415
+  from jaxtrain import config as config_lib  # noqa: PLC0415
+
+  saved = config_lib.flatten_dict(json.loads((gpu_run / "config.json").read_text()))
+  overridden = dict(arg.removeprefix("--config.").split("=", 1) for arg in GPU_CUT)
+  gpu = dict(config_lib.flatten(lm.get_config("gpu")))
+  cpu = dict(config_lib.flatten(lm.get_config()))
+  assert saved.keys() == gpu.keys()
+  for key, value in saved.items():
+    wanted = type(gpu[key])(overridden[key]) if key in overridden else gpu[key]
+    assert (tuple(value) if isinstance(value, list) else value) == wanted, key
+  kept = {k for k in gpu if gpu[k] != cpu[k] and k not in overridden}  # the preset's own
+  assert {"model.remat", "model.scan_layers", "precision.policy", "optim.lr",
+          "data.vocab_size", "eval.batch_size"} <= kept  # fmt: skip
+  assert saved["model.remat"] == "dots-saveable" and saved["precision.policy"] == "bf16-mixed"
+  assert saved["model.d_model"] == 32 and saved["train.steps"] == 20  # the overrides won
+  record = json.loads((gpu_run / "run.json").read_text())
+  assert "--config=experiments/lm.py:gpu" in record["environment"]["argv"]
+
+
+def test_a_replay_starts_from_the_runs_preset(gpu_run, tmp_path):
+  replayed = subprocess.run(
+    [sys.executable, "-m", "jaxtrain.replay", str(gpu_run), f"--out={tmp_path / 'again'}",
+     "--force"],  # --force: others may change the checkout while the tests run
+    capture_output=True, text=True, timeout=600, cwd=helpers.ROOT,
+    env=dict(os.environ, PYTHONPATH=helpers.ROOT, XLA_FLAGS=""), check=False,
+  )  # fmt: skip
+  assert replayed.returncode == 0, replayed.stderr[-3000:]
+  shown = f"replaying experiments.lm --config=experiments/lm.py:gpu from {gpu_run}"
+  assert shown in replayed.stderr
+  assert replayed.stdout.startswith("replay matches the run")
+  again = json.loads((tmp_path / "again" / "config.json").read_text())
+  assert again == json.loads((gpu_run / "config.json").read_text())
+
+
+PRESET_CASES = {  # --config, the folder it runs from (None: elsewhere), the error line
+  "a preset the file does not have": (
+    "--config=experiments/lm.py:tpu", helpers.ROOT,
+    "error: --config=experiments/lm.py:tpu: preset 'tpu' is not one of cpu, gpu",
+  ),
+  "the file's path from another folder": (
+    "--config=experiments/lm.py:gpu", None,
+    "error: --config=experiments/lm.py:gpu: no file experiments/lm.py in {cwd} (the path is "
+    "read from the current folder); run from the repository root or give the full path, "
+    f"--config={helpers.ROOT}/experiments/lm.py:gpu",
+  ),
+  "a module name, not a file": (
+    "--config=lm:gpu", helpers.ROOT,
+    "error: --config=lm:gpu: --config takes a file, FILE.py or FILE.py:PRESET, such as "
+    "experiments/lm.py:gpu",
+  ),
+  "another experiment's file": (
+    "--config=experiments/digits.py", helpers.ROOT,
+    "error: --config=experiments/digits.py: its keys are not those of experiments/lm.py's "
+    "get_config(): it lacks model.activation, model.d_model, model.heads, ... and adds "
+    "model.hidden",
+  ),
+  "the old --preset": (
+    "--preset=gpu", helpers.ROOT,
+    "error: --preset is gone: a preset follows the config file, --config=experiments/lm.py:gpu",
+  ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(PRESET_CASES))
+def test_a_bad_preset_or_file_is_one_line_and_writes_nothing(case, tmp_path):
+  flag, cwd, expected = PRESET_CASES[case]
+  run = _lm([flag, "--workdir", str(tmp_path / "runs" / "lm"), *TINY], cwd or tmp_path)
+  assert run.returncode == 2, run.stderr[-3000:]
+  assert run.stderr.strip() == expected.format(cwd=tmp_path) and not run.stdout
+  assert not list(tmp_path.iterdir())
+
+
+def test_an_override_before_the_preset_is_refused(tmp_path):
+  run = _lm(["--config.train.steps=5", "--config=experiments/lm.py:gpu", "--workdir",
+             str(tmp_path / "lm")], helpers.ROOT)  # fmt: skip
+  helpers.refused(run, "--config.train.steps=5 comes before --config=experiments/lm.py:gpu")
+  assert not list(tmp_path.iterdir())
 
 
 def test_the_help_lists_the_presets_and_the_sampling_flags(tmp_path):
-  shown = _lm(["--help"], tmp_path)
+  shown = _lm(["--help"], helpers.ROOT)
   assert shown.returncode == 0
   flag_lines = [x.split(":")[0].strip() for x in shown.stdout.splitlines() if x.startswith("  --")]
-  assert flag_lines == ["--preset", "--workdir", "--resume", "--coordinator_address",
+  assert flag_lines == ["--config", "--workdir", "--resume", "--coordinator_address",
                         "--num_processes", "--process_id", "--init_timeout", "--peer_timeout",
                         "--prompt", "--sample_tokens", "--temperature", "--top_k",
                         "--verbosity"]  # fmt: skip
+  config_line = next(x for x in shown.stdout.splitlines() if x.startswith("  --config:"))
+  assert "(presets: cpu, gpu)" in config_line
+  assert config_line.endswith("(default: 'experiments/lm.py')")
   assert "  model.kv_heads=2 " in shown.stdout and "grouped-query attention" in shown.stdout
+  gpu = _lm(["--config=experiments/lm.py:gpu", "--help"], helpers.ROOT)
+  assert gpu.returncode == 0
+  assert "config keys: --config.KEY=VALUE (the defaults of --config=experiments/lm.py:gpu):" in (
+    gpu.stdout
+  )
+  assert "  model.kv_heads=8 " in gpu.stdout and "  model.d_model=1024 " in gpu.stdout
+  assert not list(tmp_path.iterdir())

@@ -75,9 +75,22 @@ def test_plan_command_prints_bytes_and_the_largest_batch_that_fits(tmp_path):
   assert int(batch[3]) >= 64 and batch[-1] in ("memory)", "records)")
 
 
+def test_plan_command_plans_the_preset_with_the_overrides_after_it():
+  cut = ["--config.model.d_model=32", "--config.model.layers=2", "--config.model.heads=2",
+         "--config.model.kv_heads=1", "--config.model.mlp=64", "--config.model.seq_len=64",
+         "--config.train.batch_size=8", "--config.data.tokenizer=byte",
+         "--config.data.limit_bytes=100000"]  # fmt: skip
+  result = _plan("experiments.lm", "--config=experiments/lm.py:gpu", *cut)
+  assert result.returncode == 0, result.stderr[-3000:]
+  settings = result.stdout.splitlines()[1]  # the preset's policy and remat, the override's batch
+  assert settings.endswith("batch 8, 10 steps per chunk, precision bf16-mixed, remat dots-saveable")
+
+
 @pytest.mark.parametrize(
   "args,expected",
   [
+    (["experiments.lm", "--config=experiments/lm.py:nope"],
+     "error: --config=experiments/lm.py:nope: preset 'nope' is not one of cpu, gpu"),
     (["experiments.digits", "--device_memory=lots"],
      "error: --device_memory='lots' must be a size such as 80GB or 16GiB"),
     (["experiments.nothing"], "error: cannot import experiment 'experiments.nothing': "
@@ -85,7 +98,7 @@ def test_plan_command_prints_bytes_and_the_largest_batch_that_fits(tmp_path):
     (["experiments.digits", "--config.mesh.fsdp=3"],
      "error: mesh mesh.data=-1 x mesh.fsdp=3 x mesh.tensor=1 does not match the 8 devices"),
   ],
-  ids=["bad-size", "no-experiment", "bad-mesh"],
+  ids=["bad-preset", "bad-size", "no-experiment", "bad-mesh"],
 )  # fmt: skip
 def test_plan_mistakes_are_one_line(args, expected):
   result = _plan(*args)

@@ -168,10 +168,18 @@ def test_a_bad_sweep_flag_is_one_line_and_exit_2(tmp_path, args, message):
 
 
 def test_overrides_given_as_two_words_reach_the_best_command_as_one():
-  args = ["--config.train.steps", "300", "--space", "optim.lr=uniform(0,1)", "--preset", "lora",
-          "--config.optim.name=adam", "--workdir", "w"]  # fmt: skip
-  assert sweep.overrides(args) == ["--config.train.steps=300", "--preset=lora",
-                                   "--config.optim.name=adam"]  # fmt: skip
+  args = ["--config", "experiments/lm.py:gpu", "--config.train.steps", "300", "--space",
+          "optim.lr=uniform(0,1)", "--config.optim.name=adam", "--workdir", "w"]  # fmt: skip
+  given = sweep.overrides(args)
+  assert given == ["--config=experiments/lm.py:gpu", "--config.train.steps=300",
+                   "--config.optim.name=adam"]  # fmt: skip
+  from experiments import lm  # noqa: PLC0415
+
+  sw = sweep.Sweep(lm, None, given, [], "eval/loss", "min", 2, None, "runs/s", None, None, 1, "tpe")
+  assert sweep.best_command(sw, {"params": {"optim.lr": 0.001}}) == (
+    "python -m experiments.lm --workdir runs/s/best --config=experiments/lm.py:gpu "
+    "--config.train.steps=300 --config.optim.name=adam --config.optim.lr=0.001"
+  )  # the trial's own command: the sweep's preset, its overrides, then the trial's values
 
 
 def test_a_workdir_that_is_not_this_sweeps_is_refused(tmp_path):

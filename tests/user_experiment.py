@@ -25,10 +25,6 @@ def get_config():
   return config
 
 
-_FLAGS = cli.define_flags(get_config())
-_CASE = flags.DEFINE_string("case", "ok", "Which mistake to make.")
-
-
 def _mlp():
   return functools.partial(models.MLP, 64, (16,), 10)
 
@@ -171,5 +167,7 @@ def main(argv):
   )
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # flags only when run: --config loads this file
+  _FLAGS = cli.define_flags(__file__)
+  _CASE = flags.DEFINE_string("case", "ok", "Which mistake to make.")
   cli.run(main)
