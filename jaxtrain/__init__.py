@@ -2,14 +2,17 @@
 
 The public surface:
   train                       run a training job into a workdir
+  Run                         the same job, stepped chunk by chunk (a notebook's)
   build, Parts                the pieces `train` runs (state, chunk, evaluator, batches)
   TrainState, TrainResult     the state pytree and what `train` returns
   ConfigError, DataError      bad input, reported in one line (exit status 2)
   CheckpointError             a checkpoint that cannot be written or read
   NonFiniteError              too many non-finite updates in a row
   config, data, finetune, losses, models, monitor, optim, precision, sharding, step,
-  weights, workdir            the modules
+  resume, weights, workdir    the modules
 """
+
+__version__ = "0.2.0"
 
 from jaxtrain import (
   config,
@@ -20,6 +23,7 @@ from jaxtrain import (
   monitor,
   optim,
   precision,
+  resume,
   sharding,
   step,
   weights,
@@ -30,6 +34,7 @@ from jaxtrain.config import ConfigError
 from jaxtrain.data.sources import DataError
 from jaxtrain.loop import NonFiniteError, TrainResult, train
 from jaxtrain.parts import Parts, build
+from jaxtrain.run import Run, Tick
 from jaxtrain.state import TrainState, create_state, merge_model
 
 __all__ = [
@@ -38,8 +43,11 @@ __all__ = [
   "DataError",
   "NonFiniteError",
   "Parts",
+  "Run",
+  "Tick",
   "TrainResult",
   "TrainState",
+  "__version__",
   "build",
   "config",
   "create_state",
@@ -51,6 +59,7 @@ __all__ = [
   "monitor",
   "optim",
   "precision",
+  "resume",
   "sharding",
   "step",
   "train",

@@ -24,6 +24,7 @@ import json
 import logging
 import pathlib
 import shutil
+import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -38,6 +39,7 @@ from jaxtrain.state import TrainState
 
 # Where steps saved by earlier versions keep the data position (Grain's handler, process 0).
 OLD_DATA = "process_0-of-*.json"
+ABANDON_LOOKS = 5  # 0.5 s of looks for the folders of saves cut short
 
 
 class CheckpointError(RuntimeError):
@@ -322,8 +324,12 @@ class Checkpointer:
     finally:
       self._manager.close()
     if abandon and jax.process_index() == 0:
-      for tmp in self.directory.glob("*.orbax-checkpoint-tmp*"):
-        shutil.rmtree(tmp, ignore_errors=True)
+      # A save that Ctrl-C cut short may still make its folder from Orbax's own thread:
+      # look again for a moment.
+      for _ in range(ABANDON_LOOKS):
+        for tmp in self.directory.glob("*.orbax-checkpoint-tmp*"):
+          shutil.rmtree(tmp, ignore_errors=True)
+        time.sleep(0.1)
 
 
 def _aside(directory: pathlib.Path, name: str) -> pathlib.Path:

@@ -49,7 +49,8 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import ml_collections
+
+from jaxtrain import config as config_lib
 
 RUNNING, NO_IMPROVEMENT, NON_FINITE, DIVERGED = 0, 1, 2, 3
 REASONS = {
@@ -59,39 +60,46 @@ REASONS = {
 }
 
 
+def _default(key: str) -> Any:
+  return dataclasses.field(default=config_lib.default(key))
+
+
 @dataclasses.dataclass(frozen=True)
 class MonitorConfig:
-  """The monitor's settings; see the module docstring for their meaning."""
+  """The monitor's settings (the `early_stop` and `plateau` keys; defaults in `jaxtrain.config`).
 
-  mode: str = "min"
-  patience: int = 5
-  min_delta: float = 0.0
-  relative: bool = False
-  baseline: float | None = None
-  warmup_steps: int = 0
-  divergence: float | None = None
-  plateau_factor: float = 1.0
-  plateau_patience: int = 2
-  plateau_cooldown: int = 0
-  plateau_min_scale: float = 0.0
+  Also what a run does with the monitor's verdicts: `metric` is the monitored
+  eval metric ("" for none), `restore_best` ends on its best checkpoint, and
+  `best_metric`/`best_mode` rank the checkpoints that are kept as best.
+  """
 
-  @classmethod
-  def from_config(cls, config: ml_collections.ConfigDict) -> "MonitorConfig":
-    """Reads the `early_stop` and `plateau` sections of a run's config."""
-    e, p = config.early_stop, config.plateau
-    return cls(
-      mode=e.mode,
-      patience=e.patience,
-      min_delta=e.min_delta,
-      relative=e.relative,
-      baseline=e.baseline,
-      warmup_steps=e.warmup_steps,
-      divergence=e.divergence,
-      plateau_factor=p.factor,
-      plateau_patience=p.patience,
-      plateau_cooldown=p.cooldown,
-      plateau_min_scale=p.min_scale,
-    )
+  mode: str = _default("early_stop.mode")
+  patience: int = _default("early_stop.patience")
+  min_delta: float = _default("early_stop.min_delta")
+  relative: bool = _default("early_stop.relative")
+  baseline: float | None = _default("early_stop.baseline")
+  warmup_steps: int = _default("early_stop.warmup_steps")
+  divergence: float | None = _default("early_stop.divergence")
+  plateau_factor: float = _default("plateau.factor")
+  plateau_patience: int = _default("plateau.patience")
+  plateau_cooldown: int = _default("plateau.cooldown")
+  plateau_min_scale: float = _default("plateau.min_scale")
+  metric: str = _default("early_stop.metric")
+  restore_best: bool = _default("early_stop.restore_best")
+  best_metric: str = _default("ckpt.best_metric")
+  best_mode: str = _default("ckpt.best_mode")
+
+  @property
+  def best(self) -> tuple[str, str]:
+    """The metric and mode that pick the best checkpoint: the monitor's with restore_best."""
+    if self.restore_best:
+      return self.metric, self.mode
+    return self.best_metric, self.best_mode
+
+  @property
+  def key(self) -> list[Any]:
+    """The settings that give the monitor's state its meaning (a checkpoint records them)."""
+    return [self.metric, self.mode, self.baseline]
 
 
 class MonitorState(NamedTuple):

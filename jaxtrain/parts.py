@@ -41,6 +41,66 @@ from jaxtrain.data.sources import DataError, Dataset
 from jaxtrain.evaluate import Evaluator
 
 
+class Cadence(NamedTuple):
+  """When the run does what, in steps (the `train`, `eval`, `ckpt` and `profile` keys).
+
+  Attributes:
+    steps: the run's last step.
+    steps_per_loop: steps per compiled chunk.
+    log_every: steps between train lines.
+    eval_every: steps between evaluations; 0: only at the end.
+    ckpt_every: steps between checkpoints; 0: only at the end and on a stop.
+    max_skipped: non-finite updates in a row that fail the run; 0: never.
+    profile_start: the profiler window's first step.
+    profile_steps: the steps its trace covers; 0: no trace.
+  """
+
+  steps: int
+  steps_per_loop: int
+  log_every: int
+  eval_every: int
+  ckpt_every: int
+  max_skipped: int
+  profile_start: int
+  profile_steps: int
+
+  def evaluates(self, step: int) -> bool:
+    """Whether `step` ends with an evaluation (the last step always does)."""
+    return step == self.steps or _every(self.eval_every, step)
+
+  def saves(self, step: int) -> bool:
+    """Whether `step` ends with a periodic checkpoint (the last step always does)."""
+    return step == self.steps or _every(self.ckpt_every, step)
+
+
+class Resolved(NamedTuple):
+  """The rest of what a run takes from its config, as plain values.
+
+  Attributes:
+    config: the config as run (`config.json`; resumes compare it key by key).
+    cadence: when the run logs, evaluates and saves.
+    keep: newest checkpoint steps kept (`ckpt.keep`).
+    async_save: write checkpoints in the background (`ckpt.async`).
+    workers: Grain worker processes; -1: chosen from timings (`data.workers`).
+    max_workers: the most that -1 starts (`data.max_workers`).
+    wandb: also log to Weights & Biases (`logging.wandb`).
+    mlflow: also log to MLflow (`logging.mlflow`).
+  """
+
+  config: config_lib.Snapshot
+  cadence: Cadence
+  keep: int
+  async_save: bool
+  workers: int
+  max_workers: int
+  wandb: bool = False
+  mlflow: bool = False
+
+
+def _every(every: int, step: int) -> bool:
+  return bool(every and step % every == 0)
+
+
 class Spec(NamedTuple):
   """What `prepare` resolves a config into; nothing in it is allocated.
 
@@ -69,6 +129,7 @@ class Spec(NamedTuple):
     frozen: the parameters the optimizer never trains (`optim.freeze`, `optim.trainable`).
     omit: parameters loaded from `init.source` and never trained, which
       checkpoints leave out (they are read from the source again on resume).
+    run: the rest of the config a run reads (`Resolved`); None outside `prepare`.
   """
 
   mesh: Mesh
@@ -94,6 +155,7 @@ class Spec(NamedTuple):
   initial: weights.Initial | None = None
   frozen: frozenset[str] = frozenset()
   omit: frozenset[str] = frozenset()
+  run: Resolved | None = None
 
 
 class Chunk:
@@ -219,7 +281,7 @@ def prepare(
     graphdef = preflight.graphdef(model)
     abstract = _abstract_state(model, tx, seed=t.seed, mesh=mesh, rules=rules, policy=policy)
     frozen = preflight.check_paths(abstract.params, _path_patterns(config, from_config))
-    initial = weights.plan(config.init, abstract.params)
+    initial = weights.plan(init_config(config), abstract.params)
     step_fn = functools.partial(step_lib.train_step, graphdef=graphdef, tx=tx, loss_fn=loss_fn,
                                 schedule=schedule, policy=policy, log_norms=t.log_norms,
                                 frozen=frozen)  # fmt: skip
@@ -243,7 +305,7 @@ def prepare(
     tx=tx,
     schedule=schedule,
     policy=policy,
-    watch=monitor_lib.MonitorConfig.from_config(config),
+    watch=monitor_config(config),
     step_fn=step_fn,
     unroll=t.unroll or step_lib.auto_unroll(jaxpr, t.steps_per_loop),
     eval_names=tuple(eval_names),
@@ -259,6 +321,64 @@ def prepare(
     initial=initial,
     frozen=frozen,
     omit=frozenset(initial.names) & frozen if initial else frozenset(),
+    run=resolve(config),
+  )
+
+
+def resolve(config: ml_collections.ConfigDict) -> Resolved:
+  """What the host loop, the workdir and the records read of a (validated) config."""
+  t, c, d, p = config.train, config.ckpt, config.data, config.profile
+  cadence = Cadence(
+    steps=t.steps,
+    steps_per_loop=t.steps_per_loop,
+    log_every=t.log_every,
+    eval_every=config.eval.every_steps,
+    ckpt_every=c.every_steps,
+    max_skipped=t.max_skipped,
+    profile_start=p.start_step,
+    profile_steps=p.steps,
+  )
+  return Resolved(
+    config=config_lib.snapshot(config),
+    cadence=cadence,
+    keep=c.keep,
+    async_save=c["async"],
+    workers=d.workers,
+    max_workers=d.max_workers,
+    wandb=config.logging.wandb,
+    mlflow=config.logging.mlflow,
+  )
+
+
+def optim_settings(config: ml_collections.ConfigDict) -> optim.Settings:
+  """The `optim` keys as `optim.Settings` (the schedule runs over `train.steps`)."""
+  return optim.settings(config.optim.to_dict(), total_steps=config.train.steps)
+
+
+def init_config(config: ml_collections.ConfigDict) -> weights.InitConfig:
+  """The `init` keys as a `weights.InitConfig`."""
+  return weights.InitConfig(**{k: config.init[k] for k in weights.InitConfig._fields})
+
+
+def monitor_config(config: ml_collections.ConfigDict) -> monitor_lib.MonitorConfig:
+  """The `early_stop`, `plateau` and best-checkpoint keys as a `MonitorConfig`."""
+  e, p, c = config.early_stop, config.plateau, config.ckpt
+  return monitor_lib.MonitorConfig(
+    mode=e.mode,
+    patience=e.patience,
+    min_delta=e.min_delta,
+    relative=e.relative,
+    baseline=e.baseline,
+    warmup_steps=e.warmup_steps,
+    divergence=e.divergence,
+    plateau_factor=p.factor,
+    plateau_patience=p.patience,
+    plateau_cooldown=p.cooldown,
+    plateau_min_scale=p.min_scale,
+    metric=e.metric,
+    restore_best=e.restore_best,
+    best_metric=c.best_metric,
+    best_mode=c.best_mode,
   )
 
 
@@ -285,7 +405,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, 
     ConfigError: naming the first bad key and the problem.
   """
   config_lib.validate(config)
-  weights.check_config(config.init)
+  optim_settings(config)  # the optimizer's name and options: its table checks them
+  weights.check_config(init_config(config))
   shape = sharding.mesh_shape(config.mesh, num_devices)
   batches = {k: config_lib.get(config, k) for k in ("train.batch_size", "eval.batch_size")}
   sharding.check_batches(shape, batches)
@@ -448,9 +569,9 @@ def _optimizer(
   if tx is None:
     if schedule is not None:
       raise config_lib.ConfigError("train(schedule=...) describes a given tx; pass tx= too")
-    tx, sched = optim.from_config(config, multiplier=plateau)
-    accum = config.optim.accum_steps
-    return tx, lambda n: sched(n // accum)
+    settings = optim_settings(config)
+    tx, sched = optim.from_settings(settings, multiplier=plateau)
+    return tx, lambda n: sched(n // settings.accum_steps)
   return (optax.chain(tx, optim.lr_multiplier()) if plateau else tx), schedule
 
 

@@ -47,6 +47,8 @@ from jaxtrain import (
 from jaxtrain import config as config_lib
 from jaxtrain import monitor as monitor_lib
 from jaxtrain import parts as parts_lib
+from jaxtrain import resume as resume_lib
+from jaxtrain import run as run_lib
 from jaxtrain import state as state_lib
 from jaxtrain import step as step_lib
 from jaxtrain import workdir as workdir_lib
@@ -104,11 +106,10 @@ def member_configs(
     out.append(space.apply(config, {**values, "data.seed": config_lib.data_seed(config)}))
     space.check(out[-1], {}, f"population member {i}")
   name = config.optim.name
-  if any(c.optim.weight_decay != out[0].optim.weight_decay for c in out) and (
-    name not in config_lib.DECAY_OPTIMIZERS or name == "adafactor"
-  ):
+  holders = [n for n, b in optim.BASES.items() if "weight_decay" in b.tunable]
+  if any(c.optim.weight_decay != out[0].optim.weight_decay for c in out) and name not in holders:
     raise ConfigError(f"optim.weight_decay varies, but optim.name={name} cannot hold it "
-                      "in its state (adamw, lion or muon can)")  # fmt: skip
+                      f"in its state ({', '.join(holders)} can)")  # fmt: skip
   return out
 
 
@@ -157,6 +158,7 @@ class Program(NamedTuple):
   evaluate: Evaluator
   spec: parts_lib.Spec
   watch: str  # the early-stopping metric's name, without eval/; "" for none
+  abstract: state_lib.TrainState  # the stacked state's shapes, dtypes and shardings
 
   def initial(self, configs: list[ml_collections.ConfigDict]) -> state_lib.TrainState:
     """The members' initial states, stacked: each from its seed, with its hyperparameters."""
@@ -172,7 +174,7 @@ def program(
 ) -> Program:
   """Prepares the base run with the tunable optimizer and compiles the population's functions."""
   base = configs[0]
-  tx, unit = optim.tunable(base, multiplier=base.plateau.factor < 1)
+  tx, unit = optim.tunable(parts_lib.optim_settings(base), multiplier=base.plateau.factor < 1)
   spec = parts_lib.prepare(base, model, data, loss_fn, tx=tx)
   mesh, accum = spec.mesh, base.optim.accum_steps
   shardings = stacked(spec.abstract, mesh)
@@ -228,6 +230,8 @@ def program(
       evaluate=evaluator,
       spec=spec,
       watch=base.early_stop.metric.removeprefix("eval/"),
+      abstract=jax.tree.map(lambda x, s: jax.ShapeDtypeStruct((len(configs), *x.shape), x.dtype,
+                                                             sharding=s), spec.abstract, shardings),
     )  # fmt: skip
 
 
@@ -281,25 +285,23 @@ def train(
   metric = metric or config.early_stop.metric or "eval/loss"
   mode = mode or (config.early_stop.mode if metric == config.early_stop.metric
                   else "max" if "accuracy" in metric else "min")  # fmt: skip
+  path = workdir_lib.resolve(workdir)
   compiled = program(configs, model, data, loss_fn)
-  path = workdir_lib.resolve(workdir) or workdir_lib.fresh()
-  lock = workdir_lib.hold(path)
-  try:
-    tally = _Tally(len(configs), metric.removeprefix("eval/"), mode, prune)
-    return _run(compiled, configs, path, tally)
-  finally:
-    lock.release()
+  tally = _Tally(len(configs), metric.removeprefix("eval/"), mode, prune)
+  with _PopulationRun(compiled, configs, path, tally) as run:
+    for _ in run:
+      pass
+  return run.outcome
 
 
 @dataclasses.dataclass
 class _Tally:
-  """Each member's status, best and last evaluation, and where its lines go."""
+  """Each member's status, best and last evaluation; a checkpoint keeps them."""
 
   size: int
   name: str  # the ranking metric, without eval/
   mode: str
   prune: Prune | None
-  jsonl: metrics.JsonlWriter | None = None
   status: list[str] = dataclasses.field(default_factory=list)
   best: list[float | None] = dataclasses.field(default_factory=list)
   last: list[dict[str, float]] = dataclasses.field(default_factory=list)
@@ -308,8 +310,8 @@ class _Tally:
     self.status, self.best = ["running"] * self.size, [None] * self.size
     self.last = [{} for _ in range(self.size)]
 
-  def active(self) -> jax.Array:
-    return jnp.asarray([s == "running" for s in self.status])
+  def active(self) -> np.ndarray:
+    return np.asarray([s == "running" for s in self.status])
 
   def pick(self) -> int:
     """The best member (the first when none has a value)."""
@@ -318,90 +320,133 @@ class _Tally:
       return 0
     return (max if self.mode == "max" else min)(scored, key=lambda i: self.best[i])
 
+  def state_dict(self) -> dict[str, Any]:
+    return {"status": self.status, "best": self.best, "last": self.last}
 
-def _run(
-  program: Program, configs: list[ml_collections.ConfigDict], path: pathlib.Path, tally: _Tally
-) -> PopulationResult:
-  """The population's host loop: chunks, evaluations, masks, then the best member's run."""
-  spec, base = program.spec, configs[0]
-  t = base.train
-  rec = record.start(base, spec.mesh, spec.data, path, resumed_from=None, rules=spec.rules,
-                     parameters=parts_lib.parameter_counts(spec))  # fmt: skip
-  # Opened after `record.start`, which rewrites metrics.jsonl.
-  tally.jsonl = metrics.JsonlWriter(path / "metrics.jsonl" if jax.process_index() == 0 else None)
-  states = program.initial(configs)
-  steps, started = 0, time.perf_counter()
-  signals, vote = interrupt.StopSignals(spec.mesh, saves=False), interrupt.RUNNING
-  try:
-    with parts_lib.stream(spec) as batches:
-      while steps < t.steps and "running" in tally.status and not vote:
-        states, out = program.chunk(states, next(batches), tally.active())
-        vote = distributed.largest(signals.vote)  # every process stops at the same chunk
-        steps += t.steps_per_loop
-        if steps % t.log_every == 0:
-          _log_train(tally, steps, jax.device_get(out))
-        if steps == t.steps or (base.eval.every_steps and steps % base.eval.every_steps == 0):
-          states = _evaluate(program, states, steps, tally)
-  finally:
-    signals.close()
-    tally.jsonl.close()
-  seconds = time.perf_counter() - started
-  if vote and steps < t.steps and "running" in tally.status:
-    stopped = _stopped(vote, steps)
-    rec.update(status=stopped[0], reason=stopped[1], final_step=steps)
-    return PopulationResult(states, configs, tally.last, tally.best, list(tally.status),
-                            tally.pick(), path, stopped)  # fmt: skip
-  status = ["completed" if s == "running" else s for s in tally.status]
-  pick = tally.pick()
-  _save_member(program, configs[pick], jax.tree.map(lambda x: x[pick], states), path / "best",
-               eval_metrics=tally.last[pick], status=status[pick], index=pick)  # fmt: skip
-  rec.update(status="completed", final_step=steps, eval=tally.last[pick], population={
-    "members": [{k: config_lib.get(c, k) for k in KEYS} for c in configs], "status": status,
-    "best_values": tally.best, "best_member": pick, "metric": f"eval/{tally.name}",
-    "mode": tally.mode, "member_steps_per_sec": len(configs) * steps / seconds,
-  })  # fmt: skip
-  return PopulationResult(states, configs, tally.last, tally.best, status, pick, path)
+  def load(self, saved: dict[str, Any]) -> None:
+    self.status, self.best, self.last = saved["status"], saved["best"], saved["last"]
 
 
-def _stopped(vote: int, step: int) -> tuple[str, str]:
+class _PopulationRun(run_lib.Run):
+  """The population on the run's own loop: chunks, metrics one chunk late, checkpoints.
+
+  The stacked states are checkpointed with each member's status, best and last
+  evaluation, so a killed population resumes exactly; its lines carry `member`.
+  """
+
+  def __init__(self, program: Program, configs: list[Any], path: Any, tally: _Tally):
+    self.program, self.configs, self.tally, self.prune = program, configs, tally, None
+    self.outcome, self.seconds = None, 0.0
+    watch = dataclasses.replace(program.spec.watch, restore_best=False, best_metric="")
+    stacked_spec = program.spec._replace(abstract=program.abstract, watch=watch)
+    self._start(stacked_spec, path, "auto", ())
+
+  def _restore(self) -> None:
+    super()._restore()
+    if self.restored:
+      self.tally.load(self.restored.meta["tally"])
+
+  def _build(self) -> None:
+    restored = self.restored
+    self.state = restored.state if restored else self.program.initial(self.configs)
+    self.parts = parts_lib.Parts(self.spec, self.state, None, None,
+                                 functools.partial(parts_lib.stream, self.spec), None)  # fmt: skip
+
+  def _done(self) -> bool:
+    return "running" not in self.tally.status
+
+  def _parameters(self) -> dict[str, int]:
+    return parts_lib.parameter_counts(self.program.spec)  # one member's
+
+  def _dispatch(self, tuner: Any, chunk: Any) -> Any:
+    active = jax.device_put(self.tally.active(), NamedSharding(self.spec.mesh, P()))
+    start = time.perf_counter()
+    with jax.transfer_guard("disallow"):  # no implicit transfers
+      self.state, out = self.program.chunk(self.state, chunk, active)
+    self.carry.step += self.spec.steps_per_loop
+    self.carry.stop = distributed.largest(self.signals.vote)  # all stop at the same chunk
+    self.seconds += time.perf_counter() - start
+    return out
+
+  def _log(self, end_step: int, out: Any, wait: float) -> None:
+    host = jax.device_get(out)  # already computed
+    self.run_record.first_chunk(self.started)
+    cad = self.spec.run.cadence
+    if end_step % cad.log_every == 0:
+      for i in range(self.tally.size):
+        line = {"member": i, "loss": float(np.mean(host["loss"][:, i]))}
+        if "lr" in host:
+          line["lr"] = float(host["lr"][-1, i])
+        self._write(end_step, "train", line)
+    self.progress.update(cad.steps_per_loop, loss=float(np.mean(host["loss"])))
+
+  def _evaluate(self) -> None:  # no checkpoint is ranked
+    """Evaluates every member, feeds the active ones' monitors and the pruner."""
+    tally, program, step = self.tally, self.program, self.carry.step
+    sums = program.evaluate.sums(self.state)
+    count = np.asarray(sums.pop("count"))
+    active = tally.active()
+    values = {k: np.asarray(v) / count for k, v in sums.items()}
+    if tally.name not in values:
+      raise ConfigError(f"metric eval/{tally.name}: the evaluations report "
+                        f"{', '.join('eval/' + k for k in values)}")  # fmt: skip
+    if program.watch:
+      watched = jnp.asarray(values[program.watch], jnp.float32)
+      self.state = program.observe(self.state, watched, jnp.asarray(active))
+    stops = np.asarray(jax.device_get(self.state.monitor.stop))
+    for i in np.flatnonzero(active):
+      tally.last[i] = {k: float(v[i]) for k, v in values.items()}
+      value, best = tally.last[i][tally.name], tally.best[i]
+      if best is None or (value > best if tally.mode == "max" else value < best):
+        tally.best[i] = value
+      self._write(step, "eval", {"member": int(i), **tally.last[i]})
+      if stops[i]:
+        tally.status[i] = "stopped_early"
+      elif tally.prune and tally.prune(int(i), step, tally.last[i]):
+        tally.status[i] = "pruned"
+
+  def _meta(self, step: int) -> dict[str, Any]:
+    spec = self.spec
+    return record.checkpoint_meta(
+      spec.run.config, spec.mesh, meter=self.meter.state_dict(), eval_metrics={}, skipped=0,
+      monitor=spec.watch.key, prints=self.prints, lines=self.writer.lines_at(step),
+    ) | {"tally": self.tally.state_dict()}  # fmt: skip
+
+  def _finish(self) -> run_lib.TrainResult:
+    self.ckpt.wait()
+    tally, configs, c = self.tally, self.configs, self.carry
+    if c.stop and c.step < self.spec.run.cadence.steps and "running" in tally.status:
+      stopped = _stopped(c.stop, c.step, self._kept())
+      self.run_record.update(status=stopped[0], reason=stopped[1], final_step=c.step)
+      self.outcome = PopulationResult(self.state, configs, tally.last, tally.best,
+                                      list(tally.status), tally.pick(), self.path,
+                                      stopped)  # fmt: skip
+      return self._result(stopped[0], stopped[1])
+    status = ["completed" if s == "running" else s for s in tally.status]
+    pick = tally.pick()
+    member = jax.tree.map(lambda x: x[pick], self.state)
+    _save_member(self.program, configs[pick], member, self.path / "best",
+                 eval_metrics=tally.last[pick], status=status[pick], index=pick)  # fmt: skip
+    rate = len(configs) * c.step / self.seconds if self.seconds else None
+    self.run_record.update(status="completed", final_step=c.step, eval=tally.last[pick],
+                           population={
+      "members": [{k: config_lib.get(m, k) for k in KEYS} for m in configs], "status": status,
+      "best_values": tally.best, "best_member": pick, "metric": f"eval/{tally.name}",
+      "mode": tally.mode, "member_steps_per_sec": rate,
+    })  # fmt: skip
+    self.outcome = PopulationResult(self.state, configs, tally.last, tally.best, status, pick,
+                                    self.path)  # fmt: skip
+    return self._result("completed", None)
+
+  def _result(self, status: str, reason: str | None) -> run_lib.TrainResult:
+    return run_lib.TrainResult(self.state, self.spec.graphdef, {}, status, reason, self.path)
+
+
+def _stopped(vote: int, step: int, kept: str) -> tuple[str, str]:
   """The status and reason of a population that SIGTERM or Ctrl-C stopped at `step`."""
   signal = "SIGTERM" if vote == interrupt.PREEMPTED else "Ctrl-C"
-  reason = f"{signal} at step {step}; a population keeps no checkpoints: a rerun starts it again"
+  reason = f"{signal} at step {step}; {kept}: rerun the same command to resume"
   return interrupt.STATUS[vote], reason
-
-
-def _log_train(tally: _Tally, step: int, out: dict[str, Any]) -> None:
-  for i in range(tally.size):
-    line = {"member": i, "loss": float(np.mean(out["loss"][:, i]))}
-    if "lr" in out:
-      line["lr"] = float(out["lr"][-1, i])
-    tally.jsonl.write(step, "train", line)
-
-
-def _evaluate(program: Program, states: Any, step: int, tally: _Tally) -> Any:
-  """Evaluates every member, feeds the active ones' monitors and the pruner."""
-  sums = program.evaluate.sums(states)
-  count = np.asarray(sums.pop("count"))
-  active = [s == "running" for s in tally.status]
-  values = {k: np.asarray(v) / count for k, v in sums.items()}
-  if tally.name not in values:
-    raise ConfigError(f"metric eval/{tally.name}: the evaluations report "
-                      f"{', '.join('eval/' + k for k in values)}")  # fmt: skip
-  if program.watch:
-    watched = jnp.asarray(values[program.watch], jnp.float32)
-    states = program.observe(states, watched, jnp.asarray(active))
-  stops = np.asarray(jax.device_get(states.monitor.stop))
-  for i in (i for i in range(tally.size) if active[i]):
-    tally.last[i] = {k: float(v[i]) for k, v in values.items()}
-    value, best = tally.last[i][tally.name], tally.best[i]
-    if best is None or (value > best if tally.mode == "max" else value < best):
-      tally.best[i] = value
-    tally.jsonl.write(step, "eval", {"member": i, **tally.last[i]})
-    if stops[i]:
-      tally.status[i] = "stopped_early"
-    elif tally.prune and tally.prune(i, step, tally.last[i]):
-      tally.status[i] = "pruned"
-  return states
 
 
 def _save_member(
@@ -423,18 +468,15 @@ def _save_member(
   lock = workdir_lib.hold(path)
   ckpt = None
   try:
-    ckpt, _ = workdir_lib.open_checkpoints(config, ordinary.abstract, path, "never",
-                                           best=workdir_lib.best_rule(config))  # fmt: skip
-    rec = record.start(
-      config, ordinary.mesh, ordinary.data, path, resumed_from=None, rules=ordinary.rules,
-      parameters=parts_lib.parameter_counts(ordinary),
-    )  # fmt: skip
+    ckpt, _ = resume_lib.open_checkpoints(ordinary, path, "never")
+    rec = record.start(ordinary, path, resumed_from=None,
+                       parameters=parts_lib.parameter_counts(ordinary))  # fmt: skip
     step = int(jax.device_get(state.step))
     described = throughput.describe(spec.model_fn, spec.data.train[0], spec.batch_size)
-    meter = metrics.Meter(config.train.batch_size, described)
+    meter = metrics.Meter(ordinary.batch_size, described)
     meta = record.checkpoint_meta(
-      config, ordinary.mesh, meter=meter.state_dict(), eval_metrics=eval_metrics, skipped=0,
-      monitor=workdir_lib.monitor_key(config), initial=None,
+      ordinary.run.config, ordinary.mesh, meter=meter.state_dict(), eval_metrics=eval_metrics,
+      skipped=0, monitor=ordinary.watch.key, initial=None,
     )  # fmt: skip
     ckpt.save(checkpoint.bundle(step, state, {"next_batch": step}, meta))
     ckpt.wait()

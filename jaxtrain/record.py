@@ -25,15 +25,17 @@ import platform
 import subprocess
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
-import ml_collections
 from jax.sharding import Mesh
 
 from jaxtrain import config as config_lib
 from jaxtrain import logs, metrics
 from jaxtrain.data.sources import Dataset
+
+if TYPE_CHECKING:
+  from jaxtrain import parts
 
 PACKAGES = (
   "jax",
@@ -232,15 +234,10 @@ def fingerprints(data: Dataset) -> dict[str, Any]:
 
 
 def run_fields(
-  config: ml_collections.ConfigDict,
-  mesh: Mesh,
-  data: Dataset,
-  workdir: pathlib.Path,
-  rules: Any = None,
-  *,
-  prints: dict[str, Any] | None = None,
+  spec: "parts.Spec", workdir: pathlib.Path, *, prints: dict[str, Any] | None = None
 ) -> dict[str, Any]:
   """Returns what `run.json` records about a run before it starts."""
+  mesh, data, rules = spec.mesh, spec.data, spec.rules
   prints = prints or fingerprints(data)
   git = git_info(pathlib.Path.cwd())
   diff, saved = git.pop("diff", None), workdir / "git.diff"
@@ -254,7 +251,7 @@ def run_fields(
     git["diff_file"] = saved.name
   return {
     "workdir": str(workdir.resolve()),
-    "config_hash": config_lib.config_hash(config),
+    "config_hash": spec.run.config.hash,
     "git": git,
     "versions": versions(),
     "packages": installed(),
@@ -269,22 +266,18 @@ def run_fields(
       "eval_fingerprint": prints["eval"],
       **(data.info or {}),
     },
-    "seeds": {"train.seed": config.train.seed, "data.seed": config_lib.data_seed(config)},
+    "seeds": {"train.seed": spec.seed, "data.seed": spec.data_seed},
     "train_chunk_compilations": 0,
   }
 
 
 def start(
-  config: ml_collections.ConfigDict,
-  mesh: Mesh,
-  data: Dataset,
+  spec: "parts.Spec",
   workdir: pathlib.Path,
   *,
   resumed_from: int | None,
   forced: dict[str, Any] | None = None,
   throughput: dict[str, Any] | None = None,
-  rules: Any = None,
-  initial: Any = None,
   parameters: dict[str, int] | None = None,
   prints: dict[str, Any] | None = None,
   lines: list[dict[str, Any]] | None = None,
@@ -294,15 +287,12 @@ def start(
   Only process 0 writes; the others get a record that does nothing.
 
   Args:
-    config: the run's config.
-    mesh: its mesh.
-    data: its dataset.
+    spec: the prepared run (`jaxtrain.parts.prepare`): its config, mesh, data,
+      sharding rules and initial weights are recorded.
     workdir: the absolute workdir.
     resumed_from: the restored step, or None for a fresh run.
     forced: the changed keys a forced resume let through, `{key: (old, new)}`.
     throughput: the tokens and model FLOPs a step takes and the devices' peak, if known.
-    rules: the sharding rules that placed the state.
-    initial: the `weights.Initial` loaded into a fresh state, if any.
     parameters: the model's parameter count, `total` and `trainable`.
     prints: the data's `fingerprints`, if already taken.
     lines: the metric lines of the resumed step, as its checkpoint recorded
@@ -311,15 +301,15 @@ def start(
   is_main = jax.process_index() == 0
   if is_main:
     with logs.naming(workdir / "config.json"):
-      (workdir / "config.json").write_text(config_lib.to_json(config) + "\n")
-    for name, text in (data.files or {}).items():  # a trained tokenizer, say
+      (workdir / "config.json").write_text(spec.run.config.json + "\n")
+    for name, text in (spec.data.files or {}).items():  # a trained tokenizer, say
       with logs.naming(workdir / name):
         (workdir / name).write_text(text)
     metrics.truncate_jsonl(workdir / "metrics.jsonl", resumed_from or 0, lines)  # a crash's tail
-  fields = run_fields(config, mesh, data, workdir, rules, prints=prints)
+  fields = run_fields(spec, workdir, prints=prints)
   fields["forced_changes"] = {k: list(v) for k, v in (forced or {}).items()} or None
   fields["throughput"] = throughput
-  fields["initial_weights"] = initial_weights(config.train.seed, resumed_from, initial)
+  fields["initial_weights"] = initial_weights(spec.seed, resumed_from, spec.initial)
   fields["parameters"] = parameters
   return RunRecord(workdir, is_main, fields, resumed_from=resumed_from)
 
@@ -333,7 +323,7 @@ def initial_weights(seed: int, resumed_from: int | None, initial: Any) -> dict[s
 
 
 def checkpoint_meta(
-  config: ml_collections.ConfigDict,
+  config: config_lib.Snapshot,
   mesh: Mesh,
   *,
   meter: dict[str, Any],
@@ -360,8 +350,8 @@ def checkpoint_meta(
       if a crash cut them off).
   """
   return {
-    "config": json.loads(config_lib.to_json(config)),
-    "config_hash": config_lib.config_hash(config),
+    "config": config.tree,
+    "config_hash": config.hash,
     "mesh": dict(mesh.shape),
     "versions": versions(),
     "meter": meter,

@@ -23,16 +23,20 @@ import os
 import pathlib
 from typing import Any, NamedTuple
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt
 from absl import flags
 
 from jaxtrain import cli, metrics
 from jaxtrain import config as config_lib
 from jaxtrain import record as record_lib
 from jaxtrain.config import ConfigError
+
+try:
+  import matplotlib
+
+  matplotlib.use("Agg")  # files only, no display
+  import matplotlib.pyplot as plt
+except ImportError as e:  # the report extra
+  raise cli.missing("report", "matplotlib") from e
 
 LOG_SPAN = 10.0  # a quantity whose largest value is this many times its smallest: log scale
 VERSIONS = ("python", "jax", "flax", "optax", "orbax-checkpoint", "grain")

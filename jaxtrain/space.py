@@ -25,13 +25,17 @@ from typing import Any, NamedTuple
 
 import jax
 import ml_collections
-import optuna
 from absl import flags
 
+from jaxtrain import cli, parts
 from jaxtrain import config as config_lib
-from jaxtrain import parts
 from jaxtrain.config import ConfigError
 from jaxtrain.data.sources import DataError
+
+try:
+  import optuna
+except ImportError as e:  # the sweep extra
+  raise cli.missing("sweep", "optuna") from e
 
 KINDS = ("uniform", "loguniform", "int", "choice")
 FLOATS = ("uniform", "loguniform")

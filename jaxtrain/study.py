@@ -23,11 +23,15 @@ import time
 import warnings
 from typing import Any
 
-import optuna
 import sqlalchemy
 
-from jaxtrain import logs, record, space
+from jaxtrain import cli, logs, record, space
 from jaxtrain.config import ConfigError
+
+try:
+  import optuna
+except ImportError as e:  # the sweep extra
+  raise cli.missing("sweep", "optuna") from e
 
 HEARTBEAT = 10  # seconds between a running trial's heartbeats in the study
 OPEN_TRIES = 5  # a storage two processes create at once: the second retries

@@ -4,8 +4,9 @@ r"""Hyperparameter sweeps: Optuna trials, each an ordinary run, pruned by its ev
       --space 'optim.lr=loguniform(1e-4,1e-2)' --space 'optim.name=choice(adam,rmsprop,adagrad)' \
       --trials 8 --metric eval/accuracy --mode max
 
-Each trial trains the experiment (its `get_config()` and `task(config, workdir)`,
-with the sweep's `--config.KEY=VALUE` overrides and the trial's values) into
+Each trial trains the experiment (its `get_config()`, or a preset's with
+`--config=FILE.py:PRESET`, and `task(config, workdir)`, with the sweep's
+`--config.KEY=VALUE` overrides and the trial's values) into
 `DIR/trials/NNNN` with `jaxtrain.train`: its own config, run record, metrics
 and checkpoints. Optuna's sampler (`--sampler`, TPE by default) proposes the
 values, and its pruner (`--pruner`, the median rule by default) sees every
@@ -20,7 +21,8 @@ command resumes: finished trials are kept and a trial that was killed runs
 again with the same values, from its checkpoint (at once when it ran on this
 machine; when elsewhere, after 60 s without the heartbeat its process records).
 At the end, `DIR/report/` holds the trials' table and plots, and the command
-that reproduces the best trial is printed.
+that reproduces the best trial is printed (with the sweep's `--config` and
+overrides, then the trial's values).
 
 With `--population P` and a space of only float keys that one compiled
 program can vary (`jaxtrain.population.KEYS`), P trials at a time train
@@ -36,7 +38,6 @@ from typing import Any, NamedTuple
 
 import jax
 import ml_collections
-import optuna
 from absl import flags
 
 from jaxtrain import cli, logs, loop, parts, population, report, space
@@ -47,13 +48,18 @@ from jaxtrain.checkpoint import CheckpointError
 from jaxtrain.config import ConfigError
 from jaxtrain.data.sources import DataError
 
+try:
+  import optuna
+except ImportError as e:  # the sweep extra
+  raise cli.missing("sweep", "optuna") from e
+
 
 class Sweep(NamedTuple):
   """A sweep's settings and its open study."""
 
   experiment: Any  # the module
   base: ml_collections.ConfigDict
-  overrides: list[str]  # the command line's --config.KEY=VALUE (and --preset) arguments
+  overrides: list[str]  # the command line's --config=FILE:PRESET and --config.KEY=VALUE
   dims: list[space.Dimension]
   metric: str  # eval/NAME
   mode: str
@@ -436,10 +442,10 @@ def _load(argv: list[str]) -> Any:
 
 
 def overrides(args: list[str]) -> list[str]:
-  """The `--config.KEY=VALUE` and `--preset=NAME` arguments, those given as two words joined."""
+  """The `--config=FILE:PRESET` and `--config.KEY=VALUE` arguments, two words joined by `=`."""
   out = []
   for i, a in enumerate(args):
-    if not a.startswith(("--config.", "--preset")):
+    if a != "--config" and not a.startswith(("--config=", "--config.")):
       continue
     two_words = "=" not in a and i + 1 < len(args) and not args[i + 1].startswith("--")
     out.append(f"{a}={args[i + 1]}" if two_words else a)

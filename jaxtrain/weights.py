@@ -24,12 +24,11 @@ from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
-import ml_collections
 import numpy as np
 from flax import nnx
 
 from jaxtrain import sharding
-from jaxtrain.config import ConfigError
+from jaxtrain.config import ConfigError, default
 from jaxtrain.models import bert
 
 CONVERTERS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
@@ -37,6 +36,16 @@ CONVERTERS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
   "bert": bert.from_hf,
 }
 ALWAYS_FRESH = (r"(^|/)lora_[ab]$",)  # new adapters: never in a source
+
+
+class InitConfig(NamedTuple):
+  """The `init` keys: the source, how its names convert and map, what is skipped or fresh."""
+
+  source: str = default("init.source")
+  convert: str = default("init.convert")
+  map: tuple[str, ...] = default("init.map")
+  skip: tuple[str, ...] = default("init.skip")
+  fresh: tuple[str, ...] = default("init.fresh")
 
 
 class Initial(NamedTuple):
@@ -164,13 +173,13 @@ def _pairs(entries: Sequence[str]) -> list[tuple[str, str]]:
   return out
 
 
-def check_config(init: ml_collections.ConfigDict) -> None:
+def check_config(init: InitConfig) -> None:
   """The `init` keys, without reading the source."""
   if init.convert not in CONVERTERS:
     known = ", ".join(map(repr, CONVERTERS))
     raise ConfigError(f"init.convert={init.convert!r} must be one of {known}")
   for key in ("skip", "fresh"):
-    for pattern in init[key]:
+    for pattern in getattr(init, key):
       try:
         re.compile(pattern)
       except (re.error, TypeError):
@@ -194,7 +203,7 @@ def _open(source: str, convert: str) -> tuple[str, str, dict[str, tuple], Callab
   return str(step), "checkpoint", shapes, read, {}
 
 
-def plan(init: ml_collections.ConfigDict, params: Any) -> Initial | None:
+def plan(init: InitConfig, params: Any) -> Initial | None:
   """Checks the `init` section's source against the (abstract) parameters; None without one.
 
   Raises:
@@ -302,15 +311,7 @@ def load(
   Returns:
     The checked `Initial` it loaded.
   """
-  init = ml_collections.ConfigDict(
-    {
-      "source": str(source),
-      "convert": convert,
-      "map": tuple(rename),
-      "skip": tuple(skip),
-      "fresh": tuple(fresh),
-    }
-  )
+  init = InitConfig(str(source), convert, tuple(rename), tuple(skip), tuple(fresh))
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   initial = plan(init, params)
   values = initial.arrays()

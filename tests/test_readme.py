@@ -72,3 +72,19 @@ def test_from_python_as_written(tmp_path):
   assert printed[1].startswith("TrainResult(status='completed', step=600, eval_metrics={")
   assert printed[2] == "600 completed"
   assert json.loads((tmp_path / "runs" / "nb" / "run.json").read_text())["status"] == "completed"
+
+
+def test_stepping_a_run_as_written(tmp_path):
+  section = README.split("\n## From Python\n", 1)[1]
+  first, *_, stepped = (b for b in re.findall(r"```python\n(.*?)```", section, re.DOTALL)
+                        if "config = " in b or "jaxtrain.Run(" in b)  # fmt: skip
+  setup = first.split("result = jaxtrain.train(")[0]  # the config and the model, not the run
+  result = subprocess.run(
+    [sys.executable, "-c", setup + stepped], cwd=tmp_path, env=_user_env(), capture_output=True,
+    text=True, timeout=300, check=False,
+  )  # fmt: skip
+  assert result.returncode == 0, result.stderr[-3000:]
+  printed = result.stdout.strip().splitlines()
+  assert [x.split(" loss=")[0] for x in printed] == ["100 train", "200 train", "interrupted"]
+  run = json.loads((tmp_path / "runs" / "nb2" / "run.json").read_text())
+  assert run["status"] == "interrupted" and run["final_step"] == 300

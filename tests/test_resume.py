@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from experiments import digits as digits_experiment
-from jaxtrain import checkpoint, models, optim
+from jaxtrain import checkpoint, models, optim, parts
 from jaxtrain import state as state_lib
 from tests import helpers
 
@@ -59,7 +59,7 @@ def _lines(workdir):
 
 def _final_state(workdir):
   config = digits_experiment.get_config()
-  tx, _ = optim.from_config(config)  # the experiment's own optimizer
+  tx, _ = optim.from_settings(parts.optim_settings(config), multiplier=False)  # the experiment's
   model = functools.partial(models.MLP, 64, config.model.hidden, 10)
   _, abstract = state_lib.abstract_state(model, tx, seed=0, mesh=helpers.mesh((1, 1, 1), n=1))
   ckpt = checkpoint.Checkpointer(workdir / "checkpoints", keep=3, async_save=False)

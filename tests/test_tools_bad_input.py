@@ -299,7 +299,7 @@ def test_sigterm_stops_a_population_sweep_and_requeues_its_trials(tmp_path):
   assert proc.returncode == 3, err[-2000:]
   assert "sweep stopped: SIGTERM at step" in out and "Traceback" not in err
   record = json.loads((tmp_path / "sweep/populations/0000/run.json").read_text())
-  assert record["status"] == "preempted" and "a rerun starts it again" in record["reason"]
+  assert record["status"] == "preempted" and "the newest checkpoint is step" in record["reason"]
   study = optuna.load_study(study_name="sweep", storage=f"sqlite:///{tmp_path}/sweep/study.db")
   states = [t.state.name for t in study.trials]
   assert states == ["FAIL", "FAIL", "WAITING", "WAITING"]  # the same values, to run again

@@ -12,7 +12,7 @@ import pytest
 
 import jaxtrain
 from jaxtrain import config as config_lib
-from jaxtrain import losses, workdir
+from jaxtrain import losses, resume, workdir
 from tests import helpers
 from tests import test_checkpoint as damage
 
@@ -124,7 +124,7 @@ def test_what_a_resume_may_change(tmp_path, digits):
     "mesh.data": 2,
     "mesh.fsdp": 4,
   }
-  assert set(allowed) <= set(workdir.RESUMABLE)
+  assert set(allowed) <= set(resume.RESUMABLE)
   result = _train(tmp_path, digits, **allowed)
   run = json.loads((tmp_path / "run.json").read_text())
   assert (run["status"], run["resumed_from"], run["final_step"]) == ("completed", 40, 60)

@@ -8,7 +8,7 @@ import json
 import pytest
 
 import jaxtrain
-from jaxtrain import checkpoint, losses, workdir
+from jaxtrain import checkpoint, losses, resume
 from jaxtrain.data import Dataset, pipeline
 from tests import helpers
 
@@ -108,6 +108,6 @@ def test_resume_refuses_a_chunk_size_that_misses_the_step(tmp_path, digits):
 
 def test_start_batch_reads_the_saved_position_or_the_step():
   restored = lambda data_state: checkpoint.Restored(30, None, data_state, {})  # noqa: E731
-  assert workdir.start_batch(None) == 0
-  assert workdir.start_batch(restored({"next_batch": 30})) == 30
-  assert workdir.start_batch(restored({"next_index": 3, "workers": 2})) == 30  # Grain's own state
+  assert resume.start_batch(None) == 0
+  assert resume.start_batch(restored({"next_batch": 30})) == 30
+  assert resume.start_batch(restored({"next_index": 3, "workers": 2})) == 30  # Grain's own state
