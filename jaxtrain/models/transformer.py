@@ -3,9 +3,11 @@
 Pre-norm blocks (RMSNorm) of causal self-attention and an MLP, with:
 - rotary positions (`positions="rope"`) or a learned position table (`"learned"`);
 - grouped-query attention: `kv_heads` key/value heads shared by `heads` query heads;
-- causal attention (`causal_attention`): `jax.nn.dot_product_attention` with cuDNN's
-  fused kernel on GPU for 16-bit inputs and XLA's on TPU; on CPU the same computation
-  in a head-major layout, which XLA runs faster there; the softmax in float32;
+- causal attention (`causal_attention`, `attention=`): `auto` takes
+  `jax.nn.dot_product_attention` with cuDNN's fused kernel on GPU for 16-bit inputs
+  and XLA's on TPU, and on CPU the `reference` formulation (the same computation in a
+  head-major layout, which XLA runs faster there); `cudnn`, `xla` and `reference`
+  choose one; the softmax in float32;
 - a SwiGLU (`activation="swiglu"`) or GELU MLP of width `mlp`;
 - an output head tied to the token embedding (`tie=True`) or its own;
 - the blocks stored stacked, `[layers, ...]`, and run by `lax.scan`
@@ -38,6 +40,7 @@ from jaxtrain.config import ConfigError
 from jaxtrain.models import args
 
 REMAT = ("none", "full", "dots-saveable")
+ATTENTIONS = ("auto", "cudnn", "xla", "reference")
 POSITIONS = ("rope", "learned")
 ACTIVATIONS = ("swiglu", "gelu")
 _REMAT_POLICIES = {"full": None, "dots-saveable": jax.checkpoint_policies.dots_saveable}
@@ -92,12 +95,23 @@ def apply_rope(x_BxTxNxH: jax.Array, cos_TxF: jax.Array, sin_TxF: jax.Array) -> 
   return rotated.astype(x_BxTxNxH.dtype)
 
 
-def attention_implementation(dtype: Any) -> str:
-  """The attention for this backend: see `causal_attention`."""
-  backend = jax.default_backend()
-  if backend == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+def attention_implementation(dtype: Any, chosen: str = "auto") -> str:
+  """The attention to run for `chosen` (see `causal_attention`) on this backend and dtype.
+
+  Raises:
+    ConfigError: `cudnn` off a GPU or on float32 inputs.
+  """
+  backend, half = jax.default_backend(), jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+  if chosen == "cudnn" and not (backend == "gpu" and half):
+    raise ConfigError(
+      f"Transformer: attention='cudnn' needs a GPU and bfloat16 or float16 inputs (here "
+      f"{backend}, {jnp.dtype(dtype).name}); use auto, xla or reference"
+    )
+  if chosen != "auto":
+    return chosen
+  if backend == "gpu" and half:
     return "cudnn"
-  return "head-major" if backend == "cpu" else "xla"
+  return "reference" if backend == "cpu" else "xla"
 
 
 @jax.checkpoint
@@ -112,17 +126,17 @@ def _causal_softmax(scores: jax.Array) -> jax.Array:
   return jax.nn.softmax(logits, axis=-1).astype(scores.dtype)
 
 
-def causal_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, implementation: str = "") -> jax.Array:
+def causal_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, implementation: str = "auto") -> jax.Array:
   """Causal attention of `N` query heads over `K` key/value heads, `[B, T, N, H]` out.
 
-  `cudnn` (fused, 16-bit inputs only; chosen on GPU) and `xla` (chosen on TPU, and
-  on GPU for float32) are `jax.nn.dot_product_attention`'s. `head-major` (chosen on
+  `cudnn` (fused, 16-bit inputs only; `auto` on GPU) and `xla` (`auto` on TPU, and
+  on GPU for float32) are `jax.nn.dot_product_attention`'s. `reference` (`auto` on
   CPU) is the same computation with the heads before the positions
   (`[B, K, N/K, T, H]`), which XLA's CPU backend runs about 2x faster forward and
   1.4x faster backward (measured). The softmax is taken in float32 either way.
   """
-  implementation = implementation or attention_implementation(q_BxTxNxH.dtype)
-  if implementation != "head-major":
+  implementation = attention_implementation(q_BxTxNxH.dtype, implementation)
+  if implementation != "reference":
     return jax.nn.dot_product_attention(
       q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, is_causal=True, implementation=implementation
     )
@@ -138,8 +152,11 @@ def causal_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, implementation: str = "") 
 class Attention(nnx.Module):
   """Causal grouped-query self-attention."""
 
-  def __init__(self, d_model: int, heads: int, kv_heads: int, *, rngs: nnx.Rngs):
+  def __init__(
+    self, d_model: int, heads: int, kv_heads: int, *, attention: str = "auto", rngs: nnx.Rngs
+  ):
     self.heads, self.kv_heads, self.head_dim = heads, kv_heads, d_model // heads
+    self.implementation = attention
     self.query = _linear(d_model, heads * self.head_dim, ("embed", "heads"), rngs)
     self.key = _linear(d_model, kv_heads * self.head_dim, ("embed", "kv_heads"), rngs)
     self.value = _linear(d_model, kv_heads * self.head_dim, ("embed", "kv_heads"), rngs)
@@ -155,7 +172,7 @@ class Attention(nnx.Module):
       q, k = apply_rope(q, *rope), apply_rope(k, *rope)
     q = constrain(q, "batch", "sequence", "heads", None)
     k, v = (constrain(a, "batch", "sequence", "kv_heads", None) for a in (k, v))
-    out = causal_attention(q, k, v)
+    out = causal_attention(q, k, v, self.implementation)
     return self.out(out.reshape(b * t, self.heads * self.head_dim))
 
 
@@ -181,9 +198,11 @@ class Mlp(nnx.Module):
 class Block(nnx.Module):
   """`x + attention(norm(x))`, then `x + mlp(norm(x))`."""
 
-  def __init__(self, d_model, heads, *, kv_heads, mlp, activation, dropout, rngs: nnx.Rngs):
+  def __init__(
+    self, d_model, heads, *, kv_heads, mlp, activation, dropout, attention, rngs: nnx.Rngs
+  ):
     self.attention_norm = _norm(d_model, rngs)
-    self.attention = Attention(d_model, heads, kv_heads, rngs=rngs)
+    self.attention = Attention(d_model, heads, kv_heads, attention=attention, rngs=rngs)
     self.mlp_norm = _norm(d_model, rngs)
     self.mlp = Mlp(d_model, mlp, activation, rngs=rngs)
     self.dropout = nnx.Dropout(dropout)
@@ -214,6 +233,7 @@ class Transformer(nnx.Module):
     remat: str = "none",
     scan_layers: bool = True,
     dropout: float = 0.0,
+    attention: str = "auto",
     rngs: nnx.Rngs,
   ):
     """Builds the model.
@@ -232,6 +252,7 @@ class Transformer(nnx.Module):
       remat: `none`, `full` or `dots-saveable`, per block.
       scan_layers: run the blocks with `lax.scan` rather than unrolled.
       dropout: after each attention and MLP, in training.
+      attention: `auto`, `cudnn`, `xla` or `reference` (see `causal_attention`).
       rngs: the parameters' random streams.
     """
     kv_heads, mlp = kv_heads or heads, mlp or 4 * d_model
@@ -239,7 +260,9 @@ class Transformer(nnx.Module):
     args.positive("Transformer", **sizes, kv_heads=kv_heads, mlp=mlp)
     args.dropout_rate("Transformer", dropout)
     _check_choices(activation=(activation, ACTIVATIONS), positions=(positions, POSITIONS),
-                   remat=(remat, REMAT))  # fmt: skip
+                   remat=(remat, REMAT), attention=(attention, ATTENTIONS))  # fmt: skip
+    if attention == "cudnn" and jax.default_backend() != "gpu":
+      raise ConfigError("Transformer: attention='cudnn' needs a GPU; use auto, xla or reference")
     if d_model % heads or (d_model // heads) % 2:
       raise ConfigError(
         f"Transformer: d_model={d_model} must divide by heads={heads} into an even head width"
@@ -254,7 +277,8 @@ class Transformer(nnx.Module):
     if positions == "learned":
       self.position = nnx.Embed(seq_len, d_model, embedding_init=_named(init, None, "embed"),
                                 rngs=rngs)  # fmt: skip
-    sizes = dict(kv_heads=kv_heads, mlp=mlp, activation=activation, dropout=dropout)
+    sizes = dict(kv_heads=kv_heads, mlp=mlp, activation=activation, dropout=dropout,
+                 attention=attention)  # fmt: skip
     self.blocks = _stacked_blocks(layers, d_model, heads, sizes, rngs)
     self.norm = _norm(d_model, rngs)
     if not tie:
