@@ -166,9 +166,18 @@ def test_every_step_unreadable_raises_instead_of_starting_afresh(tmp_path):
     ]
 
 
-def test_another_model_is_refused_and_nothing_is_set_aside(tmp_path, digits):
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, digits):
+  """A finished run of `tiny_config` saving steps 20 and 40; tests change only copies of it."""
+  workdir = tmp_path_factory.mktemp("finished") / "run"
   config = helpers.tiny_config(**{"ckpt.every_steps": 20})
-  jaxtrain.train(config, helpers.mlp(), digits, losses.classification, workdir=tmp_path)
+  jaxtrain.train(config, helpers.mlp(), digits, losses.classification, workdir=workdir)
+  return workdir
+
+
+def test_another_model_is_refused_and_nothing_is_set_aside(tmp_path, digits, finished):
+  config = helpers.tiny_config(**{"ckpt.every_steps": 20})
+  shutil.copytree(finished, tmp_path, dirs_exist_ok=True)
   lines = (tmp_path / "metrics.jsonl").read_text()
   with pytest.raises(jaxtrain.ConfigError, match=r"another model .*head/kernel', \[32, 10\]"):
     jaxtrain.train(config, helpers.mlp((48,)), digits, losses.classification, workdir=tmp_path)
@@ -265,9 +274,9 @@ def test_failed_save_raises_and_keeps_earlier_steps(tmp_path):
   assert restored.step == 10 and _equal(restored.state, states[10])
 
 
-def test_resume_refuses_a_changed_data_order(tmp_path, digits):
+def test_resume_refuses_a_changed_data_order(tmp_path, digits, finished):
   config = helpers.tiny_config(**{"ckpt.every_steps": 20})
-  jaxtrain.train(config, helpers.mlp(), digits, losses.classification, workdir=tmp_path)
+  shutil.copytree(finished, tmp_path, dirs_exist_ok=True)
   config.train.batch_size = 64
   with pytest.raises(jaxtrain.ConfigError, match=r"step 40: train\.batch_size 32 -> 64;"):
     jaxtrain.train(config, helpers.mlp(), digits, losses.classification, workdir=tmp_path)
@@ -283,11 +292,10 @@ def test_finished_run_rerun_changes_nothing(tmp_path, digits):
   assert (tmp_path / "metrics.jsonl").read_text() == lines
 
 
-def test_longer_run_continues_a_finished_one(tmp_path, digits):
+def test_longer_run_continues_a_finished_one(tmp_path, digits, finished):
   """Raising train.steps resumes the finished run: the same as running longer at once."""
-  config = helpers.tiny_config(**{"ckpt.every_steps": 20})
   longer = helpers.tiny_config(**{"ckpt.every_steps": 20, "train.steps": 60})
-  jaxtrain.train(config, helpers.mlp(), digits, losses.classification, workdir=tmp_path / "a")
+  shutil.copytree(finished, tmp_path / "a")
   resumed = jaxtrain.train(
     longer, helpers.mlp(), digits, losses.classification, workdir=tmp_path / "a"
   )

@@ -151,6 +151,12 @@ def _single(tmp_path, digits, overrides, name="single"):
   return _lines(tmp_path / name)
 
 
+@pytest.fixture(scope="module")
+def single(tmp_path_factory, digits):
+  """The metric lines of the uninterrupted one-process run with OVERRIDES, shared read-only."""
+  return _single(tmp_path_factory.mktemp("single"), digits, OVERRIDES)
+
+
 def _assert_same_run(lines, single):
   assert [(x["step"], x["split"]) for x in lines] == [(x["step"], x["split"]) for x in single]
   for a, b in zip(lines, single, strict=True):
@@ -159,7 +165,7 @@ def _assert_same_run(lines, single):
         assert a[key] == pytest.approx(b[key], abs=1e-5), (a, b)
 
 
-def test_saved_on_two_processes_resumes_on_one(tmp_path, digits):
+def test_saved_on_two_processes_resumes_on_one(tmp_path, digits, single):
   workdir = tmp_path / "run"
   codes, outputs = _launch(workdir, {**OVERRIDES, "train.steps": 30})
   assert codes == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
@@ -170,10 +176,10 @@ def test_saved_on_two_processes_resumes_on_one(tmp_path, digits):
   assert result.status == "completed"
   run = json.loads((workdir / "run.json").read_text())
   assert (run["resumed_from"], run["environment"]["process_count"]) == (30, 1)
-  _assert_same_run(_lines(workdir), _single(tmp_path, digits, OVERRIDES))
+  _assert_same_run(_lines(workdir), single)
 
 
-def test_saved_on_one_process_resumes_on_two(tmp_path, digits):
+def test_saved_on_one_process_resumes_on_two(tmp_path, digits, single):
   workdir = tmp_path / "run"
   config = helpers.tiny_config(**{**OVERRIDES, "train.steps": 30})
   config.model.hidden = (128,)
@@ -182,10 +188,10 @@ def test_saved_on_one_process_resumes_on_two(tmp_path, digits):
   assert codes == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
   run = json.loads((workdir / "run.json").read_text())
   assert (run["resumed_from"], run["environment"]["process_count"]) == (30, 2)
-  _assert_same_run(_lines(workdir), _single(tmp_path, digits, OVERRIDES))
+  _assert_same_run(_lines(workdir), single)
 
 
-def test_saved_on_one_device_resumes_on_eight(tmp_path, digits):
+def test_saved_on_one_device_resumes_on_eight(tmp_path, digits, single):
   workdir = tmp_path / "run"
   args = [f"--config.{k}={v}" for k, v in {**OVERRIDES, "train.steps": 30}.items()]
   one = subprocess.run(
@@ -200,7 +206,7 @@ def test_saved_on_one_device_resumes_on_eight(tmp_path, digits):
   jaxtrain.train(config, helpers.mlp((128,)), digits, losses.classification, workdir=workdir)
   run = json.loads((workdir / "run.json").read_text())
   assert (run["resumed_from"], run["environment"]["device_count"]) == (30, 8)
-  _assert_same_run(_lines(workdir), _single(tmp_path, digits, OVERRIDES))
+  _assert_same_run(_lines(workdir), single)
 
 
 def test_a_killed_peer_ends_the_other_within_the_peer_timeout(tmp_path):

@@ -238,3 +238,18 @@ def test_converter_refuses_bad_input_in_one_line(name, tmp_path):
   assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], lines
   assert sorted(p.name for p in tmp_path.iterdir()) == before  # no output, no .tmp file
   assert (tmp_path / "t.txt").read_text() == "ab"
+
+
+def test_the_digits_are_scikit_learns_without_importing_it():
+  code = ("import sys; from jaxtrain import data; d = data.digits(); "
+          "print('sklearn' in sys.modules, len(d.train), len(d.eval))")  # fmt: skip
+  done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                        env=helpers.subprocess_env(), timeout=120, check=True)  # fmt: skip
+  assert done.stdout.split() == ["False", "1438", "359"]
+  from sklearn.datasets import load_digits  # noqa: PLC0415
+
+  raw, ours = load_digits(), data.digits()
+  order = np.random.default_rng(0).permutation(len(raw.target))[:1438]  # the train split
+  expected = (raw.images[order] / 16.0).astype(np.float32)
+  np.testing.assert_array_equal(ours.train.arrays["image"], expected)
+  np.testing.assert_array_equal(ours.train.arrays["label"], raw.target[order].astype(np.int32))
