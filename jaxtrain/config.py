@@ -291,8 +291,12 @@ def _check_optim(config: ml_collections.ConfigDict) -> None:
   ):
     _require(ok, key, config, problem)
   _require(0 < o.layer_decay <= 1, "optim.layer_decay", config, "must be in (0, 1]")
-  _require(_compiles(o.layer_pattern) and re.compile(o.layer_pattern).groups > 0,
-           "optim.layer_pattern", config, "must be a regex with a group for the layer index")
+  _require(
+    _compiles(o.layer_pattern) and re.compile(o.layer_pattern).groups > 0,
+    "optim.layer_pattern",
+    config,
+    "must be a regex with a group for the layer index",
+  )
   for key in ("optim.no_decay", "optim.freeze", "optim.muon_adam", "optim.trainable"):
     for pattern in get(config, key):
       _require(_compiles(pattern), key, config, f"has a bad regular expression {pattern!r}")

@@ -78,7 +78,12 @@ def test_ticks_carry_every_line_and_say_when_the_run_stops(tmp_path):
   written = _lines(tmp_path / "metrics.jsonl")
   assert [x for t in ticks for x in t.lines] == written == collect.lines
   assert [(x["step"], x["split"]) for x in written] == [
-    (10, "train"), (20, "train"), (20, "eval"), (30, "train"), (40, "train"), (40, "eval")
+    (10, "train"),
+    (20, "train"),
+    (20, "eval"),
+    (30, "train"),
+    (40, "train"),
+    (40, "eval"),
   ]
   assert run.result.status == "completed"
 
