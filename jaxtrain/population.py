@@ -7,8 +7,10 @@ smoothing in a per-member argument of the loss. `jax.vmap` over the stacked
 `TrainState` then makes one chunk that advances every member on the same
 batches; each member gets its own evaluations, monitor (early stopping) and
 `metrics.jsonl` lines (`"member": i`). A member that stops (its monitor, or
-`prune`) keeps its state while the others go on (its updates are masked). At
-the end the best member is saved in `DIR/best` as an ordinary run whose
+`prune`) keeps its state while the others go on (its updates are masked). The
+population runs on `jaxtrain.run.Run`'s loop: it checkpoints the stacked states
+with each member's status and best value every `ckpt.every_steps`, and a rerun on
+its workdir, after a kill too, resumes exactly. At the end the best member is saved in `DIR/best` as an ordinary run whose
 checkpoint `train` resumes: `best/config.json` is that member's config, and the
 same command trains the same parameters alone.
 
@@ -72,8 +74,8 @@ class PopulationResult(NamedTuple):
     workdir: the population's folder; `workdir / "best"` is the best member's run.
     stopped: `(status, reason)` when SIGTERM (`preempted`) or Ctrl-C
       (`interrupted`) stopped the population before its end; then no best
-      member is saved (a population keeps no checkpoints: its trials start
-      again on a rerun).
+      member is saved yet: the population saved a checkpoint as it stopped,
+      and `train` on the same workdir resumes it.
   """
 
   states: state_lib.TrainState
