@@ -10,9 +10,10 @@ batches; each member gets its own evaluations, monitor (early stopping) and
 `prune`) keeps its state while the others go on (its updates are masked). The
 population runs on `jaxtrain.run.Run`'s loop: it checkpoints the stacked states
 with each member's status and best value every `ckpt.every_steps`, and a rerun on
-its workdir, after a kill too, resumes exactly. At the end the best member is saved in `DIR/best` as an ordinary run whose
-checkpoint `train` resumes: `best/config.json` is that member's config, and the
-same command trains the same parameters alone.
+its workdir, after a kill too, resumes exactly. At the end the best member is
+saved in `DIR/best` as an ordinary run whose checkpoint `train` resumes:
+`best/config.json` is that member's config, and the same command trains the same
+parameters alone.
 
 Example:
   >>> members = [{"optim.lr": 1e-3}, {"optim.lr": 3e-3}, {"optim.lr": 1e-2}]
