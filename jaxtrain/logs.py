@@ -154,12 +154,20 @@ def to_file(
   try:
     yield
   except Exception as e:
-    if not isinstance(e, expected):
-      logging.error("stopped by %s", brief(e), exc_info=True, extra=DETAIL)
+    log_failure(e, expected)
     raise
   finally:
     root.removeHandler(handler)
     handler.close()
+
+
+def log_failure(error: BaseException, expected: tuple[type[Exception], ...] = ()) -> None:
+  """Writes the error a run stopped on, with its traceback, to the log (`log.txt`).
+
+  Not a user's mistake (`expected`, one line on the terminal), nor Ctrl-C.
+  """
+  if isinstance(error, Exception) and not isinstance(error, expected):
+    logging.error("stopped by %s", brief(error), exc_info=error, extra=DETAIL)
 
 
 @contextlib.contextmanager

@@ -297,8 +297,7 @@ class Run:
       raise
     except BaseException as error:
       self._record_failure(error)
-      if isinstance(error, Exception) and not isinstance(error, ConfigError | DataError):
-        logging.error("stopped by %s", logs.brief(error), exc_info=True, extra=logs.DETAIL)
+      logs.log_failure(error, (ConfigError, DataError))  # the loop runs outside to_file's block
       raise
 
   def _chunks(self) -> Iterator[Tick]:

@@ -158,3 +158,12 @@ def bytes_per_device(tree):
     for shard in leaf.addressable_shards:
       held[shard.device] = held.get(shard.device, 0) + shard.data.nbytes
   return max(held.values())
+
+
+def wait_for(predicate, proc, timeout=120):
+  """Polls `predicate` until it holds; fails if `proc` ends first or `timeout` passes."""
+  deadline = time.monotonic() + timeout
+  while not predicate():
+    assert proc.poll() is None, proc.stderr.read()[-3000:]
+    assert time.monotonic() < deadline, "timed out"
+    time.sleep(0.002)

@@ -41,14 +41,6 @@ def _run(workdir, *extra):
   return proc.returncode, err
 
 
-def _wait_for(predicate, proc, timeout=120):
-  deadline = time.monotonic() + timeout
-  while not predicate():
-    assert proc.poll() is None, proc.stderr.read()[-3000:]
-    assert time.monotonic() < deadline, "timed out"
-    time.sleep(0.002)
-
-
 def _lines(workdir):
   out = []
   for line in (workdir / "metrics.jsonl").read_text().splitlines():
@@ -91,7 +83,7 @@ def _assert_same_run(workdir, reference):
 @pytest.mark.parametrize("kill_after", [100, 300])
 def test_sigkill_then_rerun_is_bit_exact(tmp_path, reference, kill_after):
   proc = _start(tmp_path)
-  _wait_for((tmp_path / "checkpoints" / str(kill_after)).is_dir, proc)
+  helpers.wait_for((tmp_path / "checkpoints" / str(kill_after)).is_dir, proc)
   proc.kill()
   proc.wait()
   code, err = _run(tmp_path)
@@ -104,7 +96,7 @@ def test_sigkill_then_rerun_is_bit_exact(tmp_path, reference, kill_after):
 def test_sigkill_before_the_first_checkpoint(tmp_path, reference):
   proc = _start(tmp_path)
   metrics = tmp_path / "metrics.jsonl"
-  _wait_for(lambda: metrics.exists() and metrics.stat().st_size > 0, proc)
+  helpers.wait_for(lambda: metrics.exists() and metrics.stat().st_size > 0, proc)
   proc.kill()
   proc.wait()
   assert not list((tmp_path / "checkpoints").iterdir())
@@ -126,7 +118,7 @@ def test_sigkill_during_an_async_save(tmp_path, reference):
       caught.extend(p.name for p in folder.glob("*orbax-checkpoint-tmp*"))
     return bool(caught)
 
-  _wait_for(saving, proc)
+  helpers.wait_for(saving, proc)
   proc.kill()
   proc.wait()
   assert caught  # a save was in flight when the process died
@@ -139,7 +131,7 @@ def test_sigkill_during_an_async_save(tmp_path, reference):
 def test_resumed_twice(tmp_path, reference):
   for kill_after in (100, 300):
     proc = _start(tmp_path)
-    _wait_for(lambda k=kill_after: (tmp_path / "checkpoints" / str(k)).is_dir(), proc)
+    helpers.wait_for(lambda k=kill_after: (tmp_path / "checkpoints" / str(k)).is_dir(), proc)
     proc.kill()
     proc.wait()
   code, err = _run(tmp_path)
@@ -150,7 +142,7 @@ def test_resumed_twice(tmp_path, reference):
 
 def test_sigterm_saves_and_exits_then_resumes(tmp_path, reference):
   proc = _start(tmp_path)
-  _wait_for((tmp_path / "checkpoints" / "100").is_dir, proc)
+  helpers.wait_for((tmp_path / "checkpoints" / "100").is_dir, proc)
   proc.send_signal(signal.SIGTERM)
   _, err = proc.communicate(timeout=60)
   assert proc.returncode == 3, err[-3000:]
@@ -204,7 +196,7 @@ def test_full_disk_stops_the_run_and_keeps_the_saved_steps(small_disk, tmp_path,
 
 def test_ctrl_c_saves_and_exits_130_then_resumes(tmp_path, reference):
   proc = _start(tmp_path)
-  _wait_for((tmp_path / "checkpoints" / "100").is_dir, proc)
+  helpers.wait_for((tmp_path / "checkpoints" / "100").is_dir, proc)
   proc.send_signal(signal.SIGINT)
   _, err = proc.communicate(timeout=60)
   assert proc.returncode == 130, err[-3000:]
@@ -230,7 +222,7 @@ def test_a_second_ctrl_c_stops_at_once_and_leaves_no_temporary_folder(tmp_path):
     cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
   )  # fmt: skip
-  _wait_for((workdir / "checkpoints" / "20").is_dir, proc)
+  helpers.wait_for((workdir / "checkpoints" / "20").is_dir, proc)
   proc.send_signal(signal.SIGINT)
   time.sleep(0.2)
   proc.send_signal(signal.SIGINT)

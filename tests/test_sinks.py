@@ -326,14 +326,6 @@ def test_train_sends_mlflow_exactly_the_lines_of_metrics_jsonl(tmp_path, digits,
   assert run.data.params["train.steps"] == "40" and run.info.status == "FINISHED"
 
 
-def _wait_for(predicate, proc, timeout=120):
-  deadline = time.monotonic() + timeout
-  while not predicate():
-    assert proc.poll() is None, proc.stderr.read()[-3000:]
-    assert time.monotonic() < deadline, "timed out"
-    time.sleep(0.002)
-
-
 def test_mlflow_run_continues_through_a_sigkill_and_rerun(tmp_path, sqlite_store, monkeypatch):
   monkeypatch.setenv("MLFLOW_TRACKING_URI", sqlite_store)
   monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", f"kill-{time.time_ns()}")
@@ -345,7 +337,7 @@ def test_mlflow_run_continues_through_a_sigkill_and_rerun(tmp_path, sqlite_store
   env = dict(os.environ, PYTHONPATH=helpers.ROOT)
   proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE, text=True)  # fmt: skip
-  _wait_for((workdir / "checkpoints" / "50").is_dir, proc)
+  helpers.wait_for((workdir / "checkpoints" / "50").is_dir, proc)
   os.kill(proc.pid, signal.SIGKILL)
   proc.wait()
   killed_at = max(s for s, _, _ in jsonl_lines(workdir))  # what the killed attempt logged last
