@@ -26,16 +26,17 @@ import pathlib
 import shutil
 import time
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import orbax.checkpoint as ocp
-from orbax.checkpoint import checkpoint_managers
 
 from jaxtrain import config as config_lib
 from jaxtrain import distributed, logs, record, sharding
 from jaxtrain.state import TrainState
+
+if TYPE_CHECKING:  # Orbax is imported where a manager is made: a refused command never needs it
+  import orbax.checkpoint as ocp
 
 # Where steps saved by earlier versions keep the data position (Grain's handler, process 0).
 OLD_DATA = "process_0-of-*.json"
@@ -154,6 +155,8 @@ class Checkpointer:
             odd.rename(target)
             logging.warning("checkpoint step %s is a file, not a folder; set aside as %s",
                             odd.name, target.name)  # fmt: skip
+      import orbax.checkpoint as ocp  # noqa: PLC0415 (refused commands start without Orbax)
+
       self._manager = ocp.CheckpointManager(
         self.directory, options=_options(keep, async_save, best_metric, best_mode)
       )
@@ -173,6 +176,8 @@ class Checkpointer:
       "structure": structure(b.state),
       "data": b.data_state,
     }
+    import orbax.checkpoint as ocp  # noqa: PLC0415
+
     args = ocp.args.Composite(state=ocp.args.StandardSave(b.state), meta=ocp.args.JsonSave(meta))
     try:
       self._manager.save(step, args=args, metrics=metrics, force=True)
@@ -186,6 +191,16 @@ class Checkpointer:
   def wait(self) -> None:
     """Blocks until the last save is on disk; raises `CheckpointError` if it failed."""
     _as_checkpoint_error(self._manager.wait_until_finished)
+
+  def drop_unfinished(self) -> None:
+    """Removes the folders of saves that failed part-way, to free a full disk.
+
+    Only after a failure: the next start would remove them anyway. Process 0's
+    task, like the rest of the folder's upkeep.
+    """
+    if jax.process_index() == 0:
+      for tmp in self.directory.glob("*.orbax-checkpoint-tmp*"):
+        shutil.rmtree(tmp, ignore_errors=True)
 
   def restore(
     self, abstract: TrainState, accept: Callable[[dict[str, Any], int], None] | None = None
@@ -279,6 +294,8 @@ class Checkpointer:
 
   def _read_meta(self, step: int) -> tuple[dict[str, Any] | None, str | None]:
     """Reads a step's record, with no collective."""
+    import orbax.checkpoint as ocp  # noqa: PLC0415
+
     try:
       meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
       if "data" not in meta:  # saved before the data position moved into the record
@@ -291,6 +308,8 @@ class Checkpointer:
   def _read_all(
     self, step: int, abstract: TrainState, meta: dict[str, Any]
   ) -> tuple[Restored | None, str | None]:
+    import orbax.checkpoint as ocp  # noqa: PLC0415
+
     try:
       args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
       out = self._manager.restore(step, args=args)
@@ -350,8 +369,11 @@ def _as_checkpoint_error(fn: Callable[[], Any]) -> None:
 
 def _options(
   keep: int, async_save: bool, best_metric: str, best_mode: str
-) -> ocp.CheckpointManagerOptions:
+) -> "ocp.CheckpointManagerOptions":
   """Keeps the newest `keep` steps, and the best one by `best_metric` if set."""
+  import orbax.checkpoint as ocp  # noqa: PLC0415
+  from orbax.checkpoint import checkpoint_managers  # noqa: PLC0415
+
   policies = [checkpoint_managers.LatestN(n=keep)]
   best = {}
   if best_metric:

@@ -30,7 +30,6 @@ import threading
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
-from orbax.checkpoint import multihost
 
 from jaxtrain.config import ConfigError
 
@@ -149,6 +148,8 @@ def barrier(name: str) -> None:
   """Waits until every process reaches this barrier; raises `PeerError` after `peer_timeout` s."""
   if jax.process_count() == 1:
     return
+  from orbax.checkpoint import multihost  # noqa: PLC0415 (one process never needs Orbax here)
+
   timeout = _settings["peer_timeout"]
   try:
     multihost.sync_global_processes(

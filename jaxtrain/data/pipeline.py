@@ -32,13 +32,15 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import grain
 import numpy as np
 from absl import flags
 
 from jaxtrain.data.sources import DataError, Source
+
+if TYPE_CHECKING:  # Grain is imported where a stream is made: a refused command never needs it
+  import grain
 
 
 def read(source: Source, indices: np.ndarray) -> dict[str, np.ndarray]:
@@ -140,7 +142,7 @@ def train_chunks(
   workers: int = 0,
   transform: Callable[..., dict[str, np.ndarray]] | None = None,
   start_batch: int = 0,
-) -> grain.IterDataset:
+) -> "grain.IterDataset":
   """The endless training stream from global batch `start_batch`, as `[K, rows, ...]` chunks.
 
   Args:
@@ -157,6 +159,8 @@ def train_chunks(
   Returns:
     A Grain dataset; `iter()` it.
   """
+  import grain  # noqa: PLC0415
+
   chunks = TrainChunks(
     source,
     batch_size=batch_size,
@@ -203,7 +207,7 @@ def eval_batches(
   batch_size: int,
   rows: tuple[int, int],
   transform: Callable[..., dict[str, np.ndarray]] | None = None,
-) -> grain.MapDataset:
+) -> "grain.MapDataset":
   """One pass over `source` in order, every example exactly once.
 
   The last global batch is padded to `batch_size`; its `mask` is 0 on padding.
@@ -217,6 +221,8 @@ def eval_batches(
   Returns:
     A Grain dataset of `ceil(len(source) / batch_size)` batches.
   """
+  import grain  # noqa: PLC0415
+
   num_batches = -(-len(source) // batch_size)
   return grain.MapDataset.range(num_batches).map(EvalBatch(source, batch_size, rows, transform))
 

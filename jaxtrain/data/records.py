@@ -22,7 +22,6 @@ import struct
 from collections.abc import Iterable
 from typing import Any
 
-import grain
 import numpy as np
 from array_record.python import array_record_module
 
@@ -119,6 +118,8 @@ class RecordSource:
       raise DataError(
         f"source {self.name}: missing ArrayRecord file(s) {missing or '(none given)'}"
       )
+    import grain  # noqa: PLC0415 (a command that reads no records starts without it)
+
     self._source = grain.sources.ArrayRecordDataSource([str(p) for p in paths])
     if not len(self._source):
       raise DataError(f"source {self.name}: is empty")
