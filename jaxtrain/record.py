@@ -25,6 +25,7 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import jax
@@ -431,9 +432,21 @@ class RunRecord:
     self.update(train_chunk_compilations=count)
     return True
 
-  def fail(self, status: str, reason: str, **fields: Any) -> None:
-    """Records how a run ended early; a full disk is logged, not raised over the first error."""
-    try:
-      self.update(status=status, reason=reason, **fields)
-    except OSError as write_error:
-      logging.error("could not record the failure in run.json: %s", write_error)
+  def fail(
+    self, status: str, reason: str, make_room: Callable[[], None] | None = None, **fields: Any
+  ) -> None:
+    """Records how a run ended early; a full disk is logged, not raised over the first error.
+
+    On a full disk, `make_room()` (dropping unfinished checkpoint saves, say)
+    runs first and the write is tried once more.
+    """
+    for attempt in range(2):
+      try:
+        self.update(status=status, reason=reason, **fields)
+        return
+      except OSError as write_error:
+        if attempt == 0 and write_error.errno == errno.ENOSPC and make_room is not None:
+          make_room()
+          continue
+        logging.error("could not record the failure in run.json: %s", write_error,
+                      extra=logs.DETAIL)  # fmt: skip

@@ -503,7 +503,8 @@ class Run:
       self.interrupted_at_once = True
     else:
       status, reason = "failed", f"{type(error).__name__}: {error}"
-    self.run_record.fail(status, reason, final_step=c.step, skipped_steps=c.skipped)
+    make_room = self.ckpt.drop_unfinished if self.ckpt else None
+    self.run_record.fail(status, reason, make_room, final_step=c.step, skipped_steps=c.skipped)
 
   def close(self) -> None:
     """Stops the stream and the writers, waits for saves, releases the workdir.
