@@ -81,6 +81,7 @@ DEFAULTS: dict[str, tuple[Any, str]] = {
   "init.skip": ((), "regexes of source paths not loaded"),
   "init.fresh": ((), "regexes of parameters that keep their own init; all others must load"),
   "loss.label_smoothing": (0.0, "classification: weight spread evenly over the classes"),
+  "loss.chunk": (0, "language models: positions whose logits are computed at once; 0: all"),
   "precision.policy": ("f32", f"precision policy: {', '.join(POLICIES)}"),
   "precision.f32_modules": ((), "regexes of module paths kept in float32 under any policy"),
   "precision.loss_scale_period": (2000, "fp16-mixed: finite steps before the loss scale doubles"),
@@ -102,6 +103,10 @@ DEFAULTS: dict[str, tuple[Any, str]] = {
   "data.vocab_size": (4096, "bpe: the tokenizer's vocabulary size"),
   "data.limit_bytes": (0, "text: read only the first files holding this many bytes; 0: all"),
   "data.normalize": (False, "images: (x - mean) / std of the train images, train and eval"),
+  "data.packing": ("concat", "token shards: concat (documents back to back) or pad (whole ones)"),
+  "data.mixture": ("", "token shards: 'DIR_A=0.7,DIR_B=0.3' trains on several folders by weight"),
+  "data.eval_dir": ("", "token shards: a folder to evaluate on; '': hold out data.eval_fraction"),
+  "data.eval_fraction": (0.01, "text and token shards: the share held out for evaluation"),
   "ckpt.every_steps": (1000, "steps between checkpoints; 0: only at the end and on a stop"),
   "ckpt.keep": (3, "newest checkpoint steps kept"),
   "ckpt.async": (True, "write checkpoints in the background"),
@@ -160,9 +165,11 @@ NON_NEGATIVE = (
   "data.max_workers",
   "data.crop_padding",
   "data.limit_bytes",
+  "loss.chunk",
 )
 CHOICES = {
   "data.tokenizer": ("byte", "bpe"),
+  "data.packing": ("concat", "pad"),
   "optim.schedule": SCHEDULES,
   "precision.policy": POLICIES,
   "early_stop.mode": MODES,
@@ -288,6 +295,7 @@ def _check_optim(config: ml_collections.ConfigDict) -> None:
     ("optim.decay_rate", o.decay_rate > 0, "must be positive"),
     ("optim.scales", len(o.scales) == len(o.boundaries), "needs one value per optim.boundaries"),
     ("loss.label_smoothing", 0 <= config.loss.label_smoothing < 1, "must be in [0, 1)"),
+    ("data.eval_fraction", 0 <= config.data.eval_fraction < 1, "must be in [0, 1)"),
   ):
     _require(ok, key, config, problem)
   _require(0 < o.layer_decay <= 1, "optim.layer_decay", config, "must be in (0, 1]")

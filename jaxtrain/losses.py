@@ -124,23 +124,103 @@ def classification(
 
 
 def next_token(
-  model: nnx.Module, batch: dict[str, jax.Array], rngs: nnx.Rngs | None
+  model: nnx.Module,
+  batch: dict[str, jax.Array],
+  rngs: nnx.Rngs | None,
+  *,
+  chunk: int = 0,
 ) -> dict[str, jax.Array]:
   """Next-token cross-entropy of a language model over `batch["tokens"]` `[B, T]`.
 
-  The model sees tokens `0..T-2` and predicts `1..T-1`. Returns per example the
-  mean `loss` over its positions (in nats) and `bits_per_byte`: the total in
-  bits over the bytes the predicted tokens stand for, `batch["bytes"]` `[B]`
-  where a tokenizer's records carry it, else one byte a token.
+  The model sees tokens `0..T-2` and predicts `1..T-1`. Packed windows carry
+  `segment_ids` and `positions` `[B, T]` (`jaxtrain.data.packing`): the model
+  gets them, and a target counts only where it continues the document of the
+  token before it (not padding, not the first token of a document). Returns
+  per example the mean `loss` over its counted targets (in nats) and
+  `bits_per_byte`: the total in bits over the bytes the counted targets stand
+  for, `batch["bytes"]` `[B]` where a tokenizer's records carry it, else one
+  byte a token.
+
+  Args:
+    model: returns logits `[B, T, V]`; with `chunk`, it has `features(tokens, ...)`
+      `[B, T, D]` and `logits(features)`, as `jaxtrain.models.Transformer` does.
+    batch: `tokens`, and optionally `segment_ids`, `positions` and `bytes`.
+    rngs: the step's random streams, or None in evaluation.
+    chunk: 0, or the positions whose logits are computed at once (`loss.chunk`):
+      the `[B, T, V]` float32 logits then never exist whole, forward or backward.
   """
   tokens_BxT = batch["tokens"]
   _integer_labels(tokens_BxT, "tokens")
-  logits_BxTxV = _float_logits(model(tokens_BxT[:, :-1], rngs=rngs))
-  vocab = logits_BxTxV.shape[-1]
+  inputs, targets = tokens_BxT[:, :-1], tokens_BxT[:, 1:]
+  packed = {}
+  if "segment_ids" in batch:
+    packed = {"segment_ids": batch["segment_ids"][:, :-1], "positions": batch["positions"][:, :-1]}
+  if chunk:
+    nll_BxT, vocab = _chunked_nll(model, inputs, targets, packed, rngs=rngs, chunk=chunk)
+  else:
+    logits_BxTxV = _float_logits(model(inputs, rngs=rngs, **packed))
+    vocab = logits_BxTxV.shape[-1]
+    nll_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, targets)
   expect_range("tokens", vocab, why=f"the model's vocabulary of {vocab} tokens")
-  nll_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, tokens_BxT[:, 1:])
-  loss_B = nll_BxT.mean(axis=-1)
+  if packed:
+    segments = batch["segment_ids"]
+    counted = ((segments[:, 1:] == segments[:, :-1]) & (segments[:, 1:] != 0)).astype(jnp.float32)
+    nll_BxT = nll_BxT * counted
+    loss_B = nll_BxT.sum(axis=-1) / jnp.maximum(counted.sum(axis=-1), 1.0)
+  else:
+    loss_B = nll_BxT.mean(axis=-1)
   if "bytes" not in batch:
     return {"loss": loss_B, "bits_per_byte": loss_B / jnp.log(2.0)}
   bytes_B = jnp.maximum(batch["bytes"], 1).astype(jnp.float32)  # padded eval records hold 0
   return {"loss": loss_B, "bits_per_byte": nll_BxT.sum(axis=-1) / (jnp.log(2.0) * bytes_B)}
+
+
+def _chunked_nll(model, inputs, targets, packed, *, rngs, chunk: int) -> tuple[jax.Array, int]:
+  """The per-token cross-entropy `[B, T]` from the model's features, `chunk` positions at a time."""
+  if not (hasattr(model, "features") and hasattr(model, "logits")):
+    raise ConfigError(
+      f"loss.chunk={chunk} needs a model with features() and logits() (as "
+      "jaxtrain.models.Transformer has); set loss.chunk=0"
+    )
+  features_BxTxD = model.features(inputs, rngs=rngs, **packed)
+  vocab = jax.eval_shape(model.logits, features_BxTxD[:, :1]).shape[-1]
+  return chunked_cross_entropy(features_BxTxD, targets, model.logits, chunk), vocab
+
+
+def chunked_cross_entropy(
+  features_BxTxD: jax.Array, targets_BxT: jax.Array, logits_fn, chunk: int
+) -> jax.Array:
+  """`softmax_cross_entropy(logits_fn(features), targets)` per token, `chunk` positions at once.
+
+  Each piece's logits `[B, chunk, V]` are computed in float32, reduced to its
+  cross-entropy and dropped; the piece is rematerialised (`jax.checkpoint`), so
+  the backward pass recomputes its logits instead of keeping them. Peak memory
+  for the logits falls from `B*T*V` floats to `B*chunk*V`.
+
+  Args:
+    features_BxTxD: what `logits_fn` maps to logits.
+    targets_BxT: integer targets.
+    logits_fn: `[B, c, D] -> [B, c, V]`.
+    chunk: positions per piece; `T` is padded up to a multiple of it.
+
+  Returns:
+    The cross-entropy `[B, T]`, in float32.
+  """
+  b, t, d = features_BxTxD.shape
+  pad = -t % chunk
+  if pad:
+    features_BxTxD = jnp.pad(features_BxTxD, ((0, 0), (0, pad), (0, 0)))
+    targets_BxT = jnp.pad(targets_BxT, ((0, 0), (0, pad)))
+  n = (t + pad) // chunk
+  pieces = (
+    features_BxTxD.reshape(b, n, chunk, d).swapaxes(0, 1),
+    targets_BxT.reshape(b, n, chunk).swapaxes(0, 1),
+  )
+
+  @jax.checkpoint
+  def piece(args):
+    features, targets = args
+    logits = _float_logits(logits_fn(features))
+    return optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+
+  return jax.lax.map(piece, pieces).swapaxes(0, 1).reshape(b, n * chunk)[:, :t]

@@ -170,15 +170,6 @@ def test_builds_abstractly_for_the_framework():
   assert abstract.flops_per_token(16) == _model().flops_per_token(16)
 
 
-@pytest.mark.parametrize("kv_heads", [4, 2])
-def test_head_major_attention_equals_jax_dot_product_attention(kv_heads):
-  keys = jax.random.split(jax.random.key(3), 3)
-  q = jax.random.normal(keys[0], (2, 16, 4, 8))
-  k, v = (jax.random.normal(key, (2, 16, kv_heads, 8)) for key in keys[1:])
-  ours = transformer.causal_attention(q, k, v, "reference")
-  np.testing.assert_allclose(ours, transformer.causal_attention(q, k, v, "xla"), atol=1e-5)
-
-
 def test_every_attention_choice_gives_the_model_the_same_logits_and_gradients():
   tokens = _tokens()
 
@@ -197,10 +188,35 @@ def test_every_attention_choice_gives_the_model_the_same_logits_and_gradients():
 
 
 def test_an_attention_this_backend_cannot_run_is_one_line():
-  with pytest.raises(ConfigError, match=r"^Transformer: attention='cudnn' needs a GPU; use auto"):
+  with pytest.raises(ConfigError, match=r"^attention='cudnn' needs a CUDA GPU .*attention='ref"):
     _model(attention="cudnn")
+  with pytest.raises(ConfigError, match=r"^attention='pallas' .*use attention='reference'"):
+    _model(attention="pallas")
   with pytest.raises(ConfigError, match=r"^Transformer: attention='flash' must be one of auto, "):
     _model(attention="flash")
+
+
+def _packed(tokens_a, tokens_b):
+  """Two documents in one row: their tokens, segment ids 1 and 2, positions from 0 in each."""
+  tokens = jnp.concatenate([tokens_a, tokens_b])[None]
+  segments = jnp.repeat(jnp.array([1, 2]), jnp.array([len(tokens_a), len(tokens_b)]))[None]
+  positions = jnp.concatenate([jnp.arange(len(tokens_a)), jnp.arange(len(tokens_b))])[None]
+  return tokens, {"segment_ids": segments, "positions": positions}
+
+
+@pytest.mark.parametrize("positions", ["rope", "learned"])
+def test_a_packed_document_is_the_same_as_alone(positions):
+  """Segments keep attention within a document and positions restart: as if each sat alone."""
+  model = _model(positions=positions)
+  a, b = (jax.random.randint(jax.random.key(i), (n,), 0, 64) for i, n in ((1, 5), (2, 11)))
+  tokens, packed = _packed(a, b)
+  logits = model(tokens, **packed)
+  np.testing.assert_allclose(logits[0, :5], model(a[None])[0], atol=1e-5)
+  np.testing.assert_allclose(logits[0, 5:], model(b[None])[0], atol=1e-5)
+  other, packed_other = _packed(jnp.roll(a, 1) % 64, b)  # the neighbour changes, b does not
+  np.testing.assert_allclose(model(other, **packed_other)[0, 5:], logits[0, 5:], atol=1e-6)
+  assert not np.allclose(model(tokens)[0, 5:], logits[0, 5:], atol=1e-3)  # unpacked, b sees a
+  np.testing.assert_allclose(model.logits(model.features(tokens, **packed)), logits, atol=1e-6)
 
 
 def test_logical_names_constrain_the_activations_under_rules():

@@ -1,9 +1,11 @@
-"""Data sources and Grain pipelines."""
+"""Data sources and Grain pipelines; token shards packed into language-model windows."""
 
 from jaxtrain.data.checks import check_dataset, check_source
 from jaxtrain.data.labelled import fortunes
+from jaxtrain.data.packing import Mixture, Packed, tokens
 from jaxtrain.data.pipeline import Prefetcher, eval_batches, train_chunks
 from jaxtrain.data.records import RecordSource, write_records
+from jaxtrain.data.shards import Shards
 from jaxtrain.data.sources import (
   ArraySource,
   DataError,
@@ -21,8 +23,11 @@ __all__ = [
   "ByteTextSource",
   "DataError",
   "Dataset",
+  "Mixture",
+  "Packed",
   "Prefetcher",
   "RecordSource",
+  "Shards",
   "Source",
   "byte_text",
   "check_dataset",
@@ -34,6 +39,7 @@ __all__ = [
   "fortunes",
   "python_stdlib",
   "read_idx",
+  "tokens",
   "train_chunks",
   "write_records",
 ]

@@ -2,9 +2,11 @@
 
 Every record of a source must have the fields, shapes and dtypes of its first
 record (of the train source's, for an eval source), and integer labels must lie
-in `[0, num_classes)`. Array-backed sources are checked with whole-array
-operations, sources with a batch `read` a batch at a time (a batch that does not
-fit is then searched record by record), others record by record; once, at start.
+in `[0, num_classes)`. A source with `checked_spec()` (its records all alike by
+construction, as packed token windows are) is taken at its word. Array-backed
+sources are checked with whole-array operations, sources with a batch `read` a
+batch at a time (a batch that does not fit is then searched record by record),
+others record by record; once, at start.
 A batch `read` must keep each record's dtype (`RecordSource.read` checks them);
 `np.stack` alone would promote a narrower one unseen.
 
@@ -54,6 +56,8 @@ def _check(
 ) -> Spec:
   if len(source) == 0:
     raise DataError(f"source {name}: is empty")
+  if hasattr(source, "checked_spec"):  # every record alike by construction: token shards
+    return _checked(name, source.checked_spec(), like, num_classes, source)
   spec = like or spec_of(source[0])
   for field, (_, dtype) in spec.items():
     if not (np.issubdtype(dtype, np.number) or dtype == np.bool_):
@@ -72,6 +76,14 @@ def _check(
   else:
     for i in range(len(source)):
       _check_record(name, i, source[i], spec)
+  for field, n in (num_classes or {}).items():
+    check_labels(source, n, field)
+  return spec
+
+
+def _checked(name, spec: Spec, like: Spec | None, num_classes, source: Source) -> Spec:
+  if like is not None and spec != like:
+    raise DataError(f"source {name}: records have fields {spec}, expected {like}")
   for field, n in (num_classes or {}).items():
     check_labels(source, n, field)
   return spec

@@ -109,7 +109,8 @@ def check_labels(
 
   Labels may be scalars or arrays (one per position); array-backed sources are
   checked with whole-array operations, sources with a batch `read` a batch at
-  a time, others record by record.
+  a time, others record by record. A source with `value_range(field)` (a range
+  its writer guaranteed, or None) is checked by that range, reading nothing.
 
   Args:
     source: the source to check.
@@ -119,6 +120,13 @@ def check_labels(
     why: what the range is, for the message (such as "the model's 10 logits").
   """
   name = getattr(source, "name", type(source).__name__)
+  known = source.value_range(field) if hasattr(source, "value_range") else None
+  if known is not None:  # a source whose writer checked every value (token shards)
+    if known[0] < low or known[1] > num_classes:
+      because = f" ({why})" if why else ""
+      raise DataError(f"source {name}: field {field} holds values in [{known[0]}, {known[1]}), "
+                      f"not all inside [{low}, {num_classes}){because}")  # fmt: skip
+    return
   arrays = getattr(source, "arrays", None)
   if arrays is not None:
     values = arrays[field]

@@ -3,11 +3,10 @@
 Pre-norm blocks (RMSNorm) of causal self-attention and an MLP, with:
 - rotary positions (`positions="rope"`) or a learned position table (`"learned"`);
 - grouped-query attention: `kv_heads` key/value heads shared by `heads` query heads;
-- causal attention (`causal_attention`, `attention=`): `auto` takes
-  `jax.nn.dot_product_attention` with cuDNN's fused kernel on GPU for 16-bit inputs
-  and XLA's on TPU, and on CPU the `reference` formulation (the same computation in a
-  head-major layout, which XLA runs faster there); `cudnn`, `xla` and `reference`
-  choose one; the softmax in float32;
+- causal attention (`jaxtrain.models.attention`, `attention=`): `auto`, `cudnn`,
+  `xla`, `pallas` or `reference`; with `segment_ids` (documents packed into one
+  window) a token attends only within its document, and `positions` restart the
+  rotary or learned positions at each document;
 - a SwiGLU (`activation="swiglu"`) or GELU MLP of width `mlp`;
 - an output head tied to the token embedding (`tie=True`) or its own;
 - the blocks stored stacked, `[layers, ...]`, and run by `lax.scan`
@@ -38,9 +37,10 @@ from flax import nnx
 from jaxtrain import sharding
 from jaxtrain.config import ConfigError
 from jaxtrain.models import args
+from jaxtrain.models import attention as attention_lib
 
 REMAT = ("none", "full", "dots-saveable")
-ATTENTIONS = ("auto", "cudnn", "xla", "reference")
+ATTENTIONS = attention_lib.IMPLEMENTATIONS
 POSITIONS = ("rope", "learned")
 ACTIVATIONS = ("swiglu", "gelu")
 _REMAT_POLICIES = {"full": None, "dots-saveable": jax.checkpoint_policies.dots_saveable}
@@ -87,66 +87,16 @@ def rope_tables(length: int, head_dim: int, base: float = 10000.0) -> tuple[jax.
   return jnp.cos(angles_TxF), jnp.sin(angles_TxF)
 
 
-def apply_rope(x_BxTxNxH: jax.Array, cos_TxF: jax.Array, sin_TxF: jax.Array) -> jax.Array:
-  """Rotates each pair `(x[i], x[i + H/2])` by its position's angle, in float32."""
+def apply_rope(x_BxTxNxH: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+  """Rotates each pair `(x[i], x[i + H/2])` by its position's angle, in float32.
+
+  `cos` and `sin` are `[T, H/2]` (every sequence at positions `0..T-1`) or
+  `[B, T, H/2]` (each token at its own position).
+  """
   x1, x2 = jnp.split(x_BxTxNxH.astype(jnp.float32), 2, axis=-1)
-  cos, sin = cos_TxF[:, None, :], sin_TxF[:, None, :]
+  cos, sin = cos[..., None, :], sin[..., None, :]
   rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return rotated.astype(x_BxTxNxH.dtype)
-
-
-def attention_implementation(dtype: Any, chosen: str = "auto") -> str:
-  """The attention to run for `chosen` (see `causal_attention`) on this backend and dtype.
-
-  Raises:
-    ConfigError: `cudnn` off a GPU or on float32 inputs.
-  """
-  backend, half = jax.default_backend(), jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
-  if chosen == "cudnn" and not (backend == "gpu" and half):
-    raise ConfigError(
-      f"Transformer: attention='cudnn' needs a GPU and bfloat16 or float16 inputs (here "
-      f"{backend}, {jnp.dtype(dtype).name}); use auto, xla or reference"
-    )
-  if chosen != "auto":
-    return chosen
-  if backend == "gpu" and half:
-    return "cudnn"
-  return "reference" if backend == "cpu" else "xla"
-
-
-@jax.checkpoint
-def _causal_softmax(scores: jax.Array) -> jax.Array:
-  """Causal softmax over the last axis, in float32, returned in the scores' dtype.
-
-  Rematerialised: the backward pass recomputes the float32 probabilities from the
-  saved scores, so a bfloat16 model keeps no float32 `[T, T]` activations.
-  """
-  t = scores.shape[-1]
-  logits = jnp.where(jnp.tril(jnp.ones((t, t), bool)), scores.astype(jnp.float32), -1e30)
-  return jax.nn.softmax(logits, axis=-1).astype(scores.dtype)
-
-
-def causal_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, implementation: str = "auto") -> jax.Array:
-  """Causal attention of `N` query heads over `K` key/value heads, `[B, T, N, H]` out.
-
-  `cudnn` (fused, 16-bit inputs only; `auto` on GPU) and `xla` (`auto` on TPU, and
-  on GPU for float32) are `jax.nn.dot_product_attention`'s. `reference` (`auto` on
-  CPU) is the same computation with the heads before the positions
-  (`[B, K, N/K, T, H]`), which XLA's CPU backend runs about 2x faster forward and
-  1.4x faster backward (measured). The softmax is taken in float32 either way.
-  """
-  implementation = attention_implementation(q_BxTxNxH.dtype, implementation)
-  if implementation != "reference":
-    return jax.nn.dot_product_attention(
-      q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, is_causal=True, implementation=implementation
-    )
-  b, t, n, h = q_BxTxNxH.shape
-  kv = k_BxTxKxH.shape[2]
-  q = q_BxTxNxH.reshape(b, t, kv, n // kv, h).transpose(0, 2, 3, 1, 4)
-  k, v = (a.transpose(0, 2, 1, 3) for a in (k_BxTxKxH, v_BxTxKxH))
-  scores = jnp.einsum("bkgqd,bksd->bkgqs", q * (h**-0.5), k)
-  out = jnp.einsum("bkgqs,bksd->bkgqd", _causal_softmax(scores), v)
-  return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 
 class Attention(nnx.Module):
@@ -162,8 +112,18 @@ class Attention(nnx.Module):
     self.value = _linear(d_model, kv_heads * self.head_dim, ("embed", "kv_heads"), rngs)
     self.out = _linear(heads * self.head_dim, d_model, ("heads", "embed"), rngs)
 
-  def __call__(self, x_NxD: jax.Array, t: int, rope: tuple[jax.Array, jax.Array] | None):
-    """Attends over `[B * T, D]` rows, `t` a sequence; `rope` holds the rotary tables, or None."""
+  def __call__(
+    self,
+    x_NxD: jax.Array,
+    t: int,
+    rope: tuple[jax.Array, jax.Array] | None,
+    segment_ids_BxT: jax.Array | None = None,
+  ) -> jax.Array:
+    """Attends over `[B * T, D]` rows, `t` a sequence.
+
+    `rope` holds the rotary cosines and sines, or None; `segment_ids_BxT` each
+    token's document, or None for one document a row.
+    """
     b = x_NxD.shape[0] // t
     q = self.query(x_NxD).reshape(b, t, self.heads, self.head_dim)
     k = self.key(x_NxD).reshape(b, t, self.kv_heads, self.head_dim)
@@ -172,7 +132,9 @@ class Attention(nnx.Module):
       q, k = apply_rope(q, *rope), apply_rope(k, *rope)
     q = constrain(q, "batch", "sequence", "heads", None)
     k, v = (constrain(a, "batch", "sequence", "kv_heads", None) for a in (k, v))
-    out = causal_attention(q, k, v, self.implementation)
+    out = attention_lib.causal_attention(
+      q, k, v, segment_ids_BxT=segment_ids_BxT, implementation=self.implementation
+    )
     return self.out(out.reshape(b * t, self.heads * self.head_dim))
 
 
@@ -207,9 +169,10 @@ class Block(nnx.Module):
     self.mlp = Mlp(d_model, mlp, activation, rngs=rngs)
     self.dropout = nnx.Dropout(dropout)
 
-  def __call__(self, x_NxD, t: int, rope, *, rngs: nnx.Rngs | None) -> jax.Array:
-    """One block over `[B * T, D]` rows, sequences of `t`."""
-    x_NxD = x_NxD + self.dropout(self.attention(self.attention_norm(x_NxD), t, rope), rngs=rngs)
+  def __call__(self, x_NxD, t: int, rope, segments, *, rngs: nnx.Rngs | None) -> jax.Array:
+    """One block over `[B * T, D]` rows, sequences of `t` (`segments`: their documents)."""
+    attended = self.attention(self.attention_norm(x_NxD), t, rope, segments)
+    x_NxD = x_NxD + self.dropout(attended, rngs=rngs)
     x_NxD = x_NxD + self.dropout(self.mlp(self.mlp_norm(x_NxD)), rngs=rngs)
     return constrain(x_NxD, "batch", "embed")
 
@@ -252,7 +215,7 @@ class Transformer(nnx.Module):
       remat: `none`, `full` or `dots-saveable`, per block.
       scan_layers: run the blocks with `lax.scan` rather than unrolled.
       dropout: after each attention and MLP, in training.
-      attention: `auto`, `cudnn`, `xla` or `reference` (see `causal_attention`).
+      attention: one of `jaxtrain.models.attention.IMPLEMENTATIONS`.
       rngs: the parameters' random streams.
     """
     kv_heads, mlp = kv_heads or heads, mlp or 4 * d_model
@@ -261,8 +224,9 @@ class Transformer(nnx.Module):
     args.dropout_rate("Transformer", dropout)
     _check_choices(activation=(activation, ACTIVATIONS), positions=(positions, POSITIONS),
                    remat=(remat, REMAT), attention=(attention, ATTENTIONS))  # fmt: skip
-    if attention == "cudnn" and jax.default_backend() != "gpu":
-      raise ConfigError("Transformer: attention='cudnn' needs a GPU; use auto, xla or reference")
+    if attention in ("cudnn", "pallas"):  # a kernel this backend lacks: refused before tracing
+      attention_lib.implementation(jnp.bfloat16, attention, seq_len=seq_len,
+                                   head_dim=d_model // heads)  # fmt: skip
     if d_model % heads or (d_model // heads) % 2:
       raise ConfigError(
         f"Transformer: d_model={d_model} must divide by heads={heads} into an even head width"
@@ -284,29 +248,67 @@ class Transformer(nnx.Module):
     if not tie:
       self.head = _linear(d_model, vocab, ("embed", "vocab"), rngs)
 
-  def __call__(self, tokens_BxT: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
-    """Returns the logits `[B, T, vocab]` of the next token at each position."""
-    t = tokens_BxT.shape[1]
+  def __call__(
+    self,
+    tokens_BxT: jax.Array,
+    *,
+    segment_ids: jax.Array | None = None,
+    positions: jax.Array | None = None,
+    rngs: nnx.Rngs | None = None,
+  ) -> jax.Array:
+    """Returns the logits `[B, T, vocab]` of the next token at each position.
+
+    Args:
+      tokens_BxT: the token ids.
+      segment_ids: `[B, T]`, each token's document in a packed window (attention
+        stays within one), or None for one document a row.
+      positions: `[B, T]`, each token's position in its document, or None for `0..T-1`.
+      rngs: the dropout stream, in training.
+    """
+    x_BxTxD = self.features(tokens_BxT, segment_ids=segment_ids, positions=positions, rngs=rngs)
+    return self.logits(x_BxTxD)
+
+  def features(
+    self,
+    tokens_BxT: jax.Array,
+    *,
+    segment_ids: jax.Array | None = None,
+    positions: jax.Array | None = None,
+    rngs: nnx.Rngs | None = None,
+  ) -> jax.Array:
+    """The final normalised residual stream `[B, T, D]`, what `logits` turns into logits.
+
+    A loss that computes its logits a piece at a time (`losses.next_token` with
+    `chunk`) calls the two halves itself. The arguments are `__call__`'s.
+    """
+    b, t = tokens_BxT.shape
     if t > self.seq_len:
       raise ConfigError(
         f"Transformer: sequences of {t} tokens are longer than its {self.seq_len} positions "
         f"(seq_len={self.seq_len}); shorten the windows or raise seq_len"
       )
-    b = tokens_BxT.shape[0]
     x_BxTxD = self.embed(constrain(tokens_BxT, "batch", "sequence"))
+    at = jnp.arange(t) if positions is None else jnp.clip(positions, 0, self.seq_len - 1)
     rope = None
     if self.positions == "learned":
-      x_BxTxD = x_BxTxD + self.position(jnp.arange(t))
+      x_BxTxD = x_BxTxD + self.position(at)
     else:
-      rope = rope_tables(t, self.head_dim)
+      cos, sin = rope_tables(self.seq_len if positions is not None else t, self.head_dim)
+      rope = (cos, sin) if positions is None else (cos[at], sin[at])
     # The residual stream runs as [B * T, D] rows: XLA's CPU backward of a dense layer
     # is over twice as fast on 2-D activations as on [B, T, D] ones (measured).
     x_NxD = constrain(x_BxTxD.reshape(b * t, self.d_model), "batch", "embed")
-    x_NxD = self.norm(self._blocks(x_NxD, t, rope, rngs))
+    x_NxD = self.norm(self._blocks(x_NxD, t, rope, segment_ids, rngs))
+    return x_NxD.reshape(b, t, self.d_model)
+
+  def logits(self, x_BxTxD: jax.Array) -> jax.Array:
+    """The vocabulary logits `[B, T, vocab]` of features `[B, T, D]` (any `T`)."""
+    b, t, _ = x_BxTxD.shape
+    x_NxD = x_BxTxD.reshape(b * t, self.d_model)
     logits = self.embed.attend(x_NxD) if self.tie else self.head(x_NxD)
     return constrain(logits.reshape(b, t, self.vocab), "batch", "sequence", "vocab")
 
-  def _blocks(self, x_NxD, t: int, rope, rngs: nnx.Rngs | None) -> jax.Array:
+  def _blocks(self, x_NxD, t: int, rope, segments, rngs: nnx.Rngs | None) -> jax.Array:
     graphdef, stacked = nnx.split(self.blocks)
     keys = None
     if rngs is not None and self.dropout_rate > 0:
@@ -315,7 +317,7 @@ class Transformer(nnx.Module):
     def block(x, layer):
       params, key = layer
       layer_rngs = nnx.Rngs(dropout=key) if key is not None else None
-      return nnx.merge(graphdef, params)(x, t, rope, rngs=layer_rngs), None
+      return nnx.merge(graphdef, params)(x, t, rope, segments, rngs=layer_rngs), None
 
     if self.remat != "none":
       block = jax.checkpoint(block, policy=_REMAT_POLICIES[self.remat])
