@@ -10,7 +10,8 @@ nothing is allocated), and compiles its train chunk ahead of time for that mesh,
 precision policy and remat, on the devices of this machine. It prints each
 device's bytes of parameters, optimizer state and the rest of the state, and
 the compiled chunk's arguments, temporaries (activations and gradients) and
-peak from XLA's `memory_analysis()`. With `--device_memory`, it also searches,
+peak from XLA's `memory_analysis()`, and with `loss.chunk` set, the peak the
+whole logits would need instead. With `--device_memory`, it also searches,
 for each remat policy the model offers (`model.remat`), the largest batch
 (doubling from the data-parallel device count) whose compiled peak fits.
 Nothing is trained or written.
@@ -186,6 +187,17 @@ def report(name: str, spec: parts_lib.Spec, config: ml_collections.ConfigDict) -
   ]
 
 
+def logits_saving(
+  config: ml_collections.ConfigDict, task: Any, workdir: str | None, peak: int
+) -> str:
+  """The line comparing the chunked loss's peak with the whole logits' (`loss.chunk=0`)."""
+  whole = copy.deepcopy(config)
+  whole.loss.chunk = 0
+  other = chunk_memory(_prepare(whole, task, workdir))["peak"]
+  return (f"loss.chunk={config.loss.chunk}: peak {human(peak)}, against {human(other)} with "
+          f"the whole [B, T, vocab] logits (loss.chunk=0): {human(other - peak)} less")  # fmt: skip
+
+
 def _remat(config: ml_collections.ConfigDict) -> str:
   return f", remat {config.model.remat}" if "remat" in config.model else ""
 
@@ -199,6 +211,8 @@ def main(argv: list[str]) -> None:
   limit = parse_bytes(f.device_memory) if f.device_memory is not None else None
   spec = _prepare(config, module.task, f.workdir)
   lines = report(module.__name__, spec, config)
+  if config.loss.get("chunk"):
+    lines.append(logits_saving(config, module.task, f.workdir, chunk_memory(spec)["peak"]))
   if limit:
     peak = chunk_memory(spec)["peak"]
     verdict = "fits" if peak <= limit else "does NOT fit"

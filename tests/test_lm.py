@@ -2,8 +2,10 @@
 
 import json
 import os
+import pathlib
 import subprocess
 import sys
+import sysconfig
 
 import jax.numpy as jnp
 import numpy as np
@@ -11,7 +13,7 @@ import pytest
 from flax import nnx
 
 from jaxtrain import data, losses, models
-from jaxtrain.data import bpe
+from jaxtrain.data import bpe, tokenize
 from tests import helpers
 
 TINY = [
@@ -110,29 +112,38 @@ def test_the_experiment_learns_the_corpus_and_samples(tmp_path):
   assert train[-1]["loss"] < 0.7 * train[0]["loss"]
 
 
-# The gpu preset's sizes cut to a CPU's, its tokenizer to bytes; every other key is the preset's.
+# The gpu preset's sizes cut to a CPU's, on byte shards; every other key is the preset's.
 GPU_CUT = [*TINY[:6], "--config.train.batch_size=8", "--config.train.steps=20",
            "--config.train.log_every=10", "--config.optim.warmup_steps=5",
-           "--config.eval.every_steps=20", "--config.data.tokenizer=byte",
-           "--config.data.limit_bytes=200000"]  # fmt: skip
+           "--config.eval.every_steps=20", "--config.loss.chunk=16"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
-def gpu_run(tmp_path_factory):
+def byte_shards(tmp_path_factory):
+  """Twenty of the standard library's top-level modules as byte shards."""
+  out = tmp_path_factory.mktemp("shards") / "stdlib_tokens"
+  stdlib = pathlib.Path(sysconfig.get_paths()["stdlib"])
+  tokenize.tokenize([str(p) for p in sorted(stdlib.glob("*.py"))[:20]], "bytes", out, workers=0)
+  return out
+
+
+@pytest.fixture(scope="module")
+def gpu_run(tmp_path_factory, byte_shards):
   """The gpu preset, as the README writes it (from the repository root), cut to 20 tiny steps."""
   workdir = tmp_path_factory.mktemp("gpu") / "lm_gpu"
   run = _lm(["--config=experiments/lm.py:gpu", "--workdir", str(workdir), *GPU_CUT,
-             "--sample_tokens=5"], helpers.ROOT)  # fmt: skip
+             f"--config.data.dir={byte_shards}", "--sample_tokens=5"], helpers.ROOT)  # fmt: skip
   assert run.returncode == 0, run.stderr[-3000:]
   return workdir
 
 
-def test_the_preset_is_in_config_json_and_the_overrides_after_it_win(gpu_run):
+def test_the_preset_is_in_config_json_and_the_overrides_after_it_win(gpu_run, byte_shards):
   from experiments import lm  # noqa: PLC0415
   from jaxtrain import config as config_lib  # noqa: PLC0415
 
   saved = config_lib.flatten_dict(json.loads((gpu_run / "config.json").read_text()))
-  overridden = dict(arg.removeprefix("--config.").split("=", 1) for arg in GPU_CUT)
+  cut = [*GPU_CUT, f"--config.data.dir={byte_shards}"]
+  overridden = dict(arg.removeprefix("--config.").split("=", 1) for arg in cut)
   gpu = dict(config_lib.flatten(lm.get_config("gpu")))
   cpu = dict(config_lib.flatten(lm.get_config()))
   assert saved.keys() == gpu.keys()
@@ -141,7 +152,7 @@ def test_the_preset_is_in_config_json_and_the_overrides_after_it_win(gpu_run):
     assert (tuple(value) if isinstance(value, list) else value) == wanted, key
   kept = {k for k in gpu if gpu[k] != cpu[k] and k not in overridden}  # the preset's own
   assert {"model.remat", "model.scan_layers", "precision.policy", "optim.lr",
-          "data.vocab_size", "eval.batch_size"} <= kept  # fmt: skip
+          "data.name", "eval.batch_size"} <= kept  # fmt: skip
   assert saved["model.remat"] == "dots-saveable" and saved["precision.policy"] == "bf16-mixed"
   assert saved["model.d_model"] == 32 and saved["train.steps"] == 20  # the overrides won
   record = json.loads((gpu_run / "run.json").read_text())
@@ -227,3 +238,34 @@ def test_the_help_lists_the_presets_and_the_sampling_flags(tmp_path):
   )
   assert "  model.kv_heads=8 " in gpu.stdout and "  model.d_model=1024 " in gpu.stdout
   assert not list(tmp_path.iterdir())
+
+
+def _readme_lines(prefix):
+  """The README's command lines that start with `prefix`."""
+  readme = (pathlib.Path(helpers.ROOT) / "README.md").read_text()
+  return [line for line in readme.splitlines() if line.startswith(prefix)]
+
+
+def test_the_readme_tokenizes_then_trains_on_packed_shards(tmp_path):
+  """The README's two pretraining commands as written; the training cut to 40 tiny steps."""
+  tokenize_line, = _readme_lines("python -m jaxtrain.data.tokenize --tokenizer=bytes ")
+  train_line, = _readme_lines("python -m experiments.lm --workdir runs/lm_tokens ")
+  env = dict(os.environ, PYTHONPATH=helpers.ROOT, XLA_FLAGS="")
+  done = subprocess.run(["bash", "-c", tokenize_line], cwd=tmp_path, env=env, capture_output=True,
+                        text=True, timeout=300, check=False)  # fmt: skip
+  assert done.returncode == 0 and done.stdout.startswith("wrote "), done.stderr[-2000:]
+  cut = [*TINY[:7], "--config.train.steps=40", "--config.train.log_every=20",
+         "--config.eval.every_steps=40", "--config.optim.warmup_steps=5", "--sample_tokens=8"]
+  run = subprocess.run(["bash", "-c", " ".join([train_line, *cut])], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=600, check=False)  # fmt: skip
+  assert run.returncode == 0, run.stderr[-3000:]
+  workdir = tmp_path / "runs" / "lm_tokens"
+  record = json.loads((workdir / "run.json").read_text())
+  assert record["status"] == "completed" and record["train_chunk_compilations"] == 1
+  assert record["data"]["packing"] == "concat" and record["data"]["vocab_size"] == 256
+  lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  train = [line for line in lines if line["split"] == "train"]
+  assert train[-1]["loss"] < 0.8 * train[0]["loss"]
+  evals = [line for line in lines if line["split"] == "eval"]
+  # Bytes: the bits of a byte are the nats of a token over ln 2.
+  assert evals[-1]["bits_per_byte"] == pytest.approx(evals[-1]["loss"] / np.log(2), rel=1e-4)

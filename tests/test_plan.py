@@ -78,12 +78,15 @@ def test_plan_command_prints_bytes_and_the_largest_batch_that_fits(tmp_path):
 def test_plan_command_plans_the_preset_with_the_overrides_after_it():
   cut = ["--config.model.d_model=32", "--config.model.layers=2", "--config.model.heads=2",
          "--config.model.kv_heads=1", "--config.model.mlp=64", "--config.model.seq_len=64",
-         "--config.train.batch_size=8", "--config.data.tokenizer=byte",
-         "--config.data.limit_bytes=100000"]  # fmt: skip
+         "--config.train.batch_size=8", "--config.data.name=python_stdlib",
+         "--config.data.tokenizer=byte", "--config.data.limit_bytes=100000",
+         "--config.loss.chunk=16"]  # fmt: skip
   result = _plan("experiments.lm", "--config=experiments/lm.py:gpu", *cut)
   assert result.returncode == 0, result.stderr[-3000:]
   settings = result.stdout.splitlines()[1]  # the preset's policy and remat, the override's batch
   assert settings.endswith("batch 8, 10 steps per chunk, precision bf16-mixed, remat dots-saveable")
+  saving = result.stdout.splitlines()[-1]
+  assert saving.startswith("loss.chunk=16: peak ") and "the whole [B, T, vocab] logits" in saving
 
 
 @pytest.mark.parametrize(

@@ -107,9 +107,11 @@ class Packed:
     tokens = np.empty((n, w), np.int32)
     for row, start in enumerate(starts):
       tokens[row] = self.shards.span(int(start), int(start) + w)
+    # 1 + the documents started so far: an empty document between two others starts none
+    begun = np.concatenate([np.zeros((n, 1), bool), doc[:, 1:] != doc[:, :-1]], axis=1)
     return {
       "tokens": tokens,
-      "segment_ids": (doc - doc[:, :1] + 1).astype(np.int32),
+      "segment_ids": (1 + np.cumsum(begun, axis=1)).astype(np.int32),
       "positions": (where - first_token).astype(np.int32),
     }
 
@@ -215,6 +217,11 @@ class Mixture:
     if not (np.all(np.isfinite(w)) and np.all(w > 0)):
       raise DataError(f"source {name}: weights {list(weights)} must be positive numbers")
     w = w / w.sum()
+    specs = [s.checked_spec() for s in sources if hasattr(s, "checked_spec")]
+    if any(spec != specs[0] for spec in specs):
+      names = ", ".join(getattr(s, "name", type(s).__name__) for s in sources)
+      raise DataError(f"source {name}: its sources ({names}) hold different fields, shapes or "
+                      "dtypes; mix windows of one length from one tokenizer")  # fmt: skip
     sizes = np.array([len(s) for s in sources], np.int64)
     epoch = int(np.ceil((sizes / w).max()))
     self.counts = np.maximum(np.round(w * epoch).astype(np.int64), sizes)
