@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
-# The GPU figures, on one GPU in at most 8 minutes, one line per figure:
+# The GPU figures, on one GPU in about 10 minutes, one line per figure:
 #   1. the digits quick start, as the README runs it (after its install line);
-#   2. the language model's `gpu` preset (220M parameters, bf16-mixed, BPE vocabulary 32,768,
-#      context 1,024, batch 64) for STEPS steps: median tokens/s, MFU against the card's bf16
-#      dense peak (jaxtrain.throughput.PEAKS), data_wait_frac, the compiled chunk's peak
-#      memory, the first chunk's time (compiling included), the chunk's compilations;
-#   3. the same preset at batch 32 with each attention implementation the GPU runs (cudnn,
-#      which auto takes, xla, reference), 100 steps each: their step times side by side.
-#      (xla at batch 64 would need about 155 GiB.)
+#   2. the standard library tokenized into shards with a BPE vocabulary of 32,768 (the
+#      README's command), then the language model's `gpu` preset on them (220M parameters,
+#      bf16-mixed, context 1,024, batch 64, packed documents, loss.chunk=256) for STEPS
+#      steps: median tokens/s, MFU against the card's bf16 dense peak
+#      (jaxtrain.throughput.PEAKS), data_wait_frac, the compiled chunk's peak memory, the
+#      first chunk's time (compiling included), the chunk's compilations;
+#   3. variants of 100 steps side by side: attention pallas, the whole logits
+#      (loss.chunk=0), pad packing;
+#   4. benchmarks/attention.py: each attention implementation's forward and backward at the
+#      presets' shapes, with and without segment ids.
 # A machine without internet gets the wheels its image lacks (grain, array-record,
 # ml-collections, tensorboardX, portpicker) from .whl/, installed into /tmp/site.
 #
@@ -63,10 +66,15 @@ timeout 120 python3 -m experiments.digits --workdir "$out/digits" > "$out/digits
 echo "digits quick start: exit $?, $(( $(date +%s) - start )) s wall"
 summary "$out/digits" digits
 
-# 2. The gpu preset.
+# 2. The shards, then the gpu preset on them.
+stdlib=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')
+start=$(date +%s)
+timeout 300 python3 -m jaxtrain.data.tokenize --tokenizer="${TOKENIZER:-bpe:32768}" \
+  --skip_binary --out="$out/shards" "$stdlib/**/*.py" 2>&1 | tail -1
+echo "tokenize: $(( $(date +%s) - start )) s wall"
 lm=(python3 -m experiments.lm --config=experiments/lm.py:gpu --config.optim.warmup_steps=50
     --config.eval.every_steps=0 --config.ckpt.every_steps=0 --sample_tokens=64
-    ${EXTRA:-})  # EXTRA: overrides, for a CPU try
+    --config.data.dir="$out/shards" ${EXTRA:-})  # EXTRA: overrides, for a CPU try
 start=$(date +%s)
 timeout 300 "${lm[@]}" --config.train.steps="$steps" --config.train.log_every=50 \
   --workdir "$out/lm" > "$out/lm.log" 2>&1
@@ -74,16 +82,16 @@ echo "lm gpu preset: exit $?, $(( $(date +%s) - start )) s wall"
 tail -3 "$out/lm.log"
 summary "$out/lm" "lm gpu preset"
 
-# 3. Variants of 100 steps on the same tokenizer (copied, not trained again): VARIANTS holds
-#    `name=overrides` entries separated by `;` (each attention implementation by default).
-b32="--config.train.batch_size=32"
-IFS=';' read -ra variants <<< "${VARIANTS:-attention auto=--config.model.attention=auto $b32;attention xla=--config.model.attention=xla $b32;attention reference=--config.model.attention=reference $b32}"
+# 3. Variants of 100 steps: VARIANTS holds `name=overrides` entries separated by `;`.
+IFS=';' read -ra variants <<< "${VARIANTS:-attention pallas=--config.model.attention=pallas;whole logits=--config.loss.chunk=0;pad packing=--config.data.packing=pad}"
 for variant in "${variants[@]}"; do
   name="${variant%%=*}"; read -ra extra <<< "${variant#*=}"
   dir="$out/variant_${name// /_}"
-  mkdir -p "$dir" && cp "$out/lm/tokenizer.json" "$dir/" 2>/dev/null
   timeout 150 "${lm[@]}" --config.train.steps=100 --config.train.log_every=10 "${extra[@]}" \
     --workdir "$dir" > "$dir.log" 2>&1 \
     || { echo "$name: failed"; tail -3 "$dir.log"; }
   summary "$dir" "$name"
 done
+
+# 4. The attention kernels alone.
+timeout 240 python3 benchmarks/attention.py ${ATTENTION_FLAGS:-} 2>&1 | grep -v "^[IW][0-9]"

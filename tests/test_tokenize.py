@@ -14,6 +14,7 @@ import pytest
 import tokenizers
 
 from jaxtrain.data import bpe
+from jaxtrain.data import tokenize as tokenize_lib
 from jaxtrain.data.shards import Shards
 from jaxtrain.data.sources import DataError
 from tests import helpers
@@ -276,3 +277,23 @@ def test_the_reader_names_the_folder_when_shards_are_missing(outputs, tmp_path):
   (tmp_path / "copy" / "manifest.json").write_text("{")
   with pytest.raises(DataError, match=r"copy: manifest\.json is damaged"):
     Shards(tmp_path / "copy")
+
+
+def test_bpe_n_trains_on_the_inputs_and_a_rerun_reads_it_back(corpus, tmp_path):
+  """`bpe:N` trains a tokenizer on the inputs, keeps it in the folder, and encodes with it."""
+  root, texts = corpus
+  (tmp_path / "latin.txt").write_bytes("ok ça".encode("latin-1"))  # left out by skip_binary
+  inputs = [str(root / "docs"), str(tmp_path / "latin.txt")]
+  out = tmp_path / "out"
+  summary = tokenize_lib.tokenize(inputs, "bpe:300", out, workers=0, skip_binary=True)
+  shards = Shards(out)
+  assert shards.vocab_size == 300 and summary.documents == 3 == len(shards.lengths)
+  tokenizer = tokenizers.Tokenizer.from_str(shards.tokenizer_json)
+  for i, text in enumerate(texts[:3]):
+    assert tokenizer.decode(shards.document(i).tolist()) == text
+  before = helpers.snapshot(out)
+  again = tokenize_lib.tokenize(inputs, "bpe:300", out, workers=0, skip_binary=True)
+  assert again.done_before and helpers.snapshot(out) == before
+  with pytest.raises(DataError, match=r"^--tokenizer=bpe:100000 must be from 257"):
+    tokenize_lib.tokenize(inputs, "bpe:100000", tmp_path / "big", workers=0, skip_binary=True)
+  assert not (tmp_path / "big").exists()

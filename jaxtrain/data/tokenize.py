@@ -58,21 +58,6 @@ from jaxtrain import cli
 from jaxtrain.data import bpe, records, shards
 from jaxtrain.data.sources import DataError
 
-_TOKENIZER = flags.DEFINE_string(
-  "tokenizer", None,
-  "bytes, a tokenizer.json, a run's workdir holding tokenizer.json, or bpe:N (trained here).",
-  required=True,
-)  # fmt: skip
-_OUT = flags.DEFINE_string("out", None, "The folder to write the shards into.", required=True)
-_FIELD = flags.DEFINE_string("field", "text", "The text's field in JSON Lines (.jsonl, .json).")
-_WORKERS = flags.DEFINE_integer(
-  "workers", None, "Tokenizing processes; 0 or 1 tokenizes in this process. Default: the CPUs."
-)
-_SHARD_MB = flags.DEFINE_float("shard_mb", 64.0, "Input text per shard, in MB (10^6 bytes).")
-_SKIP_BINARY = flags.DEFINE_bool(
-  "skip_binary", False, "Leave out text files that are not UTF-8 text instead of refusing them."
-)
-
 JSONL_SUFFIXES = (".jsonl", ".json")
 BPE_SPEC = re.compile(r"bpe:(\d+)")  # --tokenizer=bpe:N trains one on the inputs
 BPE_TRAIN_BYTES = 100_000_000  # the text `bpe:N` trains on: the first documents' 100 MB
@@ -280,7 +265,11 @@ def _trained_bpe(
     size += len(text)
     if size >= BPE_TRAIN_BYTES:
       break
-  trained = bpe.train("\n".join(texts), int(BPE_SPEC.fullmatch(spec)[1])).to_str()
+  vocab = int(BPE_SPEC.fullmatch(spec)[1])
+  try:
+    trained = bpe.train("\n".join(texts), vocab).to_str()
+  except DataError as e:  # its message names the experiments' key
+    raise DataError(str(e).replace(f"data.vocab_size={vocab}", f"--tokenizer={spec}")) from e
   vocab_size = tokenizers.Tokenizer.from_str(trained).get_vocab_size()
   return Tokenizer("json", spec, trained, _sha256(trained.encode()), vocab_size)
 
@@ -703,12 +692,31 @@ def _json(value) -> bytes:
   return (json.dumps(value, indent=1) + "\n").encode()
 
 
+def define_flags() -> None:
+  """The command's flags; defined only when it runs, so importing the module defines none."""
+  flags.DEFINE_string(
+    "tokenizer", None,
+    "bytes, a tokenizer.json, a run's workdir holding tokenizer.json, or bpe:N (trained here).",
+    required=True,
+  )  # fmt: skip
+  flags.DEFINE_string("out", None, "The folder to write the shards into.", required=True)
+  flags.DEFINE_string("field", "text", "The text's field in JSON Lines (.jsonl, .json).")
+  flags.DEFINE_integer(
+    "workers", None, "Tokenizing processes; 0 or 1 tokenizes in this process. Default: the CPUs."
+  )
+  flags.DEFINE_float("shard_mb", 64.0, "Input text per shard, in MB (10^6 bytes).")
+  flags.DEFINE_bool(
+    "skip_binary", False, "Leave out text files that are not UTF-8 text instead of refusing them."
+  )
+
+
 def main(argv: list[str]) -> None:
   """Tokenizes the INPUTs that follow the flags."""
-  print(tokenize(argv[1:], _TOKENIZER.value, _OUT.value, field=_FIELD.value,
-                 workers=_WORKERS.value, shard_mb=_SHARD_MB.value,
-                 skip_binary=_SKIP_BINARY.value))  # fmt: skip
+  f = flags.FLAGS
+  print(tokenize(argv[1:], f.tokenizer, f.out, field=f.field, workers=f.workers,
+                 shard_mb=f.shard_mb, skip_binary=f.skip_binary))  # fmt: skip
 
 
 if __name__ == "__main__":
+  define_flags()
   cli.run_tool(main)

@@ -12,20 +12,15 @@ after the scan of the inputs (which the workers start up for). Then the
 reader: random spans of `--span` tokens from each output (`Shards.span`), in
 tokens/s.
 
-    python benchmarks/tokenize.py
-    python benchmarks/tokenize.py --workers 4 --shard_mb 1
+    python benchmarks/tokenize_throughput.py
+    python benchmarks/tokenize_throughput.py --workers 4 --shard_mb 1
+
+(Not `tokenize.py`: a script's folder comes first on `sys.path`, and a file of that
+name would stand in for the standard library's `tokenize` in every benchmark here.)
 """
-# ruff: noqa: E402  (the imports follow the sys.path fix below)
-
-import os
-import sys
-
-# Run as a script, this folder comes first on sys.path, and this file would stand in for the
-# standard library's tokenize, which inspect (and so jax) imports: take the folder off first.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 
 import argparse
+import os
 import pathlib
 import sysconfig
 import tempfile
