@@ -2,8 +2,6 @@
 
 import functools
 import os
-import subprocess
-import sys
 import time
 
 import jax
@@ -103,15 +101,10 @@ def subprocess_env():
 
 def digits_cli(workdir, *overrides, timeout=180):
   """Runs `python -m experiments.digits --workdir=workdir *overrides` and returns the result."""
-  return subprocess.run(
-    [sys.executable, "-m", "experiments.digits", f"--workdir={workdir}", *overrides],
-    capture_output=True,
-    text=True,
-    timeout=timeout,
-    cwd=ROOT,
-    env=dict(os.environ, PYTHONPATH=ROOT),
-    check=False,
-  )
+  from tests import commands  # noqa: PLC0415 (it imports this module's ROOT)
+
+  return commands.run(["experiments.digits", f"--workdir={workdir}", *overrides], cwd=ROOT,
+                      env=dict(os.environ, PYTHONPATH=ROOT), timeout=timeout)  # fmt: skip
 
 
 class SlowSource:

@@ -1,18 +1,17 @@
 """A user's mistakes, as real commands: exit 2, one line naming the key or field, nothing written.
 
-Every case runs as the user would run it, in a subprocess, against a copy of a
-finished run's workdir: the files must come out byte for byte as they went in.
+Every case runs the command the user would run (`python -m MODULE ARGS` in its
+folder and environment, through `tests.commands`' fork server) against a copy
+of a finished run's workdir: the files must come out byte for byte as they went in.
 """
 
 import os
 import pathlib
 import shutil
-import subprocess
-import sys
 
 import pytest
 
-from tests import helpers
+from tests import commands, helpers
 
 ROOT = pathlib.Path(helpers.ROOT)
 
@@ -148,15 +147,8 @@ def finished(tmp_path_factory):
 
 
 def _run(module, args, cwd):
-  return subprocess.run(
-    [sys.executable, "-m", module, *args],
-    capture_output=True,
-    text=True,
-    timeout=180,
-    cwd=cwd,
-    env=dict(os.environ, PYTHONPATH=str(ROOT)),
-    check=False,
-  )
+  return commands.run([module, *args], cwd=cwd, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                      timeout=180)  # fmt: skip
 
 
 @pytest.mark.parametrize("name", list(CLI_CASES))

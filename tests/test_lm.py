@@ -14,7 +14,7 @@ from flax import nnx
 
 from jaxtrain import data, losses, models
 from jaxtrain.data import bpe, tokenize
-from tests import helpers
+from tests import commands, helpers
 
 TINY = [
   "--config.model.d_model=32",
@@ -85,16 +85,9 @@ def test_generate_is_greedy_at_temperature_zero_and_slides_past_the_context():
 
 
 def _lm(args, cwd):
-  return subprocess.run(
-    [sys.executable, "-m", "experiments.lm", *args],
-    capture_output=True,
-    text=True,
-    timeout=600,
-    cwd=cwd,
-    # One device: 8 simulated ones on 2 loaded cores can miss XLA's 40 s collective deadline.
-    env=dict(os.environ, PYTHONPATH=helpers.ROOT, XLA_FLAGS=""),
-    check=False,
-  )
+  # One device: 8 simulated ones on 2 loaded cores can miss XLA's 40 s collective deadline.
+  return commands.run(["experiments.lm", *args], cwd=cwd, timeout=600,
+                      env=dict(os.environ, PYTHONPATH=helpers.ROOT, XLA_FLAGS=""))  # fmt: skip
 
 
 def test_the_experiment_learns_the_corpus_and_samples(tmp_path):
@@ -248,14 +241,20 @@ def _readme_lines(prefix):
 
 def test_the_readme_tokenizes_then_trains_on_packed_shards(tmp_path):
   """The README's two pretraining commands as written; the training cut to 40 tiny steps."""
-  tokenize_line, = _readme_lines("python -m jaxtrain.data.tokenize --tokenizer=bytes ")
-  train_line, = _readme_lines("python -m experiments.lm --workdir runs/lm_tokens ")
+  (tokenize_line,) = _readme_lines("python -m jaxtrain.data.tokenize --tokenizer=bytes ")
+  (train_line,) = _readme_lines("python -m experiments.lm --workdir runs/lm_tokens ")
   env = dict(os.environ, PYTHONPATH=helpers.ROOT, XLA_FLAGS="")
   done = subprocess.run(["bash", "-c", tokenize_line], cwd=tmp_path, env=env, capture_output=True,
                         text=True, timeout=300, check=False)  # fmt: skip
   assert done.returncode == 0 and done.stdout.startswith("wrote "), done.stderr[-2000:]
-  cut = [*TINY[:7], "--config.train.steps=40", "--config.train.log_every=20",
-         "--config.eval.every_steps=40", "--config.optim.warmup_steps=5", "--sample_tokens=8"]
+  cut = [
+    *TINY[:7],
+    "--config.train.steps=40",
+    "--config.train.log_every=20",
+    "--config.eval.every_steps=40",
+    "--config.optim.warmup_steps=5",
+    "--sample_tokens=8",
+  ]
   run = subprocess.run(["bash", "-c", " ".join([train_line, *cut])], cwd=tmp_path, env=env,
                        capture_output=True, text=True, timeout=600, check=False)  # fmt: skip
   assert run.returncode == 0, run.stderr[-3000:]

@@ -2,15 +2,14 @@
 
 import functools
 import json
-import subprocess
-import sys
+import os
 
 import pytest
 
 import jaxtrain
 from jaxtrain import losses, models, plan
 from jaxtrain import parts as parts_lib
-from tests import helpers
+from tests import commands, helpers
 
 
 @pytest.mark.parametrize(
@@ -57,9 +56,8 @@ def test_parse_bytes():
 
 
 def _plan(*args):
-  command = [sys.executable, "-m", "jaxtrain.plan", *args]
-  return subprocess.run(command, capture_output=True, text=True, cwd=helpers.ROOT, timeout=300,
-                        check=False)  # fmt: skip
+  return commands.run(["jaxtrain.plan", *args], cwd=helpers.ROOT, timeout=300,
+                      env=dict(os.environ, PYTHONPATH=helpers.ROOT))  # fmt: skip
 
 
 def test_plan_command_prints_bytes_and_the_largest_batch_that_fits(tmp_path):

@@ -1,13 +1,12 @@
 """The report: plots with a line per run, a summary naming what differs, the command."""
 
-import subprocess
-import sys
+import os
 
 import pytest
 
 import jaxtrain
 from jaxtrain import losses, report
-from tests import helpers
+from tests import commands, helpers
 
 
 @pytest.fixture(scope="module")
@@ -53,10 +52,8 @@ def test_the_summary_names_the_differing_keys_and_how_runs_ended(two_runs):
 
 
 def test_the_command_writes_pngs_and_the_summary(two_runs):
-  result = subprocess.run(
-    [sys.executable, "-m", "jaxtrain.report", "a", "b"], cwd=two_runs, capture_output=True,
-    text=True, timeout=120, check=False,
-  )  # fmt: skip
+  result = commands.run(["jaxtrain.report", "a", "b"], cwd=two_runs, timeout=120,
+                        env=dict(os.environ, PYTHONPATH=helpers.ROOT))  # fmt: skip
   assert result.returncode == 0, result.stderr[-2000:]
   out = two_runs / "report"
   pngs = sorted(p.name for p in out.glob("*.png"))
@@ -68,10 +65,8 @@ def test_the_command_writes_pngs_and_the_summary(two_runs):
 
 
 def test_a_folder_that_is_not_a_run_is_one_line(tmp_path):
-  result = subprocess.run(
-    [sys.executable, "-m", "jaxtrain.report", str(tmp_path)], capture_output=True, text=True,
-    timeout=60, check=False,
-  )  # fmt: skip
+  result = commands.run(["jaxtrain.report", str(tmp_path)], cwd=helpers.ROOT, timeout=60,
+                        env=dict(os.environ, PYTHONPATH=helpers.ROOT))  # fmt: skip
   assert result.returncode == 2
   assert result.stderr.startswith(f"error: {tmp_path}: not a run's workdir")
   assert len(result.stderr.strip().splitlines()) == 1

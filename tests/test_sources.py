@@ -12,7 +12,7 @@ from array_record.python import array_record_module
 import jaxtrain
 from jaxtrain import data, losses
 from jaxtrain.data import checks, records, text
-from tests import helpers
+from tests import commands, helpers
 
 
 def test_byte_windows_overlap_by_one_byte():
@@ -113,9 +113,9 @@ def test_record_source_errors(tmp_path):
 def test_converter_command(tmp_path):
   np.savez(tmp_path / "a.npz", image=np.zeros((7, 4), np.float32), label=np.arange(7))
   (tmp_path / "t.txt").write_bytes(b"0123456789" * 10)
-  run = lambda *args: subprocess.run(  # noqa: E731
-    [sys.executable, "-m", "jaxtrain.data.convert", *args],
-    capture_output=True, text=True, timeout=120, check=False, cwd=helpers.ROOT,
+  run = lambda *args: commands.run(  # noqa: E731
+    ["jaxtrain.data.convert", *args], cwd=helpers.ROOT, timeout=120,
+    env=dict(os.environ, PYTHONPATH=helpers.ROOT),
   )  # fmt: skip
   out = run(f"--npz={tmp_path / 'a.npz'}", f"--out={tmp_path / 'a.array_record'}")
   assert out.returncode == 0 and "wrote 7 records" in out.stdout, out.stderr[-2000:]
@@ -228,11 +228,8 @@ def test_converter_refuses_bad_input_in_one_line(name, tmp_path):
   (tmp_path / "t.txt").write_text("ab")
   (tmp_path / "folder").mkdir()
   before = sorted(p.name for p in tmp_path.iterdir())
-  result = subprocess.run(
-    [sys.executable, "-m", "jaxtrain.data.convert", *args],
-    capture_output=True, text=True, timeout=120, check=False, cwd=tmp_path,
-    env=dict(os.environ, PYTHONPATH=helpers.ROOT),
-  )  # fmt: skip
+  result = commands.run(["jaxtrain.data.convert", *args], cwd=tmp_path, timeout=120,
+                        env=dict(os.environ, PYTHONPATH=helpers.ROOT))  # fmt: skip
   lines = result.stderr.strip().splitlines()
   assert result.returncode == 2, result.stderr[-2000:]
   assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], lines

@@ -16,7 +16,7 @@ from absl import flags
 
 from experiments import digits
 from jaxtrain import loop, population, sweep
-from tests import helpers
+from tests import commands, helpers
 
 flags.FLAGS.mark_as_parsed()
 
@@ -34,8 +34,9 @@ def sweep_command(*args, trials=3, steps=100):
 
 
 def run(command, cwd, timeout=300):
-  return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                        env=helpers.subprocess_env(), check=False)  # fmt: skip
+  """`command` (`python -m ...`) as a user runs it, through the tests' fork server."""
+  assert command[:2] == [sys.executable, "-m"], command
+  return commands.run(command[2:], cwd=cwd, env=helpers.subprocess_env(), timeout=timeout)
 
 
 def trials(workdir, storage=None):

@@ -17,18 +17,15 @@ from jaxtrain.data import bpe
 from jaxtrain.data import tokenize as tokenize_lib
 from jaxtrain.data.shards import Shards
 from jaxtrain.data.sources import DataError
-from tests import helpers
+from tests import commands, helpers
 
 WORDS = ["the", "model", "token", "shards", "écrit", "naïve", "数据", "😀", "loss", "grain"]
 SHARD_MB = "0.001"  # 1,000 bytes of text a shard: several shards from a small corpus
 
 
 def tokenize(*args, cwd, timeout=120):
-  return subprocess.run(
-    [sys.executable, "-m", "jaxtrain.data.tokenize", *map(str, args)],
-    capture_output=True, text=True, timeout=timeout, cwd=cwd, env=helpers.subprocess_env(),
-    check=False,
-  )  # fmt: skip
+  return commands.run(["jaxtrain.data.tokenize", *map(str, args)], cwd=cwd, timeout=timeout,
+                      env=helpers.subprocess_env())  # fmt: skip
 
 
 def tokenize_all(runs):

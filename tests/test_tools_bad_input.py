@@ -19,7 +19,7 @@ import time
 import optuna
 import pytest
 
-from tests import helpers
+from tests import commands, helpers
 
 ROOT = pathlib.Path(helpers.ROOT)
 DIGITS = ["--config.train.steps=20", "--config.train.log_every=10", "--config.eval.every_steps=10",
@@ -35,9 +35,7 @@ BPE = ["--config.data.tokenizer=bpe", "--config.data.vocab_size=300"]
 
 def _run(*args, cwd, env=None, timeout=300):
   """`python -m ARGS...` in `cwd`, as a user runs it (one CPU device, this checkout importable)."""
-  return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True,
-                        timeout=timeout, cwd=cwd, env=env or helpers.subprocess_env(),
-                        check=False)  # fmt: skip
+  return commands.run(args, cwd=cwd, env=env or helpers.subprocess_env(), timeout=timeout)
 
 
 def _notes(stderr):
@@ -115,8 +113,10 @@ def test_report_reads_metrics_as_a_crash_leaves_them(run, tmp_path):
   lines = (run / "metrics.jsonl").read_text().splitlines()
   (run / "metrics.jsonl").write_text("\n".join(["{garbage", *lines[1:]]) + "\n")
   before = helpers.snapshot(tmp_path)
-  helpers.refused(_run("jaxtrain.report", "run", "--out=elsewhere", cwd=tmp_path),
-                  "metrics.jsonl: line 1 is not a metric line ({garbage); the file is damaged")
+  helpers.refused(
+    _run("jaxtrain.report", "run", "--out=elsewhere", cwd=tmp_path),
+    "metrics.jsonl: line 1 is not a metric line ({garbage); the file is damaged",
+  )
   assert helpers.snapshot(tmp_path) == before
 
 
@@ -231,11 +231,14 @@ def _sweep(*args, workdir="sweep", space="optim.lr=loguniform(1e-3,1e-2)", trial
 
 SWEEP_CASES = {
   "a grid larger than the trials": (
-    ["--sampler=grid"], "train.seed=int(0,4000000000)",
+    ["--sampler=grid"],
+    "train.seed=int(0,4000000000)",
     "--sampler=grid: the space holds 4,000,000,001 points, more than the --trials=2",
   ),
   "a choice the model refuses": (
-    [], "model.hidden=choice((16,),(0,))", "--space 'model.hidden=choice((16,),(0,))': MLP",
+    [],
+    "model.hidden=choice((16,),(0,))",
+    "--space 'model.hidden=choice((16,),(0,))': MLP",
   ),
   "a study name that leaves trials/": (["--study=../x"], None, "--study='../x' must be a name"),
   "a study in memory": (["--storage=sqlite://"], None, "keeps the study in memory"),
