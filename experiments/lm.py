@@ -120,6 +120,7 @@ def make_dataset(
   The tokenizer is None for bytes.
   """
   d, length = config.data, config.model.seq_len
+  _refuse_the_other_paths_keys(d)
   if d.name == "tokens":
     dataset = data.tokens(d.dir, length, packing=d.packing, mixture=d.mixture,
                           eval_dir=d.eval_dir, eval_fraction=d.eval_fraction)  # fmt: skip
@@ -137,6 +138,21 @@ def make_dataset(
     return text, None
   saved = jaxtrain.workdir.resolve(workdir) / bpe.FILE if workdir else None
   return bpe.tokenize(text, d.vocab_size, length, saved)
+
+
+# The data keys each path reads, and their defaults: a key of the other path set is a mistake.
+SHARD_KEYS = {"packing": "concat", "mixture": "", "eval_dir": ""}
+TEXT_KEYS = {"tokenizer": "byte", "vocab_size": 4096, "limit_bytes": 0}
+
+
+def _refuse_the_other_paths_keys(d: ml_collections.ConfigDict) -> None:
+  unused = TEXT_KEYS if d.name == "tokens" else SHARD_KEYS
+  for key, default in unused.items():
+    if d[key] != default:
+      wanted = "python_stdlib" if d.name == "tokens" else "tokens"
+      raise jaxtrain.ConfigError(
+        f"data.{key}={d[key]!r} has no effect with data.name={d.name}; it is for data.name={wanted}"
+      )
 
 
 def make_model(config: ml_collections.ConfigDict, vocab: int) -> functools.partial:

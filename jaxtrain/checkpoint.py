@@ -19,6 +19,7 @@ Example:
   >>> ckpt.close()
 """
 
+import contextlib
 import itertools
 import json
 import logging
@@ -198,6 +199,8 @@ class Checkpointer:
     Only after a failure: the next start would remove them anyway. Process 0's
     task, like the rest of the folder's upkeep.
     """
+    with contextlib.suppress(CheckpointError):  # a save still writing ends first
+      self.wait()
     if jax.process_index() == 0:
       for tmp in self.directory.glob("*.orbax-checkpoint-tmp*"):
         shutil.rmtree(tmp, ignore_errors=True)

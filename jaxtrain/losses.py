@@ -201,17 +201,19 @@ def chunked_cross_entropy(
     features_BxTxD: what `logits_fn` maps to logits.
     targets_BxT: integer targets.
     logits_fn: `[B, c, D] -> [B, c, V]`.
-    chunk: positions per piece; `T` is padded up to a multiple of it.
+    chunk: the most positions a piece holds; the pieces are evened out
+      (`ceil(T / chunk)` of them), the last one padded.
 
   Returns:
     The cross-entropy `[B, T]`, in float32.
   """
   b, t, d = features_BxTxD.shape
-  pad = -t % chunk
+  n = -(-t // min(chunk, t))
+  chunk = -(-t // n)  # the same number of pieces, evened out: padding under one a piece
+  pad = n * chunk - t
   if pad:
     features_BxTxD = jnp.pad(features_BxTxD, ((0, 0), (0, pad), (0, 0)))
     targets_BxT = jnp.pad(targets_BxT, ((0, 0), (0, pad)))
-  n = (t + pad) // chunk
   pieces = (
     features_BxTxD.reshape(b, n, chunk, d).swapaxes(0, 1),
     targets_BxT.reshape(b, n, chunk).swapaxes(0, 1),

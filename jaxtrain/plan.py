@@ -163,11 +163,13 @@ def _prepare(config: ml_collections.ConfigDict, task: Any, workdir: str | None) 
   return parts_lib.prepare(config, model, dataset, loss)
 
 
-def report(name: str, spec: parts_lib.Spec, config: ml_collections.ConfigDict) -> list[str]:
-  """The plan's lines for one prepared run."""
+def report(
+  name: str, spec: parts_lib.Spec, config: ml_collections.ConfigDict, memory: dict[str, int]
+) -> list[str]:
+  """The plan's lines for one prepared run whose chunk takes `memory` (`chunk_memory`)."""
   mesh = spec.mesh
   device = jax.devices()[0]
-  held, memory = state_bytes(spec.abstract), chunk_memory(spec)
+  held = state_bytes(spec.abstract)
   count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(spec.abstract.params))
   axes = " ".join(f"{k}={v}" for k, v in mesh.shape.items())
   return [
@@ -210,11 +212,12 @@ def main(argv: list[str]) -> None:
   config = f.config
   limit = parse_bytes(f.device_memory) if f.device_memory is not None else None
   spec = _prepare(config, module.task, f.workdir)
-  lines = report(module.__name__, spec, config)
-  if config.loss.get("chunk"):
-    lines.append(logits_saving(config, module.task, f.workdir, chunk_memory(spec)["peak"]))
+  memory = chunk_memory(spec)  # compiled once, for every line below
+  lines = report(module.__name__, spec, config, memory)
+  if config.loss.chunk:
+    lines.append(logits_saving(config, module.task, f.workdir, memory["peak"]))
   if limit:
-    peak = chunk_memory(spec)["peak"]
+    peak = memory["peak"]
     verdict = "fits" if peak <= limit else "does NOT fit"
     lines.append(f"device memory {human(limit)}: this run {verdict} ({peak / limit:.0%} of it)")
     lines.append("largest batch that fits (doubling from the data-parallel devices), by remat:")

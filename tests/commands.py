@@ -7,7 +7,8 @@ once and never touched a device: it forks, and the child runs the module as
 `__main__` with the command's argv, folder and environment, its stdout and
 stderr going to files, and exits with the command's status after running its
 `atexit` handlers, as the interpreter would. What differs from a fresh
-interpreter is only what happens before `__main__` runs. A command whose
+interpreter is only what happens before `__main__` runs (what the imports print,
+a warning say, shows once in the server, not in each command's stderr). A command whose
 environment sets `JAX_*` or `PYTHON*` variables other than the server's (JAX and
 the interpreter read them as they start) runs in a fresh interpreter instead, and
 so does any test that signals its process.
@@ -32,14 +33,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRELOAD = ("jaxtrain", "jaxtrain.cli", "jaxtrain.plan", "jaxtrain.replay", "jaxtrain.report",
            "jaxtrain.sweep", "jaxtrain.data.tokenize", "experiments.digits",
            "experiments.fashion_mnist", "experiments.lm", "tests.user_experiment")  # fmt: skip
-_servers: dict[str, subprocess.Popen] = {}  # this process's server, once started
+_servers: dict = {}  # this process's server once started, and the environment it starts with
 _lock = threading.Lock()
 
 
 def run(args, *, cwd, env=None, timeout=300) -> subprocess.CompletedProcess:
   """Runs `python -m *args` in `cwd` with `env` (default: a user's), as `subprocess.run` would."""
   env = dict(env if env is not None else _user_env())
-  if _start_settings(env) != _start_settings(_user_env()):
+  server_env = _servers.setdefault("env", _user_env())  # fixed by the first command
+  if _start_settings(env) != _start_settings(server_env):
     return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True,
                           cwd=cwd, env=env, timeout=timeout, check=False)  # fmt: skip
   request = pickle.dumps((list(args), str(cwd), env, timeout))
@@ -68,7 +70,7 @@ def _start_settings(env) -> dict[str, str]:
 def _start() -> subprocess.Popen:
   server = _servers.get("server")
   if server is None or server.poll() is not None:
-    env = _user_env()  # each command's own environment sets XLA_FLAGS before JAX starts
+    env = dict(_servers["env"])  # each command's own environment sets XLA_FLAGS before JAX
     server = subprocess.Popen([sys.executable, "-m", "tests.commands"], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, cwd=ROOT, env=env)  # fmt: skip
     atexit.register(server.kill)
@@ -110,7 +112,13 @@ def _fork(args, cwd, env, timeout) -> dict:
 
 
 def _child(args, cwd, env) -> None:
+  # Imported here, as locals: the server's module globals (this module's, run as __main__)
+  # are cleared before the command runs in that namespace, as `python -m` runs it in a fresh one.
+  import atexit  # noqa: PLC0415
+  import os  # noqa: PLC0415
   import runpy  # noqa: PLC0415
+  import sys  # noqa: PLC0415
+  import threading  # noqa: PLC0415
   import traceback  # noqa: PLC0415
 
   code = 0
@@ -126,6 +134,10 @@ def _child(args, cwd, env) -> None:
     sys.path[0] = os.getcwd()  # as `python -m` puts the current folder first
     sys.argv = ["-m", *args[1:]]
     sys.modules.pop(args[0], None)  # preloaded as a module; it runs afresh as __main__
+    namespace = sys.modules["__main__"].__dict__
+    builtins = namespace["__builtins__"]
+    namespace.clear()  # the same module object (multiprocessing holds it), emptied
+    namespace["__builtins__"] = builtins
     runpy._run_module_as_main(args[0])  # what `python -m` calls: __main__ is the module
   except SystemExit as e:
     code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
@@ -135,6 +147,7 @@ def _child(args, cwd, env) -> None:
     traceback.print_exc()
     code = 1
   try:
+    threading._shutdown()  # as the interpreter does at exit: join the non-daemon threads
     atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()

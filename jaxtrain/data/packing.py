@@ -8,9 +8,12 @@ attention stays within a document and positions restart at each one. Two ways
 to fill a window (`packing`):
 
 - `concat`: the documents back to back, cut into windows of `T` tokens that
-  overlap in one; every token is in some window and no padding is read;
+  overlap in one; every token trains (but a last stretch shorter than a window),
+  and no padding is read;
 - `pad`: whole documents, in order, into windows they fit in whole (a document
   longer than a window is cut into window-sized pieces), the rest padding.
+
+Each window weighs the same in the loss's mean, however many of its targets count.
 
 `bytes` is the UTF-8 length of the tokens a window's loss counts (a token that
 starts a document is not predicted from the one before it), for bits per byte.
@@ -168,7 +171,8 @@ def pad_plan(
   """Whole documents into windows of `capacity` tokens, in order (next fit).
 
   A document longer than a window is cut into pieces of `capacity` and a
-  remainder; each piece is placed like a document of its own.
+  remainder; each piece is placed like a document of its own, except a piece of
+  one token, which holds no target and is left out.
 
   Args:
     lengths: the documents' token counts.
@@ -186,6 +190,8 @@ def pad_plan(
   within = np.arange(len(doc)) - np.repeat(np.cumsum(pieces) - pieces, pieces)
   begin = within * capacity
   size = np.minimum(lengths[doc] - begin, capacity)
+  trains = size > 1  # a one-token piece holds no target: it would only pad a window
+  doc, begin, size = doc[trains], begin[trains], size[trains]
   starts, fill = [], capacity
   for p, s in enumerate(size.tolist()):  # next fit: one pass, in document order
     if fill + s > capacity:
@@ -223,7 +229,7 @@ class Mixture:
       raise DataError(f"source {name}: its sources ({names}) hold different fields, shapes or "
                       "dtypes; mix windows of one length from one tokenizer")  # fmt: skip
     sizes = np.array([len(s) for s in sources], np.int64)
-    epoch = int(np.ceil((sizes / w).max()))
+    epoch = int(np.ceil((sizes / w).max() * (1 - 1e-12)))  # shares of the sizes: their sum
     self.counts = np.maximum(np.round(w * epoch).astype(np.int64), sizes)
     self.bounds = np.concatenate([[0], np.cumsum(self.counts)])
     self.sources, self.weights, self.name, self._sizes = list(sources), w, name, sizes
@@ -280,9 +286,7 @@ def parse_mixture(text: str) -> list[tuple[str, float]]:
     except ValueError:
       value = float("nan")
     if not sep or not folder or not np.isfinite(value) or value <= 0:
-      raise DataError(
-        f"data.mixture={text!r}: {item!r} must be DIR=WEIGHT with a positive weight"
-      )
+      raise DataError(f"data.mixture={text!r}: {item!r} must be DIR=WEIGHT with a positive weight")
     out.append((folder, value))
   if not out:
     raise DataError(f"data.mixture={text!r} names no shard folder; write DIR_A=0.7,DIR_B=0.3")

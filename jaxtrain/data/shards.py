@@ -224,6 +224,8 @@ def _read_manifest(folder: pathlib.Path) -> dict:
     manifest = json.loads(path.read_text())
     _ = manifest["tokenizer"]["vocab_size"], manifest["dtype"], manifest["shards"]
     np.dtype(manifest["dtype"])
+    for shard in manifest["shards"]:  # each entry as the reader uses it
+      _ = str(shard["file"]), int(shard["documents"]), int(shard["tokens"]), shard["sha256"]
   except (OSError, ValueError, KeyError, TypeError) as e:
     raise DataError(f"token shards {folder}: {MANIFEST} is damaged ({type(e).__name__}: "
                     f"{e})") from e  # fmt: skip

@@ -26,7 +26,7 @@ A run killed at any point resumes when rerun with the same arguments: it keeps
 the finished shards and writes the rest, and the folder ends byte-identical to
 an uninterrupted run's. A rerun over finished output rewrites nothing. Bad
 input (no file for an INPUT, a binary file unless `--skip_binary` leaves such
-files out, a JSON line that is not JSON or
+files out (not JSON Lines: their lines are checked one by one), a JSON line that is not JSON or
 lacks the field, a tokenizer that does not load, an output folder holding
 other data, a bad flag) is one line on stderr and exit status 2, before
 anything is written.
@@ -180,6 +180,7 @@ def tokenize(
   workers = min(workers, _most_workers(paths, round(shard_mb * 1e6)))
   scan_fn = functools.partial(scan, field=field, skip_binary=skip_binary)
   if trained:  # the scan checks the text before the tokenizer trains on it
+    _check_out_before_training(out, tokenizer)
     with _mapper(workers, tok) as (mapper, used):
       scans = list(mapper(scan_fn, paths, _chunk(len(paths), used)))
     tok = _trained_bpe(tokenizer, paths, scans, field, out)
@@ -272,6 +273,19 @@ def _trained_bpe(
     raise DataError(str(e).replace(f"data.vocab_size={vocab}", f"--tokenizer={spec}")) from e
   vocab_size = tokenizers.Tokenizer.from_str(trained).get_vocab_size()
   return Tokenizer("json", spec, trained, _sha256(trained.encode()), vocab_size)
+
+
+def _check_out_before_training(out: pathlib.Path, spec: str) -> None:
+  """`out` must be new, empty, or a `spec` run's before a tokenizer trains for minutes.
+
+  The full check (the same inputs, no other files) follows once the plan is known.
+  """
+  if not out.is_dir() or not any(out.iterdir()):
+    return
+  plan = _load_json(out / shards.PLAN)
+  if not isinstance(plan, dict) or (plan.get("tokenizer") or {}).get("path") != spec:
+    raise DataError(f"--out {out} holds other data than the tokens of a --tokenizer={spec} "
+                    "run; give a new or empty folder")  # fmt: skip
 
 
 def _output(out: str | pathlib.Path) -> pathlib.Path:
@@ -429,7 +443,8 @@ def _tasks(paths: list[str], scans: list[Scan], shard_bytes: int, out: str, fiel
   """The shards, cut between documents by text size: the same for any worker count."""
   sizes = np.concatenate([s.sizes for s in scans])
   if not sizes.size:
-    raise DataError("the inputs hold no document (their JSON Lines files only blank lines)")
+    raise DataError("the inputs hold no document (their JSON Lines files only blank lines, "
+                    "or --skip_binary left every file out)")  # fmt: skip
   cuts = _cuts(sizes, shard_bytes)
   first = np.cumsum([0] + [s.sizes.size for s in scans])  # each file's first document
   return [Task(i, out, field, _pieces(paths, scans, first, a, b))
@@ -706,7 +721,9 @@ def define_flags() -> None:
   )
   flags.DEFINE_float("shard_mb", 64.0, "Input text per shard, in MB (10^6 bytes).")
   flags.DEFINE_bool(
-    "skip_binary", False, "Leave out text files that are not UTF-8 text instead of refusing them."
+    "skip_binary",
+    False,
+    "Leave out text files (not JSON Lines) that are not UTF-8 text instead of refusing them.",
   )
 
 
