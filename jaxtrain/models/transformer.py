@@ -71,13 +71,17 @@ def constrain(x: jax.Array, *names: str | None) -> jax.Array:
   return sharding.constrain(x, names)
 
 
-def _linear(din: int, dout: int, names: tuple[str, str], rngs: nnx.Rngs) -> nnx.Linear:
+def _linear(
+  din: int, dout: int, names: tuple[str, str], rngs: nnx.Rngs, bias: bool = False
+) -> nnx.Linear:
   init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
-  return nnx.Linear(din, dout, use_bias=False, kernel_init=_named(init, *names), rngs=rngs)
+  return nnx.Linear(din, dout, use_bias=bias, kernel_init=_named(init, *names),
+                    bias_init=_named(nnx.initializers.zeros, names[1]), rngs=rngs)  # fmt: skip
 
 
-def _norm(width: int, rngs: nnx.Rngs) -> nnx.RMSNorm:
-  return nnx.RMSNorm(width, scale_init=_named(nnx.initializers.ones, "embed"), rngs=rngs)
+def _norm(width: int, rngs: nnx.Rngs, eps: float = 1e-6) -> nnx.RMSNorm:
+  return nnx.RMSNorm(width, epsilon=eps, scale_init=_named(nnx.initializers.ones, "embed"),
+                     rngs=rngs)  # fmt: skip
 
 
 def rope_tables(length: int, head_dim: int, base: float = 10000.0) -> tuple[jax.Array, jax.Array]:
@@ -103,13 +107,22 @@ class Attention(nnx.Module):
   """Causal grouped-query self-attention."""
 
   def __init__(
-    self, d_model: int, heads: int, kv_heads: int, *, attention: str = "auto", rngs: nnx.Rngs
+    self,
+    d_model: int,
+    heads: int,
+    kv_heads: int,
+    *,
+    attention: str = "auto",
+    head_dim: int = 0,
+    qkv_bias: bool = False,
+    rngs: nnx.Rngs,
   ):
-    self.heads, self.kv_heads, self.head_dim = heads, kv_heads, d_model // heads
+    self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim or d_model // heads
     self.implementation = attention
-    self.query = _linear(d_model, heads * self.head_dim, ("embed", "heads"), rngs)
-    self.key = _linear(d_model, kv_heads * self.head_dim, ("embed", "kv_heads"), rngs)
-    self.value = _linear(d_model, kv_heads * self.head_dim, ("embed", "kv_heads"), rngs)
+    h = self.head_dim
+    self.query = _linear(d_model, heads * h, ("embed", "heads"), rngs, qkv_bias)
+    self.key = _linear(d_model, kv_heads * h, ("embed", "kv_heads"), rngs, qkv_bias)
+    self.value = _linear(d_model, kv_heads * h, ("embed", "kv_heads"), rngs, qkv_bias)
     self.out = _linear(heads * self.head_dim, d_model, ("heads", "embed"), rngs)
 
   def __call__(
@@ -161,11 +174,13 @@ class Block(nnx.Module):
   """`x + attention(norm(x))`, then `x + mlp(norm(x))`."""
 
   def __init__(
-    self, d_model, heads, *, kv_heads, mlp, activation, dropout, attention, rngs: nnx.Rngs
-  ):
-    self.attention_norm = _norm(d_model, rngs)
-    self.attention = Attention(d_model, heads, kv_heads, attention=attention, rngs=rngs)
-    self.mlp_norm = _norm(d_model, rngs)
+    self, d_model, heads, *, kv_heads, mlp, activation, dropout, attention, head_dim=0,
+    qkv_bias=False, norm_eps=1e-6, rngs: nnx.Rngs,
+  ):  # fmt: skip
+    self.attention_norm = _norm(d_model, rngs, norm_eps)
+    self.attention = Attention(d_model, heads, kv_heads, attention=attention, head_dim=head_dim,
+                               qkv_bias=qkv_bias, rngs=rngs)  # fmt: skip
+    self.mlp_norm = _norm(d_model, rngs, norm_eps)
     self.mlp = Mlp(d_model, mlp, activation, rngs=rngs)
     self.dropout = nnx.Dropout(dropout)
 
@@ -197,6 +212,10 @@ class Transformer(nnx.Module):
     scan_layers: bool = True,
     dropout: float = 0.0,
     attention: str = "auto",
+    rope_base: float = 10000.0,
+    norm_eps: float = 1e-6,
+    head_dim: int = 0,
+    qkv_bias: bool = False,
     rngs: nnx.Rngs,
   ):
     """Builds the model.
@@ -216,6 +235,10 @@ class Transformer(nnx.Module):
       scan_layers: run the blocks with `lax.scan` rather than unrolled.
       dropout: after each attention and MLP, in training.
       attention: one of `jaxtrain.models.attention.IMPLEMENTATIONS`.
+      rope_base: the rotary frequencies' base (Llama 2: 10,000; Llama 3: 500,000).
+      norm_eps: the RMSNorms' epsilon.
+      head_dim: the query, key and value heads' width; 0 means `d_model // heads`.
+      qkv_bias: biases on the query, key and value projections (Qwen2).
       rngs: the parameters' random streams.
     """
     kv_heads, mlp = kv_heads or heads, mlp or 4 * d_model
@@ -226,15 +249,17 @@ class Transformer(nnx.Module):
                    remat=(remat, REMAT), attention=(attention, ATTENTIONS))  # fmt: skip
     if attention in ("cudnn", "pallas"):  # a kernel this backend lacks: refused before tracing
       attention_lib.implementation(jnp.bfloat16, attention, seq_len=seq_len,
-                                   head_dim=d_model // heads)  # fmt: skip
-    if d_model % heads or (d_model // heads) % 2:
+                                   head_dim=head_dim or d_model // heads)  # fmt: skip
+    if head_dim % 2 or (not head_dim and (d_model % heads or (d_model // heads) % 2)):
       raise ConfigError(
-        f"Transformer: d_model={d_model} must divide by heads={heads} into an even head width"
+        f"Transformer: d_model={d_model} must divide by heads={heads} into an even head width, "
+        f"or head_dim={head_dim} must be even"
       )
     if heads % kv_heads:
       raise ConfigError(f"Transformer: heads={heads} must be a multiple of kv_heads={kv_heads}")
     self.vocab, self.seq_len, self.d_model, self.layers = vocab, seq_len, d_model, layers
-    self.head_dim, self.remat, self.scan_layers = d_model // heads, remat, scan_layers
+    self.head_dim, self.remat, self.scan_layers = head_dim or d_model // heads, remat, scan_layers
+    self.rope_base = rope_base
     self.positions, self.tie, self.dropout_rate = positions, tie, dropout
     init = nnx.initializers.normal(0.02)
     self.embed = nnx.Embed(vocab, d_model, embedding_init=_named(init, "vocab", "embed"), rngs=rngs)
@@ -242,9 +267,10 @@ class Transformer(nnx.Module):
       self.position = nnx.Embed(seq_len, d_model, embedding_init=_named(init, None, "embed"),
                                 rngs=rngs)  # fmt: skip
     sizes = dict(kv_heads=kv_heads, mlp=mlp, activation=activation, dropout=dropout,
-                 attention=attention)  # fmt: skip
+                 attention=attention, head_dim=head_dim, qkv_bias=qkv_bias,
+                 norm_eps=norm_eps)  # fmt: skip
     self.blocks = _stacked_blocks(layers, d_model, heads, sizes, rngs)
-    self.norm = _norm(d_model, rngs)
+    self.norm = _norm(d_model, rngs, norm_eps)
     if not tie:
       self.head = _linear(d_model, vocab, ("embed", "vocab"), rngs)
 
@@ -293,7 +319,8 @@ class Transformer(nnx.Module):
     if self.positions == "learned":
       x_BxTxD = x_BxTxD + self.position(at)
     else:
-      cos, sin = rope_tables(self.seq_len if positions is not None else t, self.head_dim)
+      length = self.seq_len if positions is not None else t
+      cos, sin = rope_tables(length, self.head_dim, self.rope_base)
       rope = (cos, sin) if positions is None else (cos[at], sin[at])
     # The residual stream runs as [B * T, D] rows: XLA's CPU backward of a dense layer
     # is over twice as fast on 2-D activations as on [B, T, D] ones (measured).
