@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxtrain import data, losses, models
+from jaxtrain import ConfigError, data, losses, models
 from jaxtrain.data import bpe, tokenize
 from tests import commands, helpers
 
@@ -268,3 +268,26 @@ def test_the_readme_tokenizes_then_trains_on_packed_shards(tmp_path):
   evals = [line for line in lines if line["split"] == "eval"]
   # Bytes: the bits of a byte are the nats of a token over ln 2.
   assert evals[-1]["bits_per_byte"] == pytest.approx(evals[-1]["loss"] / np.log(2), rel=1e-4)
+
+
+def test_cached_sampling_equals_the_window_path_for_a_batch_of_prompts():
+  """Greedy with the cache equals greedy over the window, token for token, at any prompt length."""
+  model = models.Transformer(vocab=50, seq_len=128, d_model=32, layers=2, heads=4, kv_heads=2,
+                             mlp=48, rngs=nnx.Rngs(0))  # fmt: skip
+  rng = np.random.default_rng(0)
+  prompts = [rng.integers(0, 50, n).tolist() for n in (5, 70, 9)]  # two prompt buckets
+  batch = models.generate_batch(model, prompts, 20)
+  for prompt, sampled in zip(prompts, batch, strict=True):
+    np.testing.assert_array_equal(sampled, models.generate(model, prompt, 20, temperature=0.0))
+  stop = int(batch[0][5])
+  first = int(np.flatnonzero(batch[0] == stop)[0])
+  stopped = models.generate_batch(model, prompts, 20, stop=(stop,))
+  np.testing.assert_array_equal(stopped[0], batch[0][: first + 1])  # ends at the stop token
+  for kept in ({"top_k": 1}, {"top_p": 1e-6}):  # one candidate left: the greedy token
+    drawn = models.generate_batch(model, prompts, 20, temperature=1.5, seed=7, **kept)
+    for a, b in zip(drawn, batch, strict=True):
+      np.testing.assert_array_equal(a, b)
+  free = models.generate_batch(model, prompts, 20, temperature=1.5, seed=7)
+  assert any(not np.array_equal(a, b) for a, b in zip(free, batch, strict=True))
+  with pytest.raises(ConfigError, match=r"within the model's 128 positions"):
+    models.generate_batch(model, [[1] * 120], 20)

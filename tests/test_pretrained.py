@@ -61,6 +61,11 @@ def test_greedy_decoding_answers_as_transformers_does(smollm):
   out = models.generate(model, ids, 8, temperature=0.0).tolist()
   answer = out[: out.index(info.eos)]
   assert tokenizer.decode(answer) == "The capital of France is Paris."
+  # The cached sampler, a batch of two questions, each ending at <|im_end|>:
+  other = tokenizer.encode(pretrained.chat_prompt(info, "What is 2 + 2?")).ids
+  both = models.generate_batch(model, [other, ids], 12, stop=(info.eos,))
+  assert both[1].tolist() == [*answer, info.eos]
+  assert both[0][-1] == info.eos and tokenizer.decode(both[0][:-1]).strip()
 
 
 def test_the_model_predicts_plain_text(smollm):

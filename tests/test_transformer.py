@@ -235,3 +235,17 @@ def test_logical_names_constrain_the_activations_under_rules():
   # tokens, rows, q, k, v, the MLP hidden, the block output (one scanned body), logits
   assert text.count("sharding_constraint") == 8
   np.testing.assert_allclose(constrained, plain, atol=1e-5)
+
+
+@pytest.mark.parametrize("positions", ["rope", "learned"])
+def test_decoding_with_the_cache_equals_the_full_forward(positions):
+  """A prefill then one token at a time, over the key/value cache: the same logits."""
+  model = _model(positions=positions)
+  tokens = _tokens(b=2, t=12)
+  cache = model.init_cache(2, 16)
+  logits, cache = model.decode(tokens[:, :7], jnp.broadcast_to(jnp.arange(7), (2, 7)), cache)
+  pieces = [logits]
+  for i in range(7, 12):
+    logits, cache = model.decode(tokens[:, i : i + 1], jnp.full((2, 1), i), cache)
+    pieces.append(logits)
+  np.testing.assert_allclose(jnp.concatenate(pieces, axis=1), model(tokens), atol=1e-5)

@@ -422,3 +422,24 @@ def causal_attention(
   if jax.default_backend() == "tpu":
     return _splash(*args, interpret=interpret)
   return _triton(*args, interpret=interpret)
+
+
+def cached_attention(
+  q_BxTxNxH: jax.Array, k_BxSxKxH: jax.Array, v_BxSxKxH: jax.Array, positions_BxT: jax.Array
+) -> jax.Array:
+  """Attention of `T` new queries over a key/value cache of `S` slots, `[B, T, N, H]` out.
+
+  Slot `s` holds the key and value of position `s`; the query at position `p`
+  attends to slots `0..p` (those its row has written), so a batch of prompts of
+  different lengths shares one cache, each row at its own position.
+  """
+  b, t, n, h = q_BxTxNxH.shape
+  kv = k_BxSxKxH.shape[2]
+  q = q_BxTxNxH.reshape(b, t, kv, n // kv, h).transpose(0, 2, 3, 1, 4)
+  k, v = (a.transpose(0, 2, 1, 3) for a in (k_BxSxKxH, v_BxSxKxH))
+  scores = jnp.einsum("bkgqd,bksd->bkgqs", q * (h**-0.5), k).astype(jnp.float32)
+  slots = jnp.arange(k_BxSxKxH.shape[1])
+  allowed = slots[None, None, :] <= positions_BxT[:, :, None]  # [B, T, S]
+  probs = jax.nn.softmax(jnp.where(allowed[:, None, None], scores, -1e30), axis=-1)
+  out = jnp.einsum("bkgqs,bksd->bkgqd", probs.astype(v.dtype), v)
+  return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)

@@ -131,11 +131,15 @@ class Attention(nnx.Module):
     t: int,
     rope: tuple[jax.Array, jax.Array] | None,
     segment_ids_BxT: jax.Array | None = None,
-  ) -> jax.Array:
+    cache: tuple[jax.Array, jax.Array, jax.Array] | None = None,
+  ) -> Any:
     """Attends over `[B * T, D]` rows, `t` a sequence.
 
     `rope` holds the rotary cosines and sines, or None; `segment_ids_BxT` each
-    token's document, or None for one document a row.
+    token's document, or None for one document a row. With `cache`, `(keys,
+    values, positions)`: `[B, S, K, H]` slots and the rows' `[B, T]` positions,
+    the new keys and values are written at their positions and the queries
+    attend over the slots; it returns the output and the new `(keys, values)`.
     """
     b = x_NxD.shape[0] // t
     q = self.query(x_NxD).reshape(b, t, self.heads, self.head_dim)
@@ -145,6 +149,13 @@ class Attention(nnx.Module):
       q, k = apply_rope(q, *rope), apply_rope(k, *rope)
     q = constrain(q, "batch", "sequence", "heads", None)
     k, v = (constrain(a, "batch", "sequence", "kv_heads", None) for a in (k, v))
+    if cache is not None:
+      keys, values, positions = cache
+      rows = jnp.arange(b)[:, None]
+      keys = keys.at[rows, positions].set(k.astype(keys.dtype))
+      values = values.at[rows, positions].set(v.astype(values.dtype))
+      out = attention_lib.cached_attention(q, keys, values, positions)
+      return self.out(out.reshape(b * t, self.heads * self.head_dim)), (keys, values)
     out = attention_lib.causal_attention(
       q, k, v, segment_ids_BxT=segment_ids_BxT, implementation=self.implementation
     )
@@ -184,12 +195,18 @@ class Block(nnx.Module):
     self.mlp = Mlp(d_model, mlp, activation, rngs=rngs)
     self.dropout = nnx.Dropout(dropout)
 
-  def __call__(self, x_NxD, t: int, rope, segments, *, rngs: nnx.Rngs | None) -> jax.Array:
-    """One block over `[B * T, D]` rows, sequences of `t` (`segments`: their documents)."""
-    attended = self.attention(self.attention_norm(x_NxD), t, rope, segments)
+  def __call__(self, x_NxD, t: int, rope, segments, *, rngs: nnx.Rngs | None, cache=None) -> Any:
+    """One block over `[B * T, D]` rows, sequences of `t` (`segments`: their documents).
+
+    With `cache` (see `Attention`), it returns the rows and the new keys and values.
+    """
+    attended = self.attention(self.attention_norm(x_NxD), t, rope, segments, cache)
+    if cache is not None:
+      attended, written = attended
     x_NxD = x_NxD + self.dropout(attended, rngs=rngs)
     x_NxD = x_NxD + self.dropout(self.mlp(self.mlp_norm(x_NxD)), rngs=rngs)
-    return constrain(x_NxD, "batch", "embed")
+    x_NxD = constrain(x_NxD, "batch", "embed")
+    return x_NxD if cache is None else (x_NxD, written)
 
 
 class Transformer(nnx.Module):
@@ -259,7 +276,7 @@ class Transformer(nnx.Module):
       raise ConfigError(f"Transformer: heads={heads} must be a multiple of kv_heads={kv_heads}")
     self.vocab, self.seq_len, self.d_model, self.layers = vocab, seq_len, d_model, layers
     self.head_dim, self.remat, self.scan_layers = head_dim or d_model // heads, remat, scan_layers
-    self.rope_base = rope_base
+    self.rope_base, self.kv_heads = rope_base, kv_heads
     self.positions, self.tie, self.dropout_rate = positions, tie, dropout
     init = nnx.initializers.normal(0.02)
     self.embed = nnx.Embed(vocab, d_model, embedding_init=_named(init, "vocab", "embed"), rngs=rngs)
@@ -334,6 +351,37 @@ class Transformer(nnx.Module):
     x_NxD = x_BxTxD.reshape(b * t, self.d_model)
     logits = self.embed.attend(x_NxD) if self.tie else self.head(x_NxD)
     return constrain(logits.reshape(b, t, self.vocab), "batch", "sequence", "vocab")
+
+  def init_cache(self, batch: int, slots: int, dtype: Any = jnp.float32) -> tuple:
+    """An empty key/value cache of `slots` positions for `batch` rows: `[L, B, S, K, H]` twice."""
+    shape = (self.layers, batch, slots, self.kv_heads, self.head_dim)
+    return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
+
+  def decode(self, tokens_BxT: jax.Array, positions_BxT: jax.Array, cache: tuple) -> tuple:
+    """Logits `[B, T, vocab]` of new tokens at their positions, over and into the cache.
+
+    A prompt's prefill and each sampled token alike: their keys and values are
+    written into `cache` (`init_cache`) at `positions_BxT`, and each attends to
+    the positions up to its own. Returns the logits and the new cache.
+    """
+    b, t = tokens_BxT.shape
+    x_BxTxD = self.embed(tokens_BxT)
+    rope = None
+    if self.positions == "learned":
+      x_BxTxD = x_BxTxD + self.position(positions_BxT)
+    else:
+      cos, sin = rope_tables(cache[0].shape[2], self.head_dim, self.rope_base)
+      rope = (cos[positions_BxT], sin[positions_BxT])
+    x_NxD = x_BxTxD.reshape(b * t, self.d_model)
+    graphdef, stacked = nnx.split(self.blocks)
+
+    def block(x, layer):
+      params, keys, values = layer
+      return nnx.merge(graphdef, params)(x, t, rope, None, rngs=None,
+                                         cache=(keys, values, positions_BxT))  # fmt: skip
+
+    x_NxD, cache = jax.lax.scan(block, x_NxD, (stacked, *cache))
+    return self.logits(self.norm(x_NxD).reshape(b, t, self.d_model)), cache
 
   def _blocks(self, x_NxD, t: int, rope, segments, rngs: nnx.Rngs | None) -> jax.Array:
     graphdef, stacked = nnx.split(self.blocks)
