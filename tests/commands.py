@@ -31,7 +31,7 @@ import threading
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRELOAD = ("jaxtrain", "jaxtrain.cli", "jaxtrain.plan", "jaxtrain.replay", "jaxtrain.report",
-           "jaxtrain.sweep", "jaxtrain.data.tokenize", "experiments.digits",
+           "jaxtrain.sweep", "jaxtrain.chat", "jaxtrain.data.tokenize", "experiments.digits",
            "experiments.fashion_mnist", "experiments.lm", "tests.user_experiment")  # fmt: skip
 _servers: dict = {}  # this process's server once started, and the environment it starts with
 _lock = threading.Lock()

