@@ -172,11 +172,10 @@ def set_params(model: nnx.Module, params: dict[str, np.ndarray]) -> nnx.Module:
     name = "/".join(map(str, path))
     if name not in params:
       raise DataError(f"the checkpoint has no weights for {name}")
-    value = params[name]
-    if tuple(value.shape) != tuple(variable.get_value().shape):
-      raise DataError(f"the checkpoint's {name} is {value.shape}, the model's "
-                      f"{variable.get_value().shape}")  # fmt: skip
-    variable.set_value(jnp.asarray(value, variable.get_value().dtype))
+    value, own = params[name], variable.get_value()  # an array, or its shape (eval_shape)
+    if tuple(value.shape) != tuple(own.shape):
+      raise DataError(f"the checkpoint's {name} is {value.shape}, the model's {own.shape}")
+    variable.set_value(jnp.asarray(value, own.dtype))
   return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
@@ -241,7 +240,9 @@ def load_gguf(path: str | pathlib.Path, *, seq_len: int = 0, **options):
   info = read_info(reader)
   tensors = _tensors(reader)
   bias = "blk.0.attn_q.bias" in tensors
-  model = build(info.sizes, seq_len=seq_len or info.sizes["context"],
-                tie="output.weight" not in tensors, qkv_bias=bias, **options)  # fmt: skip
+  # Shapes only: initialising the weights the file replaces would take as long as reading it.
+  model = nnx.eval_shape(lambda: build(info.sizes, seq_len=seq_len or info.sizes["context"],
+                                       tie="output.weight" not in tensors, qkv_bias=bias,
+                                       **options))  # fmt: skip
   model = set_params(model, llama_params(tensors, info.sizes))
   return model, gguf_tokenizer(reader), info
