@@ -220,6 +220,13 @@ def check_root(root: pathlib.Path, shown: str) -> None:
     raise ConfigError(f"--workdir={shown} {where}, not a sweep; give a new one")
 
 
+def _raced(error: Exception) -> bool:
+  """Whether another process created the study's tables or rows at the same moment."""
+  return isinstance(error, sqlalchemy.exc.IntegrityError) or (
+    isinstance(error, sqlalchemy.exc.OperationalError) and "already exists" in str(error)
+  )
+
+
 def open_study(url: str, name: str, *, direction: str, signature: dict[str, Any],
                must_exist: str = "", **samplers: Any):  # fmt: skip
   """Opens or creates the study; refuses one that was created for another sweep.
@@ -245,14 +252,12 @@ def open_study(url: str, name: str, *, direction: str, signature: dict[str, Any]
       study = optuna.create_study(storage=storage, study_name=name, direction=direction,
                                   load_if_exists=True, **samplers)  # fmt: skip
       break
-    except sqlalchemy.exc.IntegrityError as e:  # another process created the tables first
-      if attempt + 1 == OPEN_TRIES:
-        raise ConfigError(f"--storage={shown}: cannot open the study: {logs.brief(e)}") from e
-      time.sleep(0.2 * (attempt + 1))
     except ConfigError:
       raise
     except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as e:
-      raise ConfigError(f"--storage={shown}: cannot open the study: {logs.brief(e)}") from e
+      if not _raced(e) or attempt + 1 == OPEN_TRIES:
+        raise ConfigError(f"--storage={shown}: cannot open the study: {logs.brief(e)}") from e
+      time.sleep(0.2 * (attempt + 1))
   saved = study.user_attrs.get("sweep")
   if saved is None:
     study.set_user_attr("sweep", signature)
