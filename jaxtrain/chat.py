@@ -2,8 +2,10 @@ r"""Chat with a pretrained decoder: an interactive prompt, or one answer, stream
 
     python -m jaxtrain.chat MODEL.gguf --prompt="What is the capital of France?"
     python -m jaxtrain.chat MODEL.gguf --temperature=0.7 --top_p=0.9
+    python -m jaxtrain.chat runs/sft --prompt="Define ziggurat (noun)."
 
-MODEL.gguf is a Llama-family GGUF file (`jaxtrain.models.load_gguf`). Each turn
+MODEL is a Llama-family GGUF file, a Hugging Face folder, or the workdir of a
+run that fine-tuned one (`jaxtrain.models.load_pretrained`). Each turn
 goes through the file's own chat template with the conversation so far; the
 answer is sampled with the key/value cache (`--temperature` 0 is greedy,
 `--top_k`, `--top_p`) until the end-of-turn token or `--max_tokens`, and printed
@@ -103,10 +105,12 @@ def main(argv: list[str]) -> None:
   """Loads the model the first argument names, then answers."""
   f = flags.FLAGS
   if len(argv) != 2:
-    raise ConfigError("give one model file: python -m jaxtrain.chat MODEL.gguf")
+    raise ConfigError("give one model: python -m jaxtrain.chat MODEL.gguf|HF_FOLDER|WORKDIR")
   if f.top_p <= 0:
     raise ConfigError(f"--top_p={f.top_p} must be in (0, 1]")
-  model, tokenizer, info = pretrained.load_gguf(argv[1], seq_len=0)
+  model, tokenizer, info = pretrained.load_pretrained(argv[1], seq_len=0)
+  if tokenizer is None:
+    raise ConfigError(f"{argv[1]}: the checkpoint has no tokenizer.json to chat with")
   settings = {"steps": f.max_tokens, "temperature": f.temperature, "top_k": f.top_k,
               "top_p": f.top_p, "seed": f.seed}  # fmt: skip
   lines = [f.prompt] if f.prompt is not None else sys.stdin

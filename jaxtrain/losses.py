@@ -135,7 +135,9 @@ def next_token(
   The model sees tokens `0..T-2` and predicts `1..T-1`. Packed windows carry
   `segment_ids` and `positions` `[B, T]` (`jaxtrain.data.packing`): the model
   gets them, and a target counts only where it continues the document of the
-  token before it (not padding, not the first token of a document). Returns
+  token before it (not padding, not the first token of a document), and where
+  `batch["loss_mask"]` `[B, T]` is 1 if the batch has one (the answers of
+  instruction-tuning exchanges, `jaxtrain.data.instructions`). Returns
   per example the mean `loss` over its counted targets (in nats) and
   `bits_per_byte`: the total in bits over the bytes the counted targets stand
   for, `batch["bytes"]` `[B]` where a tokenizer's records carry it, else one
@@ -144,7 +146,7 @@ def next_token(
   Args:
     model: returns logits `[B, T, V]`; with `chunk`, it has `features(tokens, ...)`
       `[B, T, D]` and `logits(features)`, as `jaxtrain.models.Transformer` does.
-    batch: `tokens`, and optionally `segment_ids`, `positions` and `bytes`.
+    batch: `tokens`, and optionally `segment_ids`, `positions`, `loss_mask` and `bytes`.
     rngs: the step's random streams, or None in evaluation.
     chunk: 0, or the positions whose logits are computed at once (`loss.chunk`):
       the `[B, T, V]` float32 logits then never exist whole, forward or backward.
@@ -162,9 +164,14 @@ def next_token(
     vocab = logits_BxTxV.shape[-1]
     nll_BxT = optax.softmax_cross_entropy_with_integer_labels(logits_BxTxV, targets)
   expect_range("tokens", vocab, why=f"the model's vocabulary of {vocab} tokens")
+  counted = None
   if packed:
     segments = batch["segment_ids"]
     counted = ((segments[:, 1:] == segments[:, :-1]) & (segments[:, 1:] != 0)).astype(jnp.float32)
+  if "loss_mask" in batch:  # instruction tuning: only the answers' tokens count
+    answers = batch["loss_mask"][:, 1:].astype(jnp.float32)
+    counted = answers if counted is None else counted * answers
+  if counted is not None:
     nll_BxT = nll_BxT * counted
     loss_B = nll_BxT.sum(axis=-1) / jnp.maximum(counted.sum(axis=-1), 1.0)
   else:

@@ -1,7 +1,8 @@
-"""Initial weights from elsewhere: a safetensors file or another run's checkpoint.
+"""Initial weights from elsewhere: a safetensors file, another run's checkpoint, a pretrained LLM.
 
 The `init` config section names a source (`init.source`), how its tensor names
-become parameter paths (`init.convert`, `init.map`), which of its tensors to
+become parameter paths (`init.convert`, `init.map`; `init.convert=llama` reads
+a GGUF file or a Hugging Face folder of a Llama-family decoder), which of its tensors to
 leave out (`init.skip`), and which parameters may keep the model's own
 initialisation (`init.fresh`; LoRA adapters always do). `plan` checks all of it
 against the abstract parameters before anything is read or compiled: a source
@@ -29,11 +30,13 @@ from flax import nnx
 
 from jaxtrain import sharding
 from jaxtrain.config import ConfigError, default
+from jaxtrain.data.sources import DataError
 from jaxtrain.models import bert
 
 CONVERTERS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
   "": lambda tensors: {name.replace(".", "/"): v for name, v in tensors.items()},
   "bert": bert.from_hf,
+  "llama": None,  # a GGUF file or a Hugging Face folder of a Llama-family decoder (_pretrained)
 }
 ALWAYS_FRESH = (r"(^|/)lora_[ab]$",)  # new adapters: never in a source
 
@@ -53,8 +56,9 @@ class Initial(NamedTuple):
 
   Attributes:
     source: the file or checkpoint step read.
-    kind: `safetensors` or `checkpoint`.
-    sha256: the file's sha256, or for a checkpoint the sha256 of its parameters' bytes.
+    kind: `safetensors`, `checkpoint`, `gguf` or `hf` (a Hugging Face folder).
+    sha256: the file's sha256 (a folder's: of its files' sha256s), or for a
+      checkpoint the sha256 of its parameters' bytes.
     names: `{parameter path: source path}` for each loaded parameter.
     fresh: the parameter paths that keep the model's own initialisation.
     read: returns `{source path: array}` for the given source paths.
@@ -126,8 +130,11 @@ def _checkpoint_step(path: pathlib.Path) -> pathlib.Path:
   return steps[-1][1]
 
 
-def _checkpoint(path: pathlib.Path) -> tuple[dict[str, tuple], Callable, pathlib.Path]:
-  """A jaxtrain checkpoint's parameter shapes and a reader, by `/` path."""
+def checkpoint_params(path: pathlib.Path) -> tuple[dict[str, tuple], Callable, pathlib.Path]:
+  """A jaxtrain checkpoint's parameter shapes, a reader by `/` path, and its step folder.
+
+  `path` is a workdir (its last step), its `checkpoints/` folder or one step.
+  """
   import orbax.checkpoint as ocp  # noqa: PLC0415
 
   step = _checkpoint_step(path)
@@ -189,18 +196,54 @@ def check_config(init: InitConfig) -> None:
     raise ConfigError("init.map, init.skip and init.fresh need init.source")
 
 
-def _open(source: str, convert: str) -> tuple[str, str, dict[str, tuple], Callable, dict]:
-  """The step or file read, its kind, shapes, reader, and names in the file (if renamed)."""
+def _pretrained(path: pathlib.Path) -> tuple[str, dict[str, tuple], Callable, str]:
+  """A GGUF file's or a Hugging Face folder's kind, shapes, reader and sha256."""
+  from jaxtrain.models import hf, pretrained  # noqa: PLC0415 (gguf and tokenizers: when used)
+
+  try:
+    info, values, _ = pretrained.read(path)
+  except DataError as e:
+    raise ConfigError(f"init.source: {e}") from None
+  loaded = {}
+
+  def read(names: Sequence[str]) -> dict[str, np.ndarray]:
+    if not loaded:
+      loaded.update(values())
+    return {n: loaded[n] for n in names}
+
+  files = hf.files(path) if path.is_dir() else [path]
+  digest = hashlib.sha256("".join(_sha256(f) for f in files).encode()).hexdigest()
+  kind = "hf" if path.is_dir() else "gguf"
+  return kind, hf.param_shapes(info.sizes), read, digest if len(files) > 1 else _sha256(files[0])
+
+
+def _open(source: str, convert: str) -> tuple[str, str, dict[str, tuple], Callable, dict, str]:
+  """The step or file read, its kind, shapes, reader, names in the file (if renamed), sha256.
+
+  The sha256 is known here for pretrained decoders only; else it is "".
+  """
+  from jaxtrain.models import hf  # noqa: PLC0415
+
   path = pathlib.Path(source).expanduser().absolute()
   if not path.exists():
     raise ConfigError(f"init.source={source!r} does not exist")
+  pretrained = path.suffix == ".gguf" or hf.is_folder(path)
+  if pretrained != (convert == "llama"):
+    raise ConfigError(
+      f"init.convert=llama reads a GGUF file or a Hugging Face folder; init.source={source!r} "
+      "is neither" if convert == "llama" else
+      f"init.source={source!r} is a pretrained decoder: set init.convert=llama"
+    )  # fmt: skip
+  if pretrained:
+    kind, shapes, read, digest = _pretrained(path)
+    return str(path), kind, shapes, read, {}, digest
   if path.is_file():
     shapes, read, origin = _safetensors(path, convert)
-    return str(path), "safetensors", shapes, read, origin
+    return str(path), "safetensors", shapes, read, origin, ""
   if convert:
     raise ConfigError(f"init.convert={convert!r} is for safetensors files, not a checkpoint")
-  shapes, read, step = _checkpoint(path)
-  return str(step), "checkpoint", shapes, read, {}
+  shapes, read, step = checkpoint_params(path)
+  return str(step), "checkpoint", shapes, read, {}, ""
 
 
 def plan(init: InitConfig, params: Any) -> Initial | None:
@@ -214,7 +257,7 @@ def plan(init: InitConfig, params: Any) -> Initial | None:
   check_config(init)
   if not init.source:
     return None
-  source, kind, shapes, read, origin = _open(init.source, init.convert)
+  source, kind, shapes, read, origin, sha = _open(init.source, init.convert)
   mapping = _pairs(init.map)
   wanted = {sharding.path_str(p): tuple(x.shape)
             for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}  # fmt: skip
@@ -243,7 +286,8 @@ def plan(init: InitConfig, params: Any) -> Initial | None:
       f"init.source lacks {len(missing)} parameter(s) of this model: {', '.join(missing[:3])}"
       f"{' ...' if len(missing) > 3 else ''}; list them in init.fresh to start them afresh"
     )
-  sha = _sha256(pathlib.Path(source)) if kind == "safetensors" else _arrays_sha(read, names)
+  if not sha:
+    sha = _sha256(pathlib.Path(source)) if kind == "safetensors" else _arrays_sha(read, names)
   fresh = tuple(p for p in wanted if p not in names)
   return Initial(source, kind, sha, names, fresh, read)
 

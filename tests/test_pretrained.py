@@ -40,7 +40,7 @@ def test_the_sizes_come_from_the_file(smollm):
   assert info.architecture == "llama" and info.bos == 1 and info.eos == 2
   assert {k: v for k, v in info.sizes.items() if k != "norm_eps"} == {
     "vocab": 49152, "d_model": 576, "layers": 30, "heads": 9, "kv_heads": 3, "mlp": 1536,
-    "head_dim": 64, "rope_base": 100000.0, "context": 8192,
+    "head_dim": 64, "rope_base": 100000.0, "context": 8192, "tie": True, "qkv_bias": False,
   }  # fmt: skip
   assert info.sizes["norm_eps"] == pytest.approx(1e-5)
   assert model.tie and not hasattr(model, "head")  # tied: the file has no output.weight
@@ -91,10 +91,11 @@ def test_unpermute_undoes_llama_cpps_rotary_row_order():
 
 def test_a_missing_or_misshaped_tensor_is_named():
   sizes = {"vocab": 10, "d_model": 8, "layers": 1, "heads": 2, "kv_heads": 1, "mlp": 12,
-           "head_dim": 4, "rope_base": 1e4, "norm_eps": 1e-5, "context": 16}  # fmt: skip
+           "head_dim": 4, "rope_base": 1e4, "norm_eps": 1e-5, "context": 16, "tie": True,
+           "qkv_bias": False}  # fmt: skip
   with pytest.raises(DataError, match=r"^GGUF file lacks tensor output_norm\.weight$"):
     pretrained.llama_params({"token_embd.weight": np.zeros((10, 8))}, sizes)
-  model = pretrained.build(sizes, seq_len=16, tie=True, qkv_bias=False)
+  model = pretrained.build(sizes, seq_len=16)
   with pytest.raises(DataError, match=r"^the checkpoint has no weights for blocks/"):
     pretrained.set_params(model, {"embed/embedding": np.zeros((10, 8))})
 
@@ -117,8 +118,11 @@ def test_the_chat_command_answers_one_prompt(tmp_path):
 @pytest.mark.parametrize(
   "args,expected",
   [
-    (["missing.gguf", "--prompt=hi"], "error: missing.gguf: no such GGUF file"),
-    ([], "error: give one model file: python -m jaxtrain.chat MODEL.gguf"),
+    (
+      ["missing.gguf", "--prompt=hi"],
+      "error: missing.gguf: no such GGUF file or Hugging Face folder",
+    ),
+    ([], "error: give one model: python -m jaxtrain.chat MODEL.gguf|HF_FOLDER|WORKDIR"),
     (["missing.gguf", "--top_p=0"], "error: --top_p=0.0 must be in (0, 1]"),
   ],
 )

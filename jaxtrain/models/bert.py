@@ -39,6 +39,7 @@ from flax import nnx
 from jaxtrain import sharding
 from jaxtrain.config import ConfigError
 from jaxtrain.models import args
+from jaxtrain.models.lora import LoRALinear
 
 LORA_TARGETS = ("query", "value")  # the attention projections the LoRA paper adapts
 # Hugging Face names that a BertModel checkpoint holds but this encoder does not use.
@@ -114,25 +115,6 @@ def _dense(shape: tuple[int, int], name: str, path: str, lora: tuple[int, Sequen
     return LoRALinear(din, dout, lora_rank=rank, a_metadata={"logical_axes": (axes[0], None)},
                       b_metadata={"logical_axes": (None, axes[1])}, **kw)  # fmt: skip
   return nnx.Linear(din, dout, **kw)
-
-
-class LoRALinear(nnx.LoRALinear):
-  """Flax's `nnx.LoRALinear` (same parameters), with the low-rank product kept apart.
-
-  `x @ lora_a` goes through `lax.optimization_barrier`, so XLA cannot fuse the
-  rank-`r` matmuls into their elementwise neighbours: on CPU that fusion ran them
-  as naive loops, and one adapted `384 -> 1536` layer's gradient took 120 ms
-  instead of 25 ms (`benchmarks/finetune.py` shows the whole step).
-  """
-
-  def __call__(self, x: jax.Array, out_sharding: Any = None) -> jax.Array:
-    """`x @ kernel + bias + x @ lora_a @ lora_b`."""
-    y = nnx.Linear.__call__(self, x, out_sharding=out_sharding)
-    x, a, b = self.lora.promote_dtype(
-      (x, self.lora.lora_a[...], self.lora.lora_b[...]), dtype=self.lora.dtype
-    )
-    low = jax.lax.optimization_barrier(x.reshape(-1, x.shape[-1]) @ a)
-    return y + (low @ b).reshape(*x.shape[:-1], b.shape[-1])
 
 
 def _norm(width: int, eps: float, rngs: nnx.Rngs) -> nnx.LayerNorm:

@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from jaxtrain import sharding
 
@@ -50,3 +51,22 @@ def count(params: Any, paths: Any = None) -> int:
   leaves = jax.tree_util.tree_flatten_with_path(params)[0]
   return sum(int(np.prod(x.shape)) for p, x in leaves
              if paths is None or sharding.path_str(p) in paths)  # fmt: skip
+
+
+class LoRALinear(nnx.LoRALinear):
+  """Flax's `nnx.LoRALinear` (same parameters), with the low-rank product kept apart.
+
+  `x @ lora_a` goes through `lax.optimization_barrier`, so XLA cannot fuse the
+  rank-`r` matmuls into their elementwise neighbours: on CPU that fusion ran them
+  as naive loops, and one adapted `384 -> 1536` layer's gradient took 120 ms
+  instead of 25 ms (`benchmarks/finetune.py` shows the whole step).
+  """
+
+  def __call__(self, x: jax.Array, out_sharding: Any = None) -> jax.Array:
+    """`x @ kernel + bias + x @ lora_a @ lora_b`."""
+    y = nnx.Linear.__call__(self, x, out_sharding=out_sharding)
+    x, a, b = self.lora.promote_dtype(
+      (x, self.lora.lora_a[...], self.lora.lora_b[...]), dtype=self.lora.dtype
+    )
+    low = jax.lax.optimization_barrier(x.reshape(-1, x.shape[-1]) @ a)
+    return y + (low @ b).reshape(*x.shape[:-1], b.shape[-1])

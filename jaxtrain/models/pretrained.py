@@ -1,6 +1,7 @@
-"""Pretrained Llama-family decoders from GGUF files: the model, its weights, its tokenizer.
+"""Pretrained Llama-family decoders: the model, its weights, its tokenizer, its chat template.
 
-`load_gguf(path)` reads a GGUF file (llama.cpp's format; the `gguf` package
+`load_pretrained(path)` reads a Hugging Face folder (`jaxtrain.models.hf`) or a
+GGUF file. `load_gguf(path)` reads a GGUF file (llama.cpp's format; the `gguf` package
 reads and dequantizes it: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K, ...),
 builds the `Transformer` its metadata describes (layers, width, heads over
 key/value heads, MLP, RMSNorm epsilon, rotary base, vocabulary, tied or untied
@@ -12,23 +13,31 @@ tokens and merges (`tokenizers`), its special tokens from their token types,
 and `chat_prompt` renders the file's Jinja chat template as Hugging Face does.
 
 Example:
-  >>> model, tokenizer, info = load_gguf("SmolLM2-135M-Instruct.Q4_1.gguf", seq_len=256)
+  >>> model, tokenizer, info = load_pretrained("SmolLM2-135M-Instruct.Q4_1.gguf", seq_len=256)
   >>> ids = tokenizer.encode(chat_prompt(info, "What is the capital of France?")).ids
 """
 
+import json
 import pathlib
+import zlib
 from typing import Any, NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from jaxtrain.config import ConfigError
 from jaxtrain.data.sources import DataError
+from jaxtrain.models import hf
 from jaxtrain.models.transformer import Transformer
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "smollm")
+# The tensor types read (dequantized by `gguf`): the float ones, the legacy and the k-quants.
+QUANTS = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K",
+          "Q5_K", "Q6_K")  # fmt: skip
 CONTROL = 3  # a GGUF token type: a special token, never split or merged
+WORKDIR_INFO = "pretrained.json"  # a fine-tuning workdir's record of its model
 
 
 class Info(NamedTuple):
@@ -68,6 +77,10 @@ def read_info(reader) -> Info:
   width = get("embedding_length")
   if not (heads and width and get("block_count") and get("feed_forward_length")):
     raise DataError(f"GGUF file of {arch}: its metadata lacks the model's sizes")
+  for tensor in reader.tensors:
+    if tensor.tensor_type.name not in QUANTS:
+      raise DataError(f"GGUF tensor {tensor.name} is {tensor.tensor_type.name}, a type not read "
+                      f"here (the types read: {', '.join(QUANTS)})")  # fmt: skip
   tokens = _field(reader, "tokenizer.ggml.tokens") or []
   sizes = {
     "vocab": int(get("vocab_size") or len(tokens)),
@@ -80,6 +93,8 @@ def read_info(reader) -> Info:
     "rope_base": float(get("rope.freq_base", 10000.0)),
     "norm_eps": float(get("attention.layer_norm_rms_epsilon", 1e-5)),
     "context": int(get("context_length", 2048)),
+    "tie": not any(t.name == "output.weight" for t in reader.tensors),
+    "qkv_bias": any(t.name == "blk.0.attn_q.bias" for t in reader.tensors),
   }
   return Info(
     arch,
@@ -149,19 +164,29 @@ def llama_params(tensors: dict[str, np.ndarray], sizes: dict[str, Any]) -> dict[
   return params
 
 
-def build(sizes: dict[str, Any], *, seq_len: int, tie: bool, qkv_bias: bool, **options):
-  """The Transformer of `sizes` (`read_info`), its parameters not yet loaded."""
-  return Transformer(
-    sizes["vocab"], seq_len, sizes["d_model"], sizes["layers"], sizes["heads"],
-    kv_heads=sizes["kv_heads"], mlp=sizes["mlp"], activation="swiglu", positions="rope",
-    tie=tie, rope_base=sizes["rope_base"], norm_eps=sizes["norm_eps"],
+def model_options(sizes: dict[str, Any], seq_len: int = 0) -> dict[str, Any]:
+  """The `Transformer`'s arguments for a checkpoint's `sizes` (`seq_len` 0: its context)."""
+  return dict(
+    vocab=sizes["vocab"], seq_len=seq_len or sizes["context"], d_model=sizes["d_model"],
+    layers=sizes["layers"], heads=sizes["heads"], kv_heads=sizes["kv_heads"], mlp=sizes["mlp"],
+    activation="swiglu", positions="rope", tie=sizes["tie"], rope_base=sizes["rope_base"],
+    norm_eps=sizes["norm_eps"], qkv_bias=sizes["qkv_bias"],
     head_dim=sizes["head_dim"] if sizes["head_dim"] * sizes["heads"] != sizes["d_model"] else 0,
-    qkv_bias=qkv_bias, rngs=nnx.Rngs(0), **options,
   )  # fmt: skip
 
 
-def set_params(model: nnx.Module, params: dict[str, np.ndarray]) -> nnx.Module:
+def build(sizes: dict[str, Any], *, seq_len: int, **options):
+  """The Transformer of `sizes` (`read_info`), its parameters not yet loaded."""
+  return Transformer(**model_options(sizes, seq_len), rngs=nnx.Rngs(0), **options)
+
+
+def set_params(model: nnx.Module, params: dict[str, np.ndarray], *, place=None) -> nnx.Module:
   """`model` with `params` (`path: array`) in place of its own; every one must match.
+
+  `place(path, array)`, if given, puts each value on the devices (in its
+  sharded layout); else it goes where `jnp.asarray` puts it. A parameter the
+  model has and `params` lacks must be a LoRA adapter, which keeps a fresh
+  initialisation (`lora_a` random, `lora_b` zero).
 
   Raises:
     DataError: a parameter the model has and `params` lacks, or one of another shape.
@@ -170,13 +195,27 @@ def set_params(model: nnx.Module, params: dict[str, np.ndarray]) -> nnx.Module:
   flat = nnx.to_flat_state(state)
   for path, variable in flat:
     name = "/".join(map(str, path))
+    own = variable.get_value()  # an array, or its shape (eval_shape)
     if name not in params:
-      raise DataError(f"the checkpoint has no weights for {name}")
-    value, own = params[name], variable.get_value()  # an array, or its shape (eval_shape)
+      if not name.endswith(("lora/lora_a", "lora/lora_b")):
+        raise DataError(f"the checkpoint has no weights for {name}")
+      variable.set_value(_fresh_adapter(name, own))
+      continue
+    value = params[name]
     if tuple(value.shape) != tuple(own.shape):
       raise DataError(f"the checkpoint's {name} is {value.shape}, the model's {own.shape}")
-    variable.set_value(jnp.asarray(value, own.dtype))
+    value = np.asarray(value).astype(own.dtype)
+    variable.set_value(place(name, value) if place else jnp.asarray(value))
   return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def _fresh_adapter(name: str, shape) -> jax.Array:
+  """A new adapter: `lora_b` zero, so the model starts as the checkpoint; `lora_a` He-uniform."""
+  if name.endswith("lora_b"):
+    return jnp.zeros(shape.shape, shape.dtype)
+  key = jax.random.key(zlib.crc32(name.encode()))
+  stacked = (0,) if name.startswith("blocks/") else ()  # one adapter a layer, each its own fan-in
+  return nnx.initializers.he_uniform(batch_axis=stacked)(key, shape.shape, shape.dtype)
 
 
 def gguf_tokenizer(reader):
@@ -204,45 +243,181 @@ def gguf_tokenizer(reader):
   return tokenizer
 
 
+def renderer(info: Info):
+  """`render(messages, add_generation_prompt)`: the checkpoint's chat template, as HF renders it.
+
+  Jinja's sandbox renders the template with `trim_blocks` and `lstrip_blocks`,
+  as `transformers`' `apply_chat_template` does, and `raise_exception` raises.
+
+  Raises:
+    DataError: no template, or one that Jinja cannot parse.
+  """
+  import jinja2.sandbox  # noqa: PLC0415
+
+  if not info.chat_template:
+    raise DataError("the checkpoint has no chat template")
+
+  def fail(message: str):
+    raise jinja2.TemplateError(message)
+
+  env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+  env.globals["raise_exception"] = fail
+  try:
+    template = env.from_string(info.chat_template)
+  except jinja2.TemplateError as e:
+    raise DataError(f"the chat template does not parse ({e})") from None
+
+  def render(messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+    try:
+      return template.render(messages=messages, add_generation_prompt=add_generation_prompt)
+    except jinja2.TemplateError as e:
+      raise DataError(f"the chat template fails to render ({e})") from None
+
+  return render
+
+
 def chat_prompt(info: Info, *turns: str, system: str | None = None) -> str:
   """The chat template rendered over user and assistant turns, ready for the assistant's answer.
 
   `turns` alternate user, assistant, user, ...; Jinja renders the file's own
   template with `add_generation_prompt=True`, as `transformers` does.
   """
-  import jinja2.sandbox  # noqa: PLC0415
-
-  if not info.chat_template:
-    raise DataError("the checkpoint has no chat template")
   messages = [{"role": "system", "content": system}] if system else []
   roles = ("user", "assistant")
   messages += [{"role": roles[i % 2], "content": text} for i, text in enumerate(turns)]
-  env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-  return env.from_string(info.chat_template).render(messages=messages,
-                                                    add_generation_prompt=True)  # fmt: skip
+  return renderer(info)(messages, add_generation_prompt=True)
 
 
-def load_gguf(path: str | pathlib.Path, *, seq_len: int = 0, **options):
-  """The model, its tokenizer and its `Info`, from a GGUF file.
+def _read_gguf(path: pathlib.Path):
+  try:
+    return _gguf().GGUFReader(str(path))
+  except (ValueError, OSError, KeyError, IndexError, EOFError) as e:  # not GGUF, or cut short
+    raise DataError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+
+
+def read(path: str | pathlib.Path) -> tuple[Info, Any, Any]:
+  """A checkpoint's `Info`, a function returning its parameters, and its tokenizer.
+
+  `path` is a GGUF file, a Hugging Face folder (`config.json` and safetensors),
+  or the workdir of a run that fine-tuned one (its `pretrained.json`, and its
+  last checkpoint with any LoRA adapters merged). Only the metadata is read
+  here; the parameters when the function is called.
+
+  Raises:
+    DataError: a path that is neither, or a checkpoint this loader cannot build.
+  """
+  path = pathlib.Path(path).expanduser()
+  if (path / WORKDIR_INFO).is_file():
+    return _read_workdir(path)
+  if path.is_dir():
+    return _read_folder(path)
+  if not path.is_file():
+    raise DataError(f"{path}: no such GGUF file or Hugging Face folder")
+  reader = _read_gguf(path)
+  info = read_info(reader)
+  return info, lambda: llama_params(_tensors(reader), info.sizes), gguf_tokenizer(reader)
+
+
+def workdir_files(info: Info, tokenizer, base: str | pathlib.Path) -> dict[str, str]:
+  """The files a fine-tuning run keeps in its workdir, so `read` can load its checkpoints.
+
+  `base` is the checkpoint the run started from: a checkpoint of a run whose
+  base is frozen holds only what trained.
+  """
+  described = {**info._asdict(), "base": str(pathlib.Path(base).expanduser().absolute())}
+  return {WORKDIR_INFO: json.dumps(described, indent=2) + "\n",
+          "tokenizer.json": tokenizer.to_str()}  # fmt: skip
+
+
+def _read_workdir(workdir: pathlib.Path) -> tuple[Info, Any, Any]:
+  """A fine-tuning run's model: its base, overlaid with the last checkpoint, adapters merged."""
+  import tokenizers  # noqa: PLC0415
+
+  from jaxtrain import weights  # noqa: PLC0415 (orbax: only when a workdir is read)
+  from jaxtrain.models import lora  # noqa: PLC0415
+
+  described = json.loads((workdir / WORKDIR_INFO).read_text())
+  base = described.pop("base")
+  info = Info(**described)
+  tokenizer = tokenizers.Tokenizer.from_file(str(workdir / "tokenizer.json"))
+  try:
+    shapes, read_params, _ = weights.checkpoint_params(workdir)
+  except ConfigError as e:
+    raise DataError(f"{workdir}: {e}") from None
+  base_info, base_values, _ = read(base)
+  if base_info.sizes != info.sizes:
+    raise DataError(f"{workdir}: its base {base} is no longer the model it trained")
+
+  def values() -> dict[str, np.ndarray]:
+    nested: dict[str, Any] = {}
+    flat = {**base_values(), **read_params(sorted(shapes))}
+    for name, value in flat.items():
+      *parents, leaf = name.split("/")
+      node = nested
+      for key in parents:
+        node = node.setdefault(key, {})
+      node[leaf] = value
+    merged = jax.tree_util.tree_flatten_with_path(lora.merge(nested))[0]
+    return {"/".join(str(k.key) for k in p): np.asarray(v) for p, v in merged}
+
+  return info, values, tokenizer
+
+
+def _read_folder(folder: pathlib.Path) -> tuple[Info, Any, Any]:
+  import tokenizers  # noqa: PLC0415
+
+  arch, sizes = hf.read_sizes(folder)
+  settings = {}
+  if (folder / "tokenizer_config.json").is_file():
+    settings = json.loads((folder / "tokenizer_config.json").read_text())
+  template = settings.get("chat_template")
+  if (folder / "chat_template.jinja").is_file():
+    template = (folder / "chat_template.jinja").read_text()
+  tokenizer = None  # weights alone are enough to train or export
+  if (folder / "tokenizer.json").is_file():
+    try:
+      tokenizer = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
+    except Exception as e:  # tokenizers raises its own exception type
+      raise DataError(f"{folder}/tokenizer.json: not a tokenizer ({e})") from None
+  config = json.loads((folder / "config.json").read_text())
+  bos, eos = (config.get(k) for k in ("bos_token_id", "eos_token_id"))
+  eos = eos[0] if isinstance(eos, list) else eos  # the first of several end tokens
+  info = Info(arch, sizes, template, bos, eos)
+  return info, lambda: hf.params(folder, sizes), tokenizer
+
+
+def check_tokenizer(tokenizer, info: Info, path: Any = "") -> None:
+  """Raises `DataError` if the tokenizer's ids run past the model's vocabulary."""
+  if tokenizer is None:
+    return
+  size = tokenizer.get_vocab_size(with_added_tokens=True)
+  if size > info.sizes["vocab"]:
+    raise DataError(f"{path}: the tokenizer has {size} tokens, the model's vocabulary "
+                    f"{info.sizes['vocab']}: they do not belong together")  # fmt: skip
+
+
+def load_pretrained(path: str | pathlib.Path, *, seq_len: int = 0, place=None, **options):
+  """The model, its tokenizer and its `Info`, from a GGUF file or a Hugging Face folder.
 
   Args:
-    path: the file.
-    seq_len: the longest sequence the model takes; 0 for the file's context.
-    **options: more `Transformer` options (`attention`, `remat`, `scan_layers`, ...).
+    path: the GGUF file or the folder (`config.json`, `model.safetensors` or a
+      sharded `model.safetensors.index.json`, `tokenizer.json`).
+    seq_len: the longest sequence the model takes; 0 for the checkpoint's context.
+    place: None, or `place(path, array)` putting each parameter on the devices
+      as it is set (such as `jax.device_put` in its sharded layout), so the
+      whole model never sits on one device.
+    **options: more `Transformer` options (`attention`, `remat`, `lora_rank`, ...).
 
   Returns:
     `(model, tokenizer, info)`.
   """
-  path = pathlib.Path(path)
-  if not path.is_file():
-    raise DataError(f"{path}: no such GGUF file")
-  reader = _gguf().GGUFReader(str(path))
-  info = read_info(reader)
-  tensors = _tensors(reader)
-  bias = "blk.0.attn_q.bias" in tensors
+  info, values, tokenizer = read(path)
+  check_tokenizer(tokenizer, info, path)
   # Shapes only: initialising the weights the file replaces would take as long as reading it.
-  model = nnx.eval_shape(lambda: build(info.sizes, seq_len=seq_len or info.sizes["context"],
-                                       tie="output.weight" not in tensors, qkv_bias=bias,
-                                       **options))  # fmt: skip
-  model = set_params(model, llama_params(tensors, info.sizes))
-  return model, gguf_tokenizer(reader), info
+  model = nnx.eval_shape(lambda: build(info.sizes, seq_len=seq_len, **options))
+  return set_params(model, values(), place=place), tokenizer, info
+
+
+def load_gguf(path: str | pathlib.Path, *, seq_len: int = 0, **options):
+  """`load_pretrained` of a GGUF file."""
+  return load_pretrained(path, seq_len=seq_len, **options)

@@ -27,7 +27,8 @@ Example:
   (8, 128, 256)
 """
 
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -38,11 +39,13 @@ from jaxtrain import sharding
 from jaxtrain.config import ConfigError
 from jaxtrain.models import args
 from jaxtrain.models import attention as attention_lib
+from jaxtrain.models import lora as lora_lib
 
 REMAT = ("none", "full", "dots-saveable")
 ATTENTIONS = attention_lib.IMPLEMENTATIONS
 POSITIONS = ("rope", "learned")
 ACTIVATIONS = ("swiglu", "gelu")
+LORA_TARGETS = ("attention/query", "attention/value")  # the projections the LoRA paper adapts
 _REMAT_POLICIES = {"full": None, "dots-saveable": jax.checkpoint_policies.dots_saveable}
 
 
@@ -72,11 +75,19 @@ def constrain(x: jax.Array, *names: str | None) -> jax.Array:
 
 
 def _linear(
-  din: int, dout: int, names: tuple[str, str], rngs: nnx.Rngs, bias: bool = False
-) -> nnx.Linear:
+  din: int, dout: int, names: tuple[str, str], rngs: nnx.Rngs, bias: bool = False, *,
+  path: str = "", lora: tuple[int, tuple[str, ...]] = (0, ()),
+) -> nnx.Linear:  # fmt: skip
+  """A linear layer, or a `LoRALinear` where a LoRA target matches its `path`."""
   init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")
-  return nnx.Linear(din, dout, use_bias=bias, kernel_init=_named(init, *names),
-                    bias_init=_named(nnx.initializers.zeros, names[1]), rngs=rngs)  # fmt: skip
+  kw = dict(use_bias=bias, kernel_init=_named(init, *names),
+            bias_init=_named(nnx.initializers.zeros, names[1]), rngs=rngs)  # fmt: skip
+  rank, targets = lora
+  if rank and any(re.search(t, path) for t in targets):
+    return lora_lib.LoRALinear(din, dout, lora_rank=rank,
+                               a_metadata={"logical_axes": (names[0], None)},
+                               b_metadata={"logical_axes": (None, names[1])}, **kw)  # fmt: skip
+  return nnx.Linear(din, dout, **kw)
 
 
 def _norm(width: int, rngs: nnx.Rngs, eps: float = 1e-6) -> nnx.RMSNorm:
@@ -115,15 +126,20 @@ class Attention(nnx.Module):
     attention: str = "auto",
     head_dim: int = 0,
     qkv_bias: bool = False,
+    lora: tuple[int, tuple[str, ...]] = (0, ()),
     rngs: nnx.Rngs,
   ):
     self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim or d_model // heads
     self.implementation = attention
     h = self.head_dim
-    self.query = _linear(d_model, heads * h, ("embed", "heads"), rngs, qkv_bias)
-    self.key = _linear(d_model, kv_heads * h, ("embed", "kv_heads"), rngs, qkv_bias)
-    self.value = _linear(d_model, kv_heads * h, ("embed", "kv_heads"), rngs, qkv_bias)
-    self.out = _linear(heads * self.head_dim, d_model, ("heads", "embed"), rngs)
+
+    def linear(name, din, dout, axes, bias=False):
+      return _linear(din, dout, axes, rngs, bias, path=f"attention/{name}", lora=lora)
+
+    self.query = linear("query", d_model, heads * h, ("embed", "heads"), qkv_bias)
+    self.key = linear("key", d_model, kv_heads * h, ("embed", "kv_heads"), qkv_bias)
+    self.value = linear("value", d_model, kv_heads * h, ("embed", "kv_heads"), qkv_bias)
+    self.out = linear("out", heads * h, d_model, ("heads", "embed"))
 
   def __call__(
     self,
@@ -165,12 +181,12 @@ class Attention(nnx.Module):
 class Mlp(nnx.Module):
   """`down(silu(gate(x)) * up(x))` (SwiGLU) or `down(gelu(up(x)))`."""
 
-  def __init__(self, d_model: int, width: int, activation: str, *, rngs: nnx.Rngs):
+  def __init__(self, d_model: int, width: int, activation: str, *, lora=(0, ()), rngs: nnx.Rngs):
     self.activation = activation
-    self.up = _linear(d_model, width, ("embed", "mlp"), rngs)
+    self.up = _linear(d_model, width, ("embed", "mlp"), rngs, path="mlp/up", lora=lora)
     if activation == "swiglu":
-      self.gate = _linear(d_model, width, ("embed", "mlp"), rngs)
-    self.down = _linear(width, d_model, ("mlp", "embed"), rngs)
+      self.gate = _linear(d_model, width, ("embed", "mlp"), rngs, path="mlp/gate", lora=lora)
+    self.down = _linear(width, d_model, ("mlp", "embed"), rngs, path="mlp/down", lora=lora)
 
   def __call__(self, x_NxD: jax.Array) -> jax.Array:
     """The MLP over `[B * T, D]` rows."""
@@ -186,13 +202,13 @@ class Block(nnx.Module):
 
   def __init__(
     self, d_model, heads, *, kv_heads, mlp, activation, dropout, attention, head_dim=0,
-    qkv_bias=False, norm_eps=1e-6, rngs: nnx.Rngs,
+    qkv_bias=False, norm_eps=1e-6, lora=(0, ()), rngs: nnx.Rngs,
   ):  # fmt: skip
     self.attention_norm = _norm(d_model, rngs, norm_eps)
     self.attention = Attention(d_model, heads, kv_heads, attention=attention, head_dim=head_dim,
-                               qkv_bias=qkv_bias, rngs=rngs)  # fmt: skip
+                               qkv_bias=qkv_bias, lora=lora, rngs=rngs)  # fmt: skip
     self.mlp_norm = _norm(d_model, rngs, norm_eps)
-    self.mlp = Mlp(d_model, mlp, activation, rngs=rngs)
+    self.mlp = Mlp(d_model, mlp, activation, lora=lora, rngs=rngs)
     self.dropout = nnx.Dropout(dropout)
 
   def __call__(self, x_NxD, t: int, rope, segments, *, rngs: nnx.Rngs | None, cache=None) -> Any:
@@ -233,6 +249,8 @@ class Transformer(nnx.Module):
     norm_eps: float = 1e-6,
     head_dim: int = 0,
     qkv_bias: bool = False,
+    lora_rank: int = 0,
+    lora_targets: Sequence[str] = LORA_TARGETS,
     rngs: nnx.Rngs,
   ):
     """Builds the model.
@@ -256,6 +274,10 @@ class Transformer(nnx.Module):
       norm_eps: the RMSNorms' epsilon.
       head_dim: the query, key and value heads' width; 0 means `d_model // heads`.
       qkv_bias: biases on the query, key and value projections (Qwen2).
+      lora_rank: the rank of LoRA adapters (`jaxtrain.models.lora`); 0: none.
+      lora_targets: regexes of the block's linear layers that get adapters, matched
+        against `attention/query|key|value|out` and `mlp/gate|up|down`; every
+        layer's block gets the same ones (the blocks are stacked).
       rngs: the parameters' random streams.
     """
     kv_heads, mlp = kv_heads or heads, mlp or 4 * d_model
@@ -274,6 +296,7 @@ class Transformer(nnx.Module):
       )
     if heads % kv_heads:
       raise ConfigError(f"Transformer: heads={heads} must be a multiple of kv_heads={kv_heads}")
+    lora = _lora(lora_rank, tuple(lora_targets), activation)
     self.vocab, self.seq_len, self.d_model, self.layers = vocab, seq_len, d_model, layers
     self.head_dim, self.remat, self.scan_layers = head_dim or d_model // heads, remat, scan_layers
     self.rope_base, self.kv_heads = rope_base, kv_heads
@@ -285,7 +308,7 @@ class Transformer(nnx.Module):
                                 rngs=rngs)  # fmt: skip
     sizes = dict(kv_heads=kv_heads, mlp=mlp, activation=activation, dropout=dropout,
                  attention=attention, head_dim=head_dim, qkv_bias=qkv_bias,
-                 norm_eps=norm_eps)  # fmt: skip
+                 norm_eps=norm_eps, lora=lora)  # fmt: skip
     self.blocks = _stacked_blocks(layers, d_model, heads, sizes, rngs)
     self.norm = _norm(d_model, rngs, norm_eps)
     if not tie:
@@ -413,6 +436,25 @@ class Transformer(nnx.Module):
     )
     weights += self.vocab * self.d_model  # the head's matmul, tied or not
     return 6.0 * weights + 12.0 * self.layers * seq_len * self.d_model
+
+
+def _lora(rank: int, targets: tuple[str, ...], activation: str) -> tuple[int, tuple[str, ...]]:
+  """The checked `(rank, targets)`: a count, and regexes that match some linear layer."""
+  if not isinstance(rank, int) or rank < 0:
+    raise ConfigError(f"Transformer: lora_rank={rank!r} must be a count (0: no LoRA)")
+  layers = [*(f"attention/{n}" for n in ("query", "key", "value", "out")), "mlp/up", "mlp/down"]
+  layers += ["mlp/gate"] if activation == "swiglu" else []
+  for target in targets:
+    try:
+      re.compile(target)
+    except (re.error, TypeError):
+      raise ConfigError(
+        f"Transformer: lora_targets has a bad regular expression {target!r}"
+      ) from None
+  if rank and not any(re.search(t, name) for t in targets for name in layers):
+    raise ConfigError(f"Transformer: lora_targets={targets!r} match no linear layer of a block "
+                      f"({', '.join(layers)})")  # fmt: skip
+  return rank, targets
 
 
 def _check_choices(**values: tuple[str, tuple[str, ...]]) -> None:
