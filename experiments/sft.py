@@ -119,6 +119,7 @@ def task(config: ml_collections.ConfigDict, workdir: str | None = None) -> tuple
     raise jaxtrain.ConfigError(f"init.source={config.init.source}: the checkpoint has no "
                                "tokenizer.json")  # fmt: skip
   pretrained.check_tokenizer(tokenizer, info, config.init.source)
+  pretrained.check_window(info.sizes, config.model.seq_len)
   _trainable(config)
   dataset = _dataset(config, info, tokenizer)
   m = config.model

@@ -11,7 +11,7 @@ CORE = ("config", "state", "step", "optim", "finetune", "precision", "sharding",
 RUN = ("parts", "preflight", "loop", "run", "resume", "workdir", "checkpoint", "record",
        "metrics", "sinks", "interrupt", "distributed", "throughput", "profiler", "cache", "logs",
        "cli")  # fmt: skip
-TOOLS = ("sweep", "study", "space", "population", "report", "replay", "plan", "chat",
+TOOLS = ("sweep", "study", "space", "population", "report", "replay", "plan", "chat", "export",
          "data.convert", "data.tokenize")  # fmt: skip
 # The modules that may read a ConfigDict: the config itself, its resolver, and the flag parser;
 # and those that may take one, to hand it to `parts.prepare`: `train` and `Run`.

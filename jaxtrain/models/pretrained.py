@@ -50,7 +50,8 @@ class Info(NamedTuple):
   eos: int | None
 
 
-def _gguf():
+def gguf_package():
+  """The `gguf` package, or a `ConfigError` saying how to install it."""
   try:
     import gguf  # noqa: PLC0415
   except ImportError as e:
@@ -95,6 +96,7 @@ def read_info(reader) -> Info:
     "context": int(get("context_length", 2048)),
     "tie": not any(t.name == "output.weight" for t in reader.tensors),
     "qkv_bias": any(t.name == "blk.0.attn_q.bias" for t in reader.tensors),
+    "window": int(get("attention.sliding_window", 0) or 0),
   }
   return Info(
     arch,
@@ -107,7 +109,7 @@ def read_info(reader) -> Info:
 
 def _tensors(reader) -> dict[str, np.ndarray]:
   """Every tensor of the file, dequantized to float32, in its `[out, in]` (row-major) shape."""
-  gguf = _gguf()
+  gguf = gguf_package()
   out = {}
   for tensor in reader.tensors:
     array = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
@@ -164,6 +166,15 @@ def llama_params(tensors: dict[str, np.ndarray], sizes: dict[str, Any]) -> dict[
   return params
 
 
+def check_window(sizes: dict[str, Any], seq_len: int) -> None:
+  """Raises `ConfigError` where the model's sliding window would cut attention short."""
+  length, window = seq_len or sizes["context"], sizes.get("window", 0)
+  if window and length > window:
+    raise ConfigError(f"the checkpoint attends over a sliding window of {window} tokens, which "
+                      f"this Transformer does not build: seq_len {length} must be at most "
+                      f"{window}")  # fmt: skip
+
+
 def model_options(sizes: dict[str, Any], seq_len: int = 0) -> dict[str, Any]:
   """The `Transformer`'s arguments for a checkpoint's `sizes` (`seq_len` 0: its context)."""
   return dict(
@@ -177,6 +188,7 @@ def model_options(sizes: dict[str, Any], seq_len: int = 0) -> dict[str, Any]:
 
 def build(sizes: dict[str, Any], *, seq_len: int, **options):
   """The Transformer of `sizes` (`read_info`), its parameters not yet loaded."""
+  check_window(sizes, seq_len)
   return Transformer(**model_options(sizes, seq_len), rngs=nnx.Rngs(0), **options)
 
 
@@ -290,7 +302,7 @@ def chat_prompt(info: Info, *turns: str, system: str | None = None) -> str:
 
 def _read_gguf(path: pathlib.Path):
   try:
-    return _gguf().GGUFReader(str(path))
+    return gguf_package().GGUFReader(str(path))
   except (ValueError, OSError, KeyError, IndexError, EOFError) as e:  # not GGUF, or cut short
     raise DataError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
 
