@@ -23,6 +23,7 @@ from jaxtrain import sharding
 from jaxtrain.config import LAYER_PATTERN
 
 EMBED_PATTERN = r"(^|/)embed(dings)?/"  # the input embeddings: below the first layer
+STACKED_PATTERN = r"^blocks/(?!\d+/)"  # a scanned Transformer's blocks: layers along axis 0
 
 
 def _labels(params: Any, label: Callable[[str], str]) -> Any:
@@ -65,27 +66,42 @@ def layer_depths(
 
 
 def layerwise_decay(
-  decay: float, layer_pattern: str = LAYER_PATTERN, embed_pattern: str = EMBED_PATTERN
+  decay: float,
+  layer_pattern: str = LAYER_PATTERN,
+  embed_pattern: str = EMBED_PATTERN,
+  stacked_pattern: str = STACKED_PATTERN,
 ) -> optax.GradientTransformation:
   """Scales each update by `decay ** (top - depth)`: the head by 1, each layer below by `decay`.
 
   With `L` layers (matched by `layer_pattern`, whose last group is the index),
   layer `i` gets `decay ** (L - i)`, the embeddings `decay ** (L + 1)`, and
-  anything else (the head) 1. Chained after an optimizer, it keeps no state.
+  anything else (the head) 1. A parameter matching `stacked_pattern` holds
+  every layer along its first axis (a scanned model's blocks, `[L, ...]`): row
+  `i` gets layer `i`'s scale. Chained after an optimizer, it keeps no state.
 
   Example:
     >>> tx = optax.chain(optax.adamw(1e-4), layerwise_decay(0.75))
   """
+  stacked = re.compile(stacked_pattern)
 
   def update(
     updates: optax.Updates, state: optax.EmptyState, params: optax.Params | None = None
   ) -> tuple[optax.Updates, optax.EmptyState]:
     del params
     leaves = jax.tree_util.tree_flatten_with_path(updates)[0]
-    depths = layer_depths([sharding.path_str(p) for p, _ in leaves], layer_pattern, embed_pattern)
+    paths = {sharding.path_str(p): u for p, u in leaves}
+    rows = max((u.shape[0] for p, u in paths.items() if stacked.search(p)), default=0)
+    depths = layer_depths([p for p in paths if not stacked.search(p)], layer_pattern,
+                          embed_pattern)  # fmt: skip
+    top = max([rows + 1, *(t for _, t in depths.values())])
 
     def scale(path: Any, u: jax.Array) -> jax.Array:
-      depth, top = depths[sharding.path_str(path)]
+      name = sharding.path_str(path)
+      if stacked.search(name):  # layer i of the stack is at depth i + 1
+        per_row = decay ** (top - 1 - jnp.arange(u.shape[0], dtype=jnp.float32))
+        return u * per_row.reshape(-1, *([1] * (u.ndim - 1))).astype(u.dtype)
+      depth, own_top = depths[name]
+      depth = top if depth == own_top else depth  # not a layer nor an embedding: on top
       return u if depth == top else u * jnp.asarray(decay ** (top - depth), u.dtype)
 
     return jax.tree.map_with_path(scale, updates), state

@@ -13,8 +13,9 @@ the casts. Kept in float32 whatever the policy:
 - the reference Transformer's attention softmax (a user model's softmax is its
   own business);
 - modules whose path (such as `hidden/0` or `head`) matches `f32_modules`, a
-  per-module override: their parameters are not cast and their `dtype` is
-  float32.
+  per-module override: their parameters are stored and used in float32 and
+  their `dtype` is float32 (under `bf16`, `f32_modules=("lora",)` keeps a
+  LoRA run's frozen base in bfloat16 and its adapters in float32).
 
 The floating arrays of a batch are cast to the compute dtype too; keep targets
 that need more precision integer, or recast them in the loss function (and
@@ -63,8 +64,23 @@ class Policy:
   f32_modules: tuple[str, ...] = ()
 
   def cast_to_param(self, tree: Any) -> Any:
-    """Casts the floating leaves of `tree` to `param_dtype`."""
-    return _cast(tree, self.param_dtype)
+    """Casts the floating leaves of `tree` to `param_dtype`, but `f32_modules`' to float32.
+
+    So under `bf16` a LoRA run can store its frozen base in bfloat16 and its
+    adapters in float32 (`f32_modules=("lora",)`).
+    """
+    if self.param_dtype == jnp.float32 or not self.f32_modules:
+      return _cast(tree, self.param_dtype)
+    return self._by_module(tree, self.param_dtype)
+
+  def _by_module(self, tree: Any, dtype: Any) -> Any:
+    patterns = [re.compile(p) for p in self.f32_modules]
+
+    def cast(path: tuple[Any, ...], x: Any) -> Any:
+      module = sharding.path_str(path[:-1])
+      return _cast(x, jnp.float32 if any(p.search(module) for p in patterns) else dtype)
+
+    return jax.tree.map_with_path(cast, tree)
 
   def cast_to_compute(self, tree: Any) -> Any:
     """Casts the floating leaves of `tree` to `compute_dtype`."""
@@ -80,14 +96,7 @@ class Policy:
     A parameter is kept in float32 when the path of its module (its own path
     without the last key, such as `hidden/0` for `hidden/0/kernel`) matches.
     """
-    patterns = [re.compile(p) for p in self.f32_modules]
-
-    def cast(path: tuple[Any, ...], x: Any) -> Any:
-      module = sharding.path_str(path[:-1])
-      keep = any(p.search(module) for p in patterns)
-      return _cast(x, jnp.float32 if keep else self.compute_dtype)
-
-    return jax.tree.map_with_path(cast, params)
+    return self._by_module(params, self.compute_dtype)
 
   def apply_to_model(self, model: nnx.Module) -> None:
     """Sets `dtype` on every NNX module that has one: `compute_dtype`, or float32 for overrides."""

