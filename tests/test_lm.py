@@ -3,8 +3,8 @@
 import json
 import os
 import pathlib
+import shlex
 import subprocess
-import sys
 import sysconfig
 
 import jax.numpy as jnp
@@ -153,11 +153,10 @@ def test_the_preset_is_in_config_json_and_the_overrides_after_it_win(gpu_run, by
 
 
 def test_a_replay_starts_from_the_runs_preset(gpu_run, tmp_path):
-  replayed = subprocess.run(
-    [sys.executable, "-m", "jaxtrain.replay", str(gpu_run), f"--out={tmp_path / 'again'}",
+  replayed = commands.run(
+    ["jaxtrain.replay", str(gpu_run), f"--out={tmp_path / 'again'}",
      "--force"],  # --force: others may change the checkout while the tests run
-    capture_output=True, text=True, timeout=600, cwd=helpers.ROOT,
-    env=dict(os.environ, PYTHONPATH=helpers.ROOT, XLA_FLAGS=""), check=False,
+    timeout=600, cwd=helpers.ROOT, env=dict(os.environ, PYTHONPATH=helpers.ROOT, XLA_FLAGS=""),
   )  # fmt: skip
   assert replayed.returncode == 0, replayed.stderr[-3000:]
   shown = f"replaying experiments.lm --config=experiments/lm.py:gpu from {gpu_run}"
@@ -255,8 +254,9 @@ def test_the_readme_tokenizes_then_trains_on_packed_shards(tmp_path):
     "--config.optim.warmup_steps=5",
     "--sample_tokens=8",
   ]
-  run = subprocess.run(["bash", "-c", " ".join([train_line, *cut])], cwd=tmp_path, env=env,
-                       capture_output=True, text=True, timeout=600, check=False)  # fmt: skip
+  words = shlex.split(train_line)  # as a shell reads it: there is nothing for bash to expand
+  assert words[:2] == ["python", "-m"] and not set("$`*?[~") & set(train_line), train_line
+  run = commands.run([*words[2:], *cut], cwd=tmp_path, env=env, timeout=600)
   assert run.returncode == 0, run.stderr[-3000:]
   workdir = tmp_path / "runs" / "lm_tokens"
   record = json.loads((workdir / "run.json").read_text())

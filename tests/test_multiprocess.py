@@ -13,7 +13,7 @@ import pytest
 
 import jaxtrain
 from jaxtrain import losses
-from tests import helpers
+from tests import commands, helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OVERRIDES = {
@@ -194,11 +194,8 @@ def test_saved_on_one_process_resumes_on_two(tmp_path, digits, single):
 def test_saved_on_one_device_resumes_on_eight(tmp_path, digits, single):
   workdir = tmp_path / "run"
   args = [f"--config.{k}={v}" for k, v in {**OVERRIDES, "train.steps": 30}.items()]
-  one = subprocess.run(
-    [sys.executable, "-m", "experiments.digits", f"--workdir={workdir}", *args],
-    cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS=""), capture_output=True,
-    text=True, timeout=240, check=False,
-  )  # fmt: skip
+  one = commands.run(["experiments.digits", f"--workdir={workdir}", *args], cwd=ROOT,
+                     env=dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS=""), timeout=240)  # fmt: skip
   assert one.returncode == 0, one.stderr[-3000:]
   assert json.loads((workdir / "run.json").read_text())["environment"]["device_count"] == 1
   config = helpers.tiny_config(**OVERRIDES)
@@ -285,12 +282,9 @@ def test_the_language_model_on_two_processes_matches_one_device(tmp_path):
   codes, outputs = _finish(procs)
   assert codes == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
   args = [f"--config.{k}={v}" for k, v in LM.items()]
-  one = subprocess.run(
-    [sys.executable, "-m", "experiments.lm", f"--workdir={tmp_path / 'one'}", "--sample_tokens=4",
-     *args],
-    cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS=""), capture_output=True,
-    text=True, timeout=240, check=False,
-  )  # fmt: skip
+  one = commands.run(["experiments.lm", f"--workdir={tmp_path / 'one'}", "--sample_tokens=4",
+                      *args], cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS=""),
+                     timeout=240)  # fmt: skip
   assert one.returncode == 0, one.stderr[-3000:]
   run = json.loads((tmp_path / "two" / "run.json").read_text())
   assert run["environment"]["device_count"] == 8 and run["environment"]["process_count"] == 2

@@ -41,6 +41,7 @@ def test_the_sizes_come_from_the_file(smollm):
   assert {k: v for k, v in info.sizes.items() if k != "norm_eps"} == {
     "vocab": 49152, "d_model": 576, "layers": 30, "heads": 9, "kv_heads": 3, "mlp": 1536,
     "head_dim": 64, "rope_base": 100000.0, "context": 8192, "tie": True, "qkv_bias": False,
+    "window": 0,
   }  # fmt: skip
   assert info.sizes["norm_eps"] == pytest.approx(1e-5)
   assert model.tie and not hasattr(model, "head")  # tied: the file has no output.weight

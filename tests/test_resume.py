@@ -16,7 +16,7 @@ import pytest
 from experiments import digits as digits_experiment
 from jaxtrain import checkpoint, models, optim, parts
 from jaxtrain import state as state_lib
-from tests import helpers
+from tests import commands, helpers
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 ARGS = ["--config.ckpt.every_steps=100", "--config.train.log_every=50"]
@@ -35,10 +35,18 @@ def _start(workdir, *extra):
   )
 
 
-def _run(workdir, *extra):
-  proc = _start(workdir, *extra)
-  _, err = proc.communicate(timeout=180)
-  return proc.returncode, err
+def _run(workdir, *extra, fresh=False):
+  """Runs `_start`'s command to its end, through the fork server (nothing signals it).
+
+  `fresh`: in a new interpreter instead, where a test asserts all of its stderr.
+  """
+  if fresh:
+    proc = _start(workdir, *extra)
+    _, err = proc.communicate(timeout=180)
+    return proc.returncode, err
+  done = commands.run(["experiments.digits", f"--workdir={workdir}", *ARGS, *extra], cwd=ROOT,
+                      env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=180)  # fmt: skip
+  return done.returncode, done.stderr
 
 
 def _lines(workdir):
@@ -173,7 +181,7 @@ def small_disk(tmp_path):
 
 def test_full_disk_stops_the_run_and_keeps_the_saved_steps(small_disk, tmp_path, reference):
   workdir, args = small_disk / "run", ("--config.ckpt.keep=20", "--config.ckpt.every_steps=50")
-  code, err = _run(workdir, *args)
+  code, err = _run(workdir, *args, fresh=True)
   errors = [line for line in err.splitlines() if line.startswith("error: ")]
   assert code == 1 and len(errors) == 1, err[-3000:]
   # Orbax's thread tracebacks go to log.txt: the terminal has the progress and our one line.
@@ -237,11 +245,8 @@ def test_a_second_ctrl_c_stops_at_once_and_leaves_no_temporary_folder(tmp_path):
   assert run["final_step"] < 200
   assert not list((workdir / "checkpoints").glob("*tmp*"))
   saved = max(int(p.name) for p in (workdir / "checkpoints").iterdir())
-  rerun = subprocess.run(
-    [sys.executable, "-m", "tests.user_experiment", f"--workdir={workdir}", *args],
-    cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True,
-    timeout=180, check=False,
-  )  # fmt: skip
+  rerun = commands.run(["tests.user_experiment", f"--workdir={workdir}", *args], cwd=ROOT,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=180)  # fmt: skip
   assert rerun.returncode == 0, rerun.stderr[-3000:]
   run = json.loads((workdir / "run.json").read_text())
   assert (run["status"], run["resumed_from"], run["final_step"]) == ("completed", saved, 200)

@@ -12,7 +12,7 @@ import numpy as np
 import jaxtrain
 from experiments import digits as digits_experiment
 from jaxtrain import metrics
-from tests import helpers
+from tests import commands, helpers
 
 
 def _config(**overrides):
@@ -101,14 +101,15 @@ def test_a_population_killed_mid_run_resumes_exactly(tmp_path):
   os.kill(proc.pid, signal.SIGKILL)
   proc.wait()
   assert json.loads((tmp_path / "pop/run.json").read_text())["status"] == "running"
-  done = subprocess.run([*command, str(tmp_path / "pop")], cwd=helpers.ROOT, env=env,
-                        capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
+  # The runs nothing signals go through the fork server, the job as a module.
+  job = lambda name: commands.run(["tests.population_job", str(tmp_path / name)],  # noqa: E731
+                                  cwd=helpers.ROOT, env=env, timeout=300)  # fmt: skip
+  done = job("pop")
   assert done.returncode == 0, done.stderr[-3000:]
   rec = json.loads((tmp_path / "pop/run.json").read_text())
   assert rec["status"] == "completed" and rec["attempt"] == 2 and rec["resumed_from"] >= 30
 
-  straight = subprocess.run([*command, str(tmp_path / "straight")], cwd=helpers.ROOT, env=env,
-                            capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
+  straight = job("straight")
   assert straight.returncode == 0, straight.stderr[-3000:]
   killed, alone = (json.loads((tmp_path / d / "run.json").read_text())["population"]
                    for d in ("pop", "straight"))  # fmt: skip

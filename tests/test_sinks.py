@@ -15,7 +15,7 @@ import pytest
 import jaxtrain
 from jaxtrain import ConfigError, losses, metrics, sinks
 from jaxtrain.config import flatten_dict
-from tests import helpers
+from tests import commands, helpers
 
 CONFIG = {
   "optim": {"lr": 0.001, "name": "adam", "betas": [0.9, 0.999]},
@@ -342,8 +342,7 @@ def test_mlflow_run_continues_through_a_sigkill_and_rerun(tmp_path, sqlite_store
   proc.wait()
   killed_at = max(s for s, _, _ in jsonl_lines(workdir))  # what the killed attempt logged last
   rerun_started = time.time() * 1000
-  done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True,
-                        timeout=300, check=False)  # fmt: skip
+  done = commands.run(command[2:], cwd=tmp_path, env=env, timeout=300)  # not signalled: forked
   assert done.returncode == 0, done.stderr[-3000:]
   record = json.loads((workdir / "run.json").read_text())
   assert record["attempt"] == 2 and record["resumed_from"] >= 50

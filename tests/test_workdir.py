@@ -13,22 +13,22 @@ import pytest
 import jaxtrain
 from jaxtrain import config as config_lib
 from jaxtrain import losses, resume, workdir
-from tests import helpers
+from tests import commands, helpers
 from tests import test_checkpoint as damage
 
 ROOT = pathlib.Path(helpers.ROOT)
 
 
-def _cli(args, cwd, env=None, timeout=180):
-  return subprocess.run(
-    [sys.executable, "-m", "experiments.digits", *args],
-    capture_output=True,
-    text=True,
-    timeout=timeout,
-    cwd=cwd,
-    env=dict(os.environ, PYTHONPATH=str(ROOT), **(env or {})),
-    check=False,
-  )
+def _cli(args, cwd, env=None, timeout=180, fresh=False):
+  """Runs `python -m experiments.digits ARGS` through the fork server.
+
+  `fresh`: in a new interpreter instead, where a test asserts all that the command prints.
+  """
+  env = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
+  if not fresh:
+    return commands.run(["experiments.digits", *args], cwd=cwd, env=env, timeout=timeout)
+  return subprocess.run([sys.executable, "-m", "experiments.digits", *args], capture_output=True,
+                        text=True, timeout=timeout, cwd=cwd, env=env, check=False)  # fmt: skip
 
 
 QUICK = ["--config.train.steps=20", "--config.train.log_every=10", "--config.eval.every_steps=10"]
@@ -160,11 +160,11 @@ def test_no_workdir_trains_into_a_fresh_temporary_folder(digits):
 
 
 def test_a_normal_run_prints_only_its_bar_and_the_help_lists_every_key(tmp_path):
-  result = _cli(["--workdir=run", *QUICK], cwd=tmp_path)
+  result = _cli(["--workdir=run", *QUICK], cwd=tmp_path, fresh=True)
   assert result.returncode == 0, result.stderr[-3000:]
   logged = [line for line in re.split(r"[\r\n]", result.stderr) if re.match(r"[IWE]\d{4} ", line)]
   assert logged == []  # no INFO (or other) log lines of jax, jaxtrain or Orbax
-  again = _cli(["--workdir=run", *QUICK], cwd=tmp_path)  # finished: one note, no bar
+  again = _cli(["--workdir=run", *QUICK], cwd=tmp_path, fresh=True)  # one note, no bar
   assert again.stderr.strip() == (
     f"resuming from the checkpoint at step 20 in {tmp_path / 'run'}\n"
     "step 20 is train.steps=20: nothing to train (raise it to go on)"
