@@ -158,6 +158,7 @@ class Checkpointer:
                             odd.name, target.name)  # fmt: skip
       import orbax.checkpoint as ocp  # noqa: PLC0415 (refused commands start without Orbax)
 
+      _register_array_handler()
       self._manager = ocp.CheckpointManager(
         self.directory, options=_options(keep, async_save, best_metric, best_mode)
       )
@@ -368,6 +369,30 @@ def _as_checkpoint_error(fn: Callable[[], Any]) -> None:
     fn()
   except Exception as e:
     raise CheckpointError(f"checkpoint save failed: {e}") from e
+
+
+# Below this many bytes a replica's share, a replicated array is written by one replica.
+MIN_REPLICA_SLICE_BYTES = 1 << 20
+
+
+def _register_array_handler() -> None:
+  """Orbax's `jax.Array` handler, splitting a replicated array's writes only in large pieces.
+
+  By default Orbax (off GPU) has each replica write a slice of a replicated
+  array, and slicing compiles one program per shape and replica before the
+  first save: 54 s for 150 small arrays on 8 CPU devices, against 0.2 s when
+  one replica writes them whole (the same files). Slices of 1 MiB and more are
+  still shared out.
+  """
+  import orbax.checkpoint as ocp  # noqa: PLC0415
+  from orbax.checkpoint._src.metadata import array_metadata_store  # noqa: PLC0415
+
+  handler = ocp.type_handlers.get_type_handler(jax.Array)
+  if getattr(handler, "_min_slice_bytes_for_replica_parallel", None) == MIN_REPLICA_SLICE_BYTES:
+    return
+  ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(
+    array_metadata_store=array_metadata_store.Store(),  # as Orbax's own default handler has
+    min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES), override=True)  # fmt: skip
 
 
 def _options(

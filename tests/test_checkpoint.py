@@ -322,3 +322,25 @@ def test_unusable_checkpoint_folder_is_reported_at_start(tmp_path, digits):
       helpers.tiny_config(), helpers.mlp(), digits, losses.classification, workdir=tmp_path
     )
   assert not (tmp_path / "run.json").exists()  # nothing was started
+
+
+def test_a_replicated_state_saves_without_compiling_a_program_per_slice(tmp_path):
+  checkpoint.Checkpointer(tmp_path / "ckpt", keep=1, async_save=False)  # registers the handler
+  handler = ocp.type_handlers.get_type_handler(jax.Array)
+  assert handler._min_slice_bytes_for_replica_parallel == checkpoint.MIN_REPLICA_SLICE_BYTES
+  mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  tree = {f"w{i}": jax.device_put(np.full((8, 40 + i), i, np.float32), replicated)
+          for i in range(12)}  # fmt: skip
+  compiles = []
+  listener = lambda event, *_, **__: compiles.append(event) if "compile" in event else None  # noqa: E731
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    manager = ocp.CheckpointManager(tmp_path / "plain")
+    manager.save(1, args=ocp.args.StandardSave(tree))
+    manager.wait_until_finished()
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert compiles == []  # by default, 12 shapes x 8 replicas of slicing programs
+  restored = manager.restore(1, args=ocp.args.StandardRestore(tree))
+  assert all(np.array_equal(restored[k], tree[k]) for k in tree)
