@@ -39,7 +39,7 @@ from absl import flags
 import jaxtrain
 from jaxtrain import cli, data, losses, models
 from jaxtrain.data import instructions
-from jaxtrain.models import lora, pretrained
+from jaxtrain.models import lora, pretrained, tuned
 
 PRESETS = ("lora", "full", "frozen")
 ALL_PROJECTIONS = ("attention/(query|key|value|out)", "mlp/(gate|up|down)")
@@ -175,7 +175,7 @@ def _dataset(config, info, tokenizer) -> data.Dataset:
   data_info = {"train_words": len(train_words), "eval_words": len(eval_words),
                "train_windows": len(train), "eval_windows": len(held),
                "left_out_too_long": dropped}  # fmt: skip
-  files = pretrained.workdir_files(info, tokenizer, config.init.source)
+  files = tuned.files(info, tokenizer, config.init.source)
   return data.Dataset("wordnet", train, held, files=files, info=data_info)
 
 

@@ -386,13 +386,16 @@ def _register_array_handler() -> None:
   """
   import orbax.checkpoint as ocp  # noqa: PLC0415
   from orbax.checkpoint._src.metadata import array_metadata_store  # noqa: PLC0415
+  from orbax.checkpoint._src.serialization import type_handler_registry  # noqa: PLC0415
 
   handler = ocp.type_handlers.get_type_handler(jax.Array)
   if getattr(handler, "_min_slice_bytes_for_replica_parallel", None) == MIN_REPLICA_SLICE_BYTES:
     return
-  ocp.type_handlers.register_type_handler(jax.Array, ocp.type_handlers.ArrayHandler(
+  # The registry itself, to replace the handler without Orbax's warning in the run's log.
+  type_handler_registry.GLOBAL_TYPE_HANDLER_REGISTRY.add(jax.Array, ocp.type_handlers.ArrayHandler(
     array_metadata_store=array_metadata_store.Store(),  # as Orbax's own default handler has
-    min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES), override=True)  # fmt: skip
+    min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES), override=True,
+    ignore_warnings=True)  # fmt: skip
 
 
 def _options(

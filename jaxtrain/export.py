@@ -44,13 +44,19 @@ def export(source: str | pathlib.Path, out: str | pathlib.Path, fmt: str = "hf")
   if out.exists():
     raise ConfigError(f"--out={out} exists; give a new path (nothing is overwritten)")
   info, values, tokenizer = pretrained.read(source)
-  params = values()
+  pretrained.check_tokenizer(tokenizer, info, source)
+  if fmt == "gguf":
+    pretrained.gguf_package()
+    _gguf_tokenizer_kind(tokenizer)
+  else:
+    hf.config_json(info.architecture, info.sizes, bos=info.bos, eos=info.eos)  # a form exists
+  params = {k: np.asarray(v, np.float32) for k, v in values().items()}
   # Written beside its final place, then renamed: an interrupted export leaves no half folder.
   out.parent.mkdir(parents=True, exist_ok=True)
   staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
   try:
     if fmt == "hf":
-      _write_hf(staging, info, params, tokenizer)
+      write_hf(staging, info, params, tokenizer)
       umask = os.umask(0)
       os.umask(umask)
       staging.chmod(0o777 & ~umask)  # a temporary folder is private; the export is not
@@ -63,7 +69,8 @@ def export(source: str | pathlib.Path, out: str | pathlib.Path, fmt: str = "hf")
   return out
 
 
-def _write_hf(folder: pathlib.Path, info, params: dict[str, np.ndarray], tokenizer) -> None:
+def write_hf(folder: pathlib.Path, info, params: dict[str, np.ndarray], tokenizer) -> None:
+  """Writes a Hugging Face folder of `params` (parameter paths), `info` and `tokenizer`."""
   config = hf.config_json(info.architecture, info.sizes, bos=info.bos, eos=info.eos)
   hf.write(folder, params, config)
   generation = {"bos_token_id": info.bos, "eos_token_id": info.eos}
@@ -115,8 +122,6 @@ def gguf_tensors(params: dict[str, np.ndarray], sizes: dict) -> dict[str, np.nda
 
 def _write_gguf(path: pathlib.Path, info, params: dict[str, np.ndarray], tokenizer) -> None:
   gguf = pretrained.gguf_package()
-  if tokenizer is None:
-    raise ConfigError("a GGUF export needs the model's tokenizer; the source has none")
   s = info.sizes
   writer = gguf.GGUFWriter(str(path), "llama")
   writer.add_block_count(s["layers"])
@@ -132,6 +137,8 @@ def _write_gguf(path: pathlib.Path, info, params: dict[str, np.ndarray], tokeniz
   writer.add_key_length(head_dim)
   writer.add_value_length(head_dim)
   writer.add_rope_dimension_count(head_dim)
+  if s.get("window"):
+    writer.add_sliding_window(s["window"])
   _add_tokenizer(writer, tokenizer, info)
   for name, value in gguf_tensors(params, s).items():
     writer.add_tensor(name, np.ascontiguousarray(value, np.float32))
@@ -141,22 +148,32 @@ def _write_gguf(path: pathlib.Path, info, params: dict[str, np.ndarray], tokeniz
   writer.close()
 
 
+def _gguf_tokenizer_kind(tokenizer) -> str:
+  """The GGUF pre-tokenizer name of `tokenizer`, or `ConfigError` for one GGUF cannot name."""
+  if tokenizer is None:
+    raise ConfigError("a GGUF export needs the model's tokenizer; the source has none")
+  described = json.loads(tokenizer.to_str())
+  if described["model"].get("type") != "BPE" or not pretrained.is_smollm_pre(described):
+    raise ConfigError("a GGUF export writes byte-level BPE tokenizers that split digits one by "
+                      "one (SmolLM's) only; export this model with --format hf")  # fmt: skip
+  return "smollm"
+
+
 def _add_tokenizer(writer, tokenizer, info) -> None:
   """The byte-level BPE vocabulary, merges, token types and special ids of `tokenizer`."""
   model = json.loads(tokenizer.to_str())["model"]
-  if model.get("type") != "BPE":
-    raise ConfigError("a GGUF export writes byte-level BPE tokenizers only")
   by_id = {i: t for t, i in model["vocab"].items()}
   added = tokenizer.get_added_tokens_decoder()
   by_id.update((i, t.content) for i, t in added.items())
   special = {i for i, t in added.items() if t.special}
   size = max(info.sizes["vocab"], max(by_id) + 1)  # rows past the tokenizer: unused tokens
   tokens = [by_id.get(i, f"[PAD{i}]") for i in range(size)]
-  unused = 5  # a GGUF token type: never produced by the tokenizer
-  kinds = [pretrained.CONTROL if i in special else 1 if i in by_id else unused
-           for i in range(size)]  # fmt: skip
+  normal, user_defined, unused = 1, 4, 5  # GGUF token types
+  kinds = [pretrained.CONTROL if i in special else user_defined if i in added
+           else normal if i in by_id else unused for i in range(size)]  # fmt: skip
   merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
   writer.add_tokenizer_model("gpt2")
+  writer.add_tokenizer_pre(_gguf_tokenizer_kind(tokenizer))
   writer.add_token_list(tokens)
   writer.add_token_merges(merges)
   writer.add_token_types(kinds)

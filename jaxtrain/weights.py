@@ -135,6 +135,7 @@ def checkpoint_params(path: pathlib.Path) -> tuple[dict[str, tuple], Callable, p
 
   `path` is a workdir (its last step), its `checkpoints/` folder or one step.
   """
+  path = pathlib.Path(path).absolute()  # Orbax needs absolute paths
   import orbax.checkpoint as ocp  # noqa: PLC0415
 
   step = _checkpoint_step(path)
@@ -197,8 +198,8 @@ def check_config(init: InitConfig) -> None:
 
 
 def _pretrained(path: pathlib.Path) -> tuple[str, dict[str, tuple], Callable, str]:
-  """A GGUF file's or a Hugging Face folder's kind, shapes, reader and sha256."""
-  from jaxtrain.models import hf, pretrained  # noqa: PLC0415 (gguf and tokenizers: when used)
+  """A pretrained decoder's kind, shapes, reader and sha256 (`models.pretrained.read`)."""
+  from jaxtrain.models import hf, pretrained, tuned  # noqa: PLC0415 (gguf, tokenizers: when used)
 
   try:
     info, values, _ = pretrained.read(path)
@@ -211,10 +212,10 @@ def _pretrained(path: pathlib.Path) -> tuple[str, dict[str, tuple], Callable, st
       loaded.update(values())
     return {n: loaded[n] for n in names}
 
-  files = hf.files(path) if path.is_dir() else [path]
-  digest = hashlib.sha256("".join(_sha256(f) for f in files).encode()).hexdigest()
-  kind = "hf" if path.is_dir() else "gguf"
-  return kind, hf.param_shapes(info.sizes), read, digest if len(files) > 1 else _sha256(files[0])
+  kind = "workdir" if (path / tuned.INFO).is_file() else "hf" if path.is_dir() else "gguf"
+  digest = _arrays_sha(read, {n: n for n in hf.param_shapes(info.sizes)}) if kind == "workdir" \
+    else pretrained.digest(path)  # fmt: skip
+  return kind, hf.param_shapes(info.sizes), read, digest
 
 
 def _open(source: str, convert: str) -> tuple[str, str, dict[str, tuple], Callable, dict, str]:
@@ -222,21 +223,14 @@ def _open(source: str, convert: str) -> tuple[str, str, dict[str, tuple], Callab
 
   The sha256 is known here for pretrained decoders only; else it is "".
   """
-  from jaxtrain.models import hf  # noqa: PLC0415
-
   path = pathlib.Path(source).expanduser().absolute()
   if not path.exists():
     raise ConfigError(f"init.source={source!r} does not exist")
-  pretrained = path.suffix == ".gguf" or hf.is_folder(path)
-  if pretrained != (convert == "llama"):
-    raise ConfigError(
-      f"init.convert=llama reads a GGUF file or a Hugging Face folder; init.source={source!r} "
-      "is neither" if convert == "llama" else
-      f"init.source={source!r} is a pretrained decoder: set init.convert=llama"
-    )  # fmt: skip
-  if pretrained:
+  if convert == "llama":  # a GGUF file, a Hugging Face folder, or a fine-tuned run's workdir
     kind, shapes, read, digest = _pretrained(path)
     return str(path), kind, shapes, read, {}, digest
+  if path.suffix == ".gguf":
+    raise ConfigError(f"init.source={source!r} is a GGUF file: set init.convert=llama")
   if path.is_file():
     shapes, read, origin = _safetensors(path, convert)
     return str(path), "safetensors", shapes, read, origin, ""

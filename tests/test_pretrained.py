@@ -32,7 +32,7 @@ def gguf_file():
 
 @pytest.fixture(scope="module")
 def smollm():
-  return pretrained.load_gguf(gguf_file(), seq_len=128)
+  return pretrained.load_pretrained(gguf_file(), seq_len=128)
 
 
 def test_the_sizes_come_from_the_file(smollm):

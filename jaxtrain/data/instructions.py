@@ -2,10 +2,11 @@
 
 `encode` renders one exchange (a user's prompt, the assistant's answer) with
 the model's own chat template, tokenizes it, and marks the tokens the loss
-counts: the answer and the end of its turn, not the template's framing or the
-prompt. `pack` puts encoded exchanges several to a window (`loss_mask` beside
-`tokens`, `segment_ids` and `positions`, as `jaxtrain.data.packing` windows
-have), so attention stays within each exchange. `wordnet` reads the task the
+counts: the answer and what the template closes its turn with (such as
+`<|im_end|>` and a newline), not the template's framing or the prompt. `pack`
+puts encoded exchanges several to a window (`loss_mask` beside `tokens`,
+`segment_ids` and `positions`, as `jaxtrain.data.packing` windows have), so
+attention stays within each exchange. `wordnet` reads the task the
 SFT experiment trains on: WordNet's definitions, one per word and part of
 speech (Debian's `wordnet-base`).
 
@@ -74,7 +75,8 @@ def encode(
     answer: the assistant's turn.
 
   Returns:
-    `(ids, mask)`: `mask[i]` is 1 for the tokens of the answer and the end of its turn.
+    `(ids, mask)`: `mask[i]` is 1 for the tokens of the answer and all that the
+    template writes after it (the end of its turn).
 
   Raises:
     DataError: the template renders the exchange without the prompt's rendering

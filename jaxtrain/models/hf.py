@@ -11,7 +11,7 @@ Hugging Face keeps the rotary pairs as halves (`rotate_half`), as the
 `Transformer` does: no row permutation either way.
 
 Example:
-  >>> sizes = read_sizes("SmolLM2-135M-Instruct/")
+  >>> kind, sizes = read_sizes("SmolLM2-135M-Instruct/")
   >>> values = params("SmolLM2-135M-Instruct/", sizes)   # {"blocks/mlp/up/kernel": ...}
 """
 
@@ -34,9 +34,12 @@ _NORMS = {"attention_norm": "input_layernorm", "mlp_norm": "post_attention_layer
 def _config(folder: pathlib.Path) -> dict[str, Any]:
   path = folder / "config.json"
   try:
-    return json.loads(path.read_text())
+    config = json.loads(path.read_text())
   except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
     raise DataError(f"{path}: not a readable config.json ({type(e).__name__})") from None
+  if not isinstance(config, dict):
+    raise DataError(f"{path}: not a JSON object")
+  return config
 
 
 def read_sizes(folder: str | pathlib.Path) -> tuple[str, dict[str, Any]]:
@@ -75,7 +78,9 @@ def read_sizes(folder: str | pathlib.Path) -> tuple[str, dict[str, Any]]:
   return kind, sizes
 
 
-def _files(folder: pathlib.Path) -> list[pathlib.Path]:
+def files(folder: str | pathlib.Path) -> list[pathlib.Path]:
+  """The safetensors files of a folder's weights (the index's shards, or the one file)."""
+  folder = pathlib.Path(folder)
   index = folder / "model.safetensors.index.json"
   if index.is_file():
     try:
@@ -93,7 +98,7 @@ def tensors(folder: str | pathlib.Path) -> dict[str, np.ndarray]:
   from safetensors import SafetensorError, safe_open  # noqa: PLC0415
 
   out = {}
-  for path in _files(pathlib.Path(folder)):
+  for path in files(folder):
     try:
       with safe_open(str(path), framework="numpy") as f:
         out.update((name, f.get_tensor(name)) for name in f.keys())  # noqa: SIM118
@@ -145,11 +150,6 @@ def param_shapes(sizes: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     else:
       shapes[path] = (n, *by_name[parts[1] if parts[1] in _NORMS else parts[2]])
   return shapes
-
-
-def files(folder: str | pathlib.Path) -> list[pathlib.Path]:
-  """The safetensors files of a folder's weights."""
-  return _files(pathlib.Path(folder))
 
 
 def is_folder(path: str | pathlib.Path) -> bool:

@@ -69,4 +69,5 @@ class LoRALinear(nnx.LoRALinear):
       (x, self.lora.lora_a[...], self.lora.lora_b[...]), dtype=self.lora.dtype
     )
     low = jax.lax.optimization_barrier(x.reshape(-1, x.shape[-1]) @ a)
-    return y + (low @ b).reshape(*x.shape[:-1], b.shape[-1])
+    # In the layer's dtype: float32 adapters on a bfloat16 base keep bfloat16 activations.
+    return y + (low @ b).reshape(*x.shape[:-1], b.shape[-1]).astype(y.dtype)

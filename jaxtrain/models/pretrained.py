@@ -1,7 +1,8 @@
 """Pretrained Llama-family decoders: the model, its weights, its tokenizer, its chat template.
 
-`load_pretrained(path)` reads a Hugging Face folder (`jaxtrain.models.hf`) or a
-GGUF file. `load_gguf(path)` reads a GGUF file (llama.cpp's format; the `gguf` package
+`load_pretrained(path)` reads a Hugging Face folder (`jaxtrain.models.hf`), a
+fine-tuning run's workdir (`jaxtrain.models.tuned`) or a GGUF file (llama.cpp's
+format; the `gguf` package
 reads and dequantizes it: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K, ...),
 builds the `Transformer` its metadata describes (layers, width, heads over
 key/value heads, MLP, RMSNorm epsilon, rotary base, vocabulary, tied or untied
@@ -37,11 +38,11 @@ ARCHITECTURES = ("llama", "mistral", "qwen2", "smollm")
 QUANTS = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K",
           "Q5_K", "Q6_K")  # fmt: skip
 CONTROL = 3  # a GGUF token type: a special token, never split or merged
-WORKDIR_INFO = "pretrained.json"  # a fine-tuning workdir's record of its model
+USER_DEFINED = 4  # a GGUF token type: an added token, kept whole
 
 
 class Info(NamedTuple):
-  """What a GGUF file says besides its weights."""
+  """What a checkpoint says besides its weights: architecture, sizes, chat template, BOS, EOS."""
 
   architecture: str
   sizes: dict[str, Any]
@@ -230,28 +231,57 @@ def _fresh_adapter(name: str, shape) -> jax.Array:
   return nnx.initializers.he_uniform(batch_axis=stacked)(key, shape.shape, shape.dtype)
 
 
-def gguf_tokenizer(reader):
-  """The file's byte-level BPE tokenizer (`tokenizers`), its special tokens kept whole."""
+def _smollm_pre_tokenizer():
+  """Digits one by one, then byte-level BPE's splits: SmolLM's (`tokenizer.ggml.pre = smollm`)."""
+  from tokenizers import pre_tokenizers  # noqa: PLC0415
+
+  return pre_tokenizers.Sequence([
+    pre_tokenizers.Digits(individual_digits=True),
+    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+  ])  # fmt: skip
+
+
+def is_smollm_pre(described: dict[str, Any]) -> bool:
+  """Whether a `tokenizer.json` (as a dict) splits its text as SmolLM's does."""
   import tokenizers  # noqa: PLC0415
-  from tokenizers import decoders, models, pre_tokenizers  # noqa: PLC0415
+
+  ours = json.loads(tokenizers.Tokenizer(tokenizers.models.BPE()).to_str())
+  probe = tokenizers.Tokenizer.from_str(
+    json.dumps({**ours, "pre_tokenizer": described["pre_tokenizer"]})
+  )
+  text = "Hello  world 12345, naïve\n  x"
+  return probe.pre_tokenizer.pre_tokenize_str(text) == \
+    _smollm_pre_tokenizer().pre_tokenize_str(text)  # fmt: skip
+
+
+def gguf_tokenizer(reader):
+  """The file's byte-level BPE tokenizer (`tokenizers`), its special tokens kept whole.
+
+  Raises:
+    DataError: a tokenizer other than byte-level BPE, or a pre-tokenizer other
+      than SmolLM's (the only one rebuilt here).
+  """
+  import tokenizers  # noqa: PLC0415
+  from tokenizers import decoders, models  # noqa: PLC0415
 
   if _field(reader, "tokenizer.ggml.model") != "gpt2":
     raise DataError("only GGUF files of byte-level BPE (gpt2) tokenizers are read here")
+  pre = _field(reader, "tokenizer.ggml.pre", "smollm")
+  if pre != "smollm":
+    raise DataError(f"GGUF pre-tokenizer {pre!r}: only SmolLM's ('smollm') is rebuilt here; "
+                    "load the model's Hugging Face folder instead")  # fmt: skip
   tokens = list(_field(reader, "tokenizer.ggml.tokens"))
   merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges")]
   kinds = list(_field(reader, "tokenizer.ggml.token_type") or [1] * len(tokens))
   tokenizer = tokenizers.Tokenizer(
     models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False)
   )
-  tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-    [
-      pre_tokenizers.Digits(individual_digits=True),
-      pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-    ]
-  )
+  tokenizer.pre_tokenizer = _smollm_pre_tokenizer()
   tokenizer.decoder = decoders.ByteLevel()
   special = [t for t, kind in zip(tokens, kinds, strict=True) if kind == CONTROL]
   tokenizer.add_special_tokens([tokenizers.AddedToken(t, special=True) for t in special])
+  user = [t for t, kind in zip(tokens, kinds, strict=True) if kind == USER_DEFINED]
+  tokenizer.add_tokens([tokenizers.AddedToken(t, special=False) for t in user])
   return tokenizer
 
 
@@ -318,9 +348,11 @@ def read(path: str | pathlib.Path) -> tuple[Info, Any, Any]:
   Raises:
     DataError: a path that is neither, or a checkpoint this loader cannot build.
   """
+  from jaxtrain.models import tuned  # noqa: PLC0415 (it reads checkpoints through this module)
+
   path = pathlib.Path(path).expanduser()
-  if (path / WORKDIR_INFO).is_file():
-    return _read_workdir(path)
+  if (path / tuned.INFO).is_file():
+    return tuned.read(path)
   if path.is_dir():
     return _read_folder(path)
   if not path.is_file():
@@ -330,71 +362,69 @@ def read(path: str | pathlib.Path) -> tuple[Info, Any, Any]:
   return info, lambda: llama_params(_tensors(reader), info.sizes), gguf_tokenizer(reader)
 
 
-def workdir_files(info: Info, tokenizer, base: str | pathlib.Path) -> dict[str, str]:
-  """The files a fine-tuning run keeps in its workdir, so `read` can load its checkpoints.
+def read_json(path: pathlib.Path) -> dict[str, Any]:
+  """A JSON object from a checkpoint's file, or `DataError` naming the file."""
+  try:
+    value = json.loads(path.read_text())
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise DataError(f"{path}: not a readable JSON file ({type(e).__name__})") from None
+  if not isinstance(value, dict):
+    raise DataError(f"{path}: not a JSON object")
+  return value
 
-  `base` is the checkpoint the run started from: a checkpoint of a run whose
-  base is frozen holds only what trained.
-  """
-  described = {**info._asdict(), "base": str(pathlib.Path(base).expanduser().absolute())}
-  return {WORKDIR_INFO: json.dumps(described, indent=2) + "\n",
-          "tokenizer.json": tokenizer.to_str()}  # fmt: skip
 
-
-def _read_workdir(workdir: pathlib.Path) -> tuple[Info, Any, Any]:
-  """A fine-tuning run's model: its base, overlaid with the last checkpoint, adapters merged."""
+def read_tokenizer(path: pathlib.Path):
+  """A `tokenizers.Tokenizer` from a `tokenizer.json`, or `DataError` naming the file."""
   import tokenizers  # noqa: PLC0415
 
-  from jaxtrain import weights  # noqa: PLC0415 (orbax: only when a workdir is read)
-  from jaxtrain.models import lora  # noqa: PLC0415
-
-  described = json.loads((workdir / WORKDIR_INFO).read_text())
-  base = described.pop("base")
-  info = Info(**described)
-  tokenizer = tokenizers.Tokenizer.from_file(str(workdir / "tokenizer.json"))
   try:
-    shapes, read_params, _ = weights.checkpoint_params(workdir)
-  except ConfigError as e:
-    raise DataError(f"{workdir}: {e}") from None
-  base_info, base_values, _ = read(base)
-  if base_info.sizes != info.sizes:
-    raise DataError(f"{workdir}: its base {base} is no longer the model it trained")
+    return tokenizers.Tokenizer.from_file(str(path))
+  except Exception as e:  # tokenizers raises its own exception type
+    raise DataError(f"{path}: not a tokenizer ({str(e).splitlines()[0][:200]})") from None
 
-  def values() -> dict[str, np.ndarray]:
-    nested: dict[str, Any] = {}
-    flat = {**base_values(), **read_params(sorted(shapes))}
-    for name, value in flat.items():
-      *parents, leaf = name.split("/")
-      node = nested
-      for key in parents:
-        node = node.setdefault(key, {})
-      node[leaf] = value
-    merged = jax.tree_util.tree_flatten_with_path(lora.merge(nested))[0]
-    return {"/".join(str(k.key) for k in p): np.asarray(v) for p, v in merged}
 
-  return info, values, tokenizer
+def digest(path: str | pathlib.Path) -> str:
+  """The sha256 of a GGUF file, or of a folder's safetensors files' sha256s."""
+  import hashlib  # noqa: PLC0415
+
+  def sha(file: pathlib.Path) -> str:
+    h = hashlib.sha256()
+    with open(file, "rb") as f:
+      for block in iter(lambda: f.read(1 << 22), b""):
+        h.update(block)
+    return h.hexdigest()
+
+  path = pathlib.Path(path)
+  if not path.is_dir():
+    return sha(path)
+  return hashlib.sha256("".join(sha(f) for f in hf.files(path)).encode()).hexdigest()
+
+
+def _template(settings: dict[str, Any], folder: pathlib.Path) -> str | None:
+  """The chat template of `tokenizer_config.json` (or its `default` of several)."""
+  template = settings.get("chat_template")
+  if isinstance(template, list):  # named templates: [{"name": ..., "template": ...}]
+    named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+    template = named.get("default")
+  if (folder / "chat_template.jinja").is_file():
+    template = (folder / "chat_template.jinja").read_text()
+  if template is not None and not isinstance(template, str):
+    raise DataError(f"{folder}/tokenizer_config.json: chat_template is not a template")
+  return template
 
 
 def _read_folder(folder: pathlib.Path) -> tuple[Info, Any, Any]:
-  import tokenizers  # noqa: PLC0415
-
   arch, sizes = hf.read_sizes(folder)
   settings = {}
   if (folder / "tokenizer_config.json").is_file():
-    settings = json.loads((folder / "tokenizer_config.json").read_text())
-  template = settings.get("chat_template")
-  if (folder / "chat_template.jinja").is_file():
-    template = (folder / "chat_template.jinja").read_text()
+    settings = read_json(folder / "tokenizer_config.json")
   tokenizer = None  # weights alone are enough to train or export
   if (folder / "tokenizer.json").is_file():
-    try:
-      tokenizer = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
-    except Exception as e:  # tokenizers raises its own exception type
-      raise DataError(f"{folder}/tokenizer.json: not a tokenizer ({e})") from None
-  config = json.loads((folder / "config.json").read_text())
+    tokenizer = read_tokenizer(folder / "tokenizer.json")
+  config = read_json(folder / "config.json")
   bos, eos = (config.get(k) for k in ("bos_token_id", "eos_token_id"))
   eos = eos[0] if isinstance(eos, list) else eos  # the first of several end tokens
-  info = Info(arch, sizes, template, bos, eos)
+  info = Info(arch, sizes, _template(settings, folder), bos, eos)
   return info, lambda: hf.params(folder, sizes), tokenizer
 
 
@@ -425,11 +455,8 @@ def load_pretrained(path: str | pathlib.Path, *, seq_len: int = 0, place=None, *
   """
   info, values, tokenizer = read(path)
   check_tokenizer(tokenizer, info, path)
+  if not seq_len and info.sizes.get("window"):  # a sliding window: the longest it attends
+    seq_len = min(info.sizes["context"], info.sizes["window"])
   # Shapes only: initialising the weights the file replaces would take as long as reading it.
   model = nnx.eval_shape(lambda: build(info.sizes, seq_len=seq_len, **options))
   return set_params(model, values(), place=place), tokenizer, info
-
-
-def load_gguf(path: str | pathlib.Path, *, seq_len: int = 0, **options):
-  """`load_pretrained` of a GGUF file."""
-  return load_pretrained(path, seq_len=seq_len, **options)
