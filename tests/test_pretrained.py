@@ -30,9 +30,9 @@ def gguf_file():
   return pathlib.Path(SMOLLM.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-@pytest.fixture(scope="module")
-def smollm():
-  return pretrained.load_pretrained(gguf_file(), seq_len=128)
+@pytest.fixture
+def smollm(smollm2):
+  return smollm2
 
 
 def test_the_sizes_come_from_the_file(smollm):

@@ -43,9 +43,9 @@ def test_each_architecture_gives_transformers_logits(name):
   assert info.architecture == name.split("_")[0]
 
 
-@pytest.fixture(scope="module")
-def smollm():
-  return pretrained.load_pretrained(gguf_file(), seq_len=128)
+@pytest.fixture
+def smollm(smollm2):
+  return smollm2
 
 
 @needs_smollm
