@@ -316,20 +316,21 @@ def test_a_workdir_reads_the_step_its_run_restored(tmp_path):
   ("tokenizer", "tokenizer.json: not a tokenizer"),
   ("base", "has changed since the run trained from it"),
 ])  # fmt: skip
-def test_a_damaged_workdir_or_a_changed_base_is_one_line(tiny, tuned, tmp_path, damage, expected):
+def test_a_damaged_workdir_or_a_changed_base_is_one_line(tiny, tmp_path, damage, expected):
   import shutil  # noqa: PLC0415
 
-  workdir = tmp_path / "copy"
-  shutil.copytree(tuned[0], workdir)
+  base = tmp_path / "base"
+  shutil.copytree(tiny, base)
+  info, _, tokenizer = pretrained.read(base)
+  workdir = tmp_path / "run"  # what a run writes first; each damage is found before its steps
+  workdir.mkdir()
+  for name, text in tuned_lib.files(info, tokenizer, base).items():
+    (workdir / name).write_text(text)
   if damage == "description":
     (workdir / "pretrained.json").write_text("{not json")
   elif damage == "tokenizer":
     (workdir / "tokenizer.json").write_text("[]")
   else:
-    base = tmp_path / "base"
-    shutil.copytree(tiny, base)
-    described = json.loads((workdir / "pretrained.json").read_text())
-    (workdir / "pretrained.json").write_text(json.dumps({**described, "base": str(base)}))
     weights_file = base / "model.safetensors"
     weights_file.write_bytes(weights_file.read_bytes()[:-4] + b"1234")  # another last value
   done = commands.run(["jaxtrain.chat", str(workdir), "--prompt=hi"], cwd=ROOT)
