@@ -31,7 +31,7 @@ from flax import nnx
 from jaxtrain import sharding
 from jaxtrain.config import ConfigError, default
 from jaxtrain.data.sources import DataError
-from jaxtrain.models import bert
+from jaxtrain.models import bert, pretrained
 
 CONVERTERS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
   "": lambda tensors: {name.replace(".", "/"): v for name, v in tensors.items()},
@@ -82,14 +82,6 @@ class Initial(NamedTuple):
     return {"source": "loaded", "path": self.source, "kind": self.kind, "sha256": self.sha256,
             "loaded": len(self.names), "fresh": [p for p in self.fresh if p not in adapters],
             "fresh_adapters": len(adapters)}  # fmt: skip
-
-
-def _sha256(path: pathlib.Path) -> str:
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 22), b""):
-      digest.update(block)
-  return digest.hexdigest()
 
 
 def _safetensors(path: pathlib.Path, convert: str) -> tuple[dict[str, tuple], Callable, dict]:
@@ -199,7 +191,7 @@ def check_config(init: InitConfig) -> None:
 
 def _pretrained(path: pathlib.Path) -> tuple[str, dict[str, tuple], Callable, str]:
   """A pretrained decoder's kind, shapes, reader and sha256 (`models.pretrained.read`)."""
-  from jaxtrain.models import hf, pretrained, tuned  # noqa: PLC0415 (gguf, tokenizers: when used)
+  from jaxtrain.models import hf, tuned  # noqa: PLC0415
 
   try:
     info, values, _ = pretrained.read(path)
@@ -281,7 +273,7 @@ def plan(init: InitConfig, params: Any) -> Initial | None:
       f"{' ...' if len(missing) > 3 else ''}; list them in init.fresh to start them afresh"
     )
   if not sha:
-    sha = _sha256(pathlib.Path(source)) if kind == "safetensors" else _arrays_sha(read, names)
+    sha = pretrained.digest(source) if kind == "safetensors" else _arrays_sha(read, names)
   fresh = tuple(p for p in wanted if p not in names)
   return Initial(source, kind, sha, names, fresh, read)
 

@@ -31,15 +31,15 @@ _PROJECTIONS = {"query": "self_attn.q_proj", "key": "self_attn.k_proj",
 _NORMS = {"attention_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"}
 
 
-def _config(folder: pathlib.Path) -> dict[str, Any]:
-  path = folder / "config.json"
+def read_json(path: pathlib.Path) -> dict[str, Any]:
+  """A JSON object from a checkpoint's file, or `DataError` naming the file."""
   try:
-    config = json.loads(path.read_text())
+    value = json.loads(path.read_text())
   except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise DataError(f"{path}: not a readable config.json ({type(e).__name__})") from None
-  if not isinstance(config, dict):
+    raise DataError(f"{path}: not a readable JSON file ({type(e).__name__})") from None
+  if not isinstance(value, dict):
     raise DataError(f"{path}: not a JSON object")
-  return config
+  return value
 
 
 def read_sizes(folder: str | pathlib.Path) -> tuple[str, dict[str, Any]]:
@@ -50,7 +50,7 @@ def read_sizes(folder: str | pathlib.Path) -> tuple[str, dict[str, Any]]:
       scaling, biases on the MLP, another activation), or missing sizes.
   """
   folder = pathlib.Path(folder)
-  c = _config(folder)
+  c = read_json(folder / "config.json")
   kind = c.get("model_type")
   if kind not in MODEL_TYPES:
     raise DataError(f"{folder}: model_type {kind!r} is not one of {', '.join(MODEL_TYPES)}")

@@ -362,17 +362,6 @@ def read(path: str | pathlib.Path) -> tuple[Info, Any, Any]:
   return info, lambda: llama_params(_tensors(reader), info.sizes), gguf_tokenizer(reader)
 
 
-def read_json(path: pathlib.Path) -> dict[str, Any]:
-  """A JSON object from a checkpoint's file, or `DataError` naming the file."""
-  try:
-    value = json.loads(path.read_text())
-  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise DataError(f"{path}: not a readable JSON file ({type(e).__name__})") from None
-  if not isinstance(value, dict):
-    raise DataError(f"{path}: not a JSON object")
-  return value
-
-
 def read_tokenizer(path: pathlib.Path):
   """A `tokenizers.Tokenizer` from a `tokenizer.json`, or `DataError` naming the file."""
   import tokenizers  # noqa: PLC0415
@@ -384,20 +373,19 @@ def read_tokenizer(path: pathlib.Path):
 
 
 def digest(path: str | pathlib.Path) -> str:
-  """The sha256 of a GGUF file, or of a folder's safetensors files' sha256s."""
+  """The sha256 of a file (a GGUF file), or of a folder's safetensors files' sha256s."""
   import hashlib  # noqa: PLC0415
 
-  def sha(file: pathlib.Path) -> str:
+  path = pathlib.Path(path)
+  files = hf.files(path) if path.is_dir() else [path]
+  hashes = []
+  for file in files:
     h = hashlib.sha256()
     with open(file, "rb") as f:
       for block in iter(lambda: f.read(1 << 22), b""):
         h.update(block)
-    return h.hexdigest()
-
-  path = pathlib.Path(path)
-  if not path.is_dir():
-    return sha(path)
-  return hashlib.sha256("".join(sha(f) for f in hf.files(path)).encode()).hexdigest()
+    hashes.append(h.hexdigest())
+  return hashes[0] if not path.is_dir() else hashlib.sha256("".join(hashes).encode()).hexdigest()
 
 
 def _template(settings: dict[str, Any], folder: pathlib.Path) -> str | None:
@@ -417,11 +405,11 @@ def _read_folder(folder: pathlib.Path) -> tuple[Info, Any, Any]:
   arch, sizes = hf.read_sizes(folder)
   settings = {}
   if (folder / "tokenizer_config.json").is_file():
-    settings = read_json(folder / "tokenizer_config.json")
+    settings = hf.read_json(folder / "tokenizer_config.json")
   tokenizer = None  # weights alone are enough to train or export
   if (folder / "tokenizer.json").is_file():
     tokenizer = read_tokenizer(folder / "tokenizer.json")
-  config = read_json(folder / "config.json")
+  config = hf.read_json(folder / "config.json")
   bos, eos = (config.get(k) for k in ("bos_token_id", "eos_token_id"))
   eos = eos[0] if isinstance(eos, list) else eos  # the first of several end tokens
   info = Info(arch, sizes, _template(settings, folder), bos, eos)

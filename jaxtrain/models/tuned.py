@@ -21,7 +21,7 @@ from flax import traverse_util
 
 from jaxtrain.config import ConfigError
 from jaxtrain.data.sources import DataError
-from jaxtrain.models import lora, pretrained
+from jaxtrain.models import hf, lora, pretrained
 
 INFO = "pretrained.json"
 
@@ -36,7 +36,7 @@ def files(info: pretrained.Info, tokenizer, base: str | pathlib.Path) -> dict[st
 def _step(workdir: pathlib.Path) -> pathlib.Path:
   """The checkpoint step the run ended with (its restored best, or the last)."""
   record = workdir / "run.json"
-  restored = pretrained.read_json(record).get("restored_step") if record.is_file() else None
+  restored = hf.read_json(record).get("restored_step") if record.is_file() else None
   step = workdir / "checkpoints" / str(restored)
   return step if restored is not None and step.is_dir() else workdir
 
@@ -51,7 +51,7 @@ def read(workdir: str | pathlib.Path) -> tuple[pretrained.Info, Any, Any]:
   from jaxtrain import weights  # noqa: PLC0415 (Orbax: only when a workdir is read)
 
   workdir = pathlib.Path(workdir).expanduser().absolute()
-  described = pretrained.read_json(workdir / INFO)
+  described = hf.read_json(workdir / INFO)
   base, sha = described.pop("base", None), described.pop("base_sha256", None)
   try:
     info = pretrained.Info(**described)
