@@ -1,11 +1,11 @@
-"""Test setup: 8 simulated CPU devices, set before anything imports jax."""
+"""Test setup: 8 simulated CPU devices and the suite's compile setting, set before jax starts."""
 
 import os
 import tempfile
 
-os.environ["XLA_FLAGS"] = (
-  os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-).strip()
+from tests import commands  # no jax: it sets nothing up
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + commands.xla_flags(8)).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # The runs' persistent compilation cache, shared by this session's processes only (the xdist
 # workers and every command a test starts inherit it). The tests' programs compile in well

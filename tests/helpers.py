@@ -13,6 +13,7 @@ from jaxtrain import losses, models, optim, sharding
 from jaxtrain import state as state_lib
 from jaxtrain import step as step_lib
 from jaxtrain.data import pipeline
+from tests import commands
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -94,15 +95,11 @@ def mesh(shape, n=None):
 
 def subprocess_env():
   """A user's environment for a child process: this checkout importable, one CPU device."""
-  env = dict(os.environ, PYTHONPATH=ROOT)
-  env.pop("XLA_FLAGS", None)
-  return env
+  return dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS=commands.xla_flags())
 
 
 def digits_cli(workdir, *overrides, timeout=180):
   """Runs `python -m experiments.digits --workdir=workdir *overrides` and returns the result."""
-  from tests import commands  # noqa: PLC0415 (it imports this module's ROOT)
-
   return commands.run(["experiments.digits", f"--workdir={workdir}", *overrides], cwd=ROOT,
                       env=dict(os.environ, PYTHONPATH=ROOT), timeout=timeout)  # fmt: skip
 

@@ -1,7 +1,6 @@
 """The language-model path: BPE tokens, sampling, and the experiment on the real corpus."""
 
 import json
-import os
 import pathlib
 import shlex
 import subprocess
@@ -87,7 +86,7 @@ def test_generate_is_greedy_at_temperature_zero_and_slides_past_the_context():
 def _lm(args, cwd):
   # One device: 8 simulated ones on 2 loaded cores can miss XLA's 40 s collective deadline.
   return commands.run(["experiments.lm", *args], cwd=cwd, timeout=600,
-                      env=dict(os.environ, PYTHONPATH=helpers.ROOT, XLA_FLAGS=""))  # fmt: skip
+                      env=helpers.subprocess_env())  # fmt: skip
 
 
 def test_the_experiment_learns_the_corpus_and_samples(tmp_path):
@@ -156,7 +155,7 @@ def test_a_replay_starts_from_the_runs_preset(gpu_run, tmp_path):
   replayed = commands.run(
     ["jaxtrain.replay", str(gpu_run), f"--out={tmp_path / 'again'}",
      "--force"],  # --force: others may change the checkout while the tests run
-    timeout=600, cwd=helpers.ROOT, env=dict(os.environ, PYTHONPATH=helpers.ROOT, XLA_FLAGS=""),
+    timeout=600, cwd=helpers.ROOT, env=helpers.subprocess_env(),
   )  # fmt: skip
   assert replayed.returncode == 0, replayed.stderr[-3000:]
   shown = f"replaying experiments.lm --config=experiments/lm.py:gpu from {gpu_run}"
@@ -242,7 +241,7 @@ def test_the_readme_tokenizes_then_trains_on_packed_shards(tmp_path):
   """The README's two pretraining commands as written; the training cut to 40 tiny steps."""
   (tokenize_line,) = _readme_lines("python -m jaxtrain.data.tokenize --tokenizer=bytes ")
   (train_line,) = _readme_lines("python -m experiments.lm --workdir runs/lm_tokens ")
-  env = dict(os.environ, PYTHONPATH=helpers.ROOT, XLA_FLAGS="")
+  env = helpers.subprocess_env()
   done = subprocess.run(["bash", "-c", tokenize_line], cwd=tmp_path, env=env, capture_output=True,
                         text=True, timeout=300, check=False)  # fmt: skip
   assert done.returncode == 0 and done.stdout.startswith("wrote "), done.stderr[-2000:]

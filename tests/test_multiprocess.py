@@ -35,7 +35,7 @@ def _start(workdir, overrides, num_processes=2, devices_per_process=4, *, flags=
     env = dict(
       os.environ,
       PYTHONPATH=ROOT,
-      XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}",
+      XLA_FLAGS=commands.xla_flags(devices_per_process),
     )
     args = [f"--config.{k}={v}" for k, v in overrides.items()]
     args += [f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={num_processes}",
@@ -195,7 +195,7 @@ def test_saved_on_one_device_resumes_on_eight(tmp_path, digits, single):
   workdir = tmp_path / "run"
   args = [f"--config.{k}={v}" for k, v in {**OVERRIDES, "train.steps": 30}.items()]
   one = commands.run(["experiments.digits", f"--workdir={workdir}", *args], cwd=ROOT,
-                     env=dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS=""), timeout=240)  # fmt: skip
+                     env=helpers.subprocess_env(), timeout=240)  # fmt: skip
   assert one.returncode == 0, one.stderr[-3000:]
   assert json.loads((workdir / "run.json").read_text())["environment"]["device_count"] == 1
   config = helpers.tiny_config(**OVERRIDES)
@@ -283,7 +283,7 @@ def test_the_language_model_on_two_processes_matches_one_device(tmp_path):
   assert codes == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
   args = [f"--config.{k}={v}" for k, v in LM.items()]
   one = commands.run(["experiments.lm", f"--workdir={tmp_path / 'one'}", "--sample_tokens=4",
-                      *args], cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS=""),
+                      *args], cwd=ROOT, env=helpers.subprocess_env(),
                      timeout=240)  # fmt: skip
   assert one.returncode == 0, one.stderr[-3000:]
   run = json.loads((tmp_path / "two" / "run.json").read_text())

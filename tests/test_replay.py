@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from jaxtrain import replay
-from tests import helpers
+from tests import commands, helpers
 
 
 def _git(cwd, *args):
@@ -17,7 +17,7 @@ def _git(cwd, *args):
 
 
 def _run(cwd, *args):
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device, like a laptop
+  env = dict(os.environ, XLA_FLAGS=commands.xla_flags())  # one device, like a laptop
   return subprocess.run([sys.executable, "-m", *args], cwd=cwd, capture_output=True, text=True,
                         timeout=240, check=False, env=env)  # fmt: skip
 

@@ -192,7 +192,7 @@ def test_an_override_written_with_a_space(tmp_path):
   assert json.loads((tmp_path / "run" / "run.json").read_text())["final_step"] == 30
 
 
-EIGHT = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+EIGHT = {"XLA_FLAGS": commands.xla_flags(8)}
 SHARDED = ["--config.mesh.data=2", "--config.mesh.fsdp=4", "--config.ckpt.every_steps=10", *QUICK]
 
 
