@@ -488,14 +488,16 @@ def test_finetune_experiment_with_lora_exports_a_merged_model(tmp_path):
     "--config.eval.every_steps=20",
     "--config.ckpt.every_steps=20",
     "--config.optim.warmup_steps=2",
-    "--config.model.max_len=16",  # [CLS], 14 tokens, [SEP]: 0.35 accuracy, in less time
+    "--config.model.max_len=16",  # [CLS], 14 tokens, [SEP]
+    "--config.train.batch_size=16",  # half the preset's, at 3x its rate: 0.55 accuracy
+    "--config.optim.lr=3e-3",
   ]
   done = commands.run(command, cwd=tmp_path, env=helpers.subprocess_env(), timeout=600)
   assert done.returncode == 0, done.stderr[-3000:]
   run = json.loads((tmp_path / "runs/ft/run.json").read_text())
   assert run["initial_weights"]["sha256"].startswith("53aa5117")
   assert run["parameters"]["trainable"] < 0.1 * run["parameters"]["total"]
-  assert run["eval"]["accuracy"] > 1 / 6 + 0.1  # above chance after 20 steps
+  assert run["eval"]["accuracy"] > 1 / 6 + 0.2  # well above chance after 20 steps
   exported = load_file(str(tmp_path / "runs/ft/export/model.safetensors"))
   assert "classifier.weight" in exported and not any("lora" in k for k in exported)
   assert exported["encoder.layer.0.attention.self.query.weight"].shape == (384, 384)
