@@ -33,9 +33,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRELOAD = ("jaxtrain", "jaxtrain.cli", "jaxtrain.plan", "jaxtrain.replay", "jaxtrain.report",
            "jaxtrain.sweep", "jaxtrain.chat", "jaxtrain.data.tokenize", "experiments.digits",
            "experiments.fashion_mnist", "experiments.lm", "tests.user_experiment")  # fmt: skip
-# XLA CPU's LLVM at -O0: the same HLO and results, about 40% less CPU time in the compiles
-# that dominate most tests (more in a step that runs long). Every process the suite starts
-# uses it, except the README's commands, which run in a user's shell as written.
+# XLA CPU's LLVM at -O0: the same HLO, about 40% less CPU time compiling the small programs
+# most tests are made of, slower machine code for the few that run a model long. Every
+# process the suite starts uses it, except the README's commands (run in a user's shell).
 COMPILE_FLAGS = "--xla_backend_optimization_level=0"
 _servers: dict = {}  # this process's server once started, and the environment it starts with
 _lock = threading.Lock()
